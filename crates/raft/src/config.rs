@@ -1,0 +1,117 @@
+//! Node configuration. Every queue and buffer the core keeps is bounded by a field here.
+
+use crate::error::{Error, Result};
+use crate::types::{Index, NodeId};
+
+/// How linearizable reads are confirmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// ReadIndex: one heartbeat round to a quorum confirms leadership for each batch of reads.
+    Safe,
+    /// Lease reads: while a quorum acknowledged a heartbeat sent less than an election timeout
+    /// ago, the leader answers from its commit index without a round trip. Correct only if
+    /// clocks advance at the same rate on every node; requires `check_quorum`.
+    LeaseBased,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's id; must be one of `voters`.
+    pub id: NodeId,
+    /// The voting members. Membership is fixed for the lifetime of a core.
+    pub voters: Vec<NodeId>,
+    /// Election timeout `T` in ticks; a follower's actual timeout is drawn from `[T, 2T)`.
+    pub election_tick: u64,
+    /// Heartbeat interval in ticks; must be well below `election_tick`.
+    pub heartbeat_tick: u64,
+    /// Seed for the timeout generator. Give each node a different seed.
+    pub seed: u64,
+    /// PreVote (§9.6): a node must learn it could win before it raises its term.
+    pub pre_vote: bool,
+    /// CheckQuorum: a leader that has not heard from a quorum within an election timeout
+    /// steps down, and followers that hear a leader ignore vote requests for that long.
+    pub check_quorum: bool,
+    pub read_mode: ReadMode,
+    /// Lease reads end this many ticks before the lease nominally does, for clock drift.
+    pub lease_margin_tick: u64,
+    /// Largest `Append` the leader builds, in bytes (always at least one entry).
+    pub max_size_per_msg: u64,
+    /// Most `Append`s in flight to one follower in replicate state (pipelining window).
+    pub max_inflight_msgs: usize,
+    /// Most entry bytes in flight to one follower.
+    pub max_inflight_bytes: u64,
+    /// Bound on bytes the leader has appended but not yet committed; proposals beyond it
+    /// are refused so a slow quorum cannot make the leader's memory grow without limit.
+    pub max_uncommitted_bytes: u64,
+    /// Bound on reads waiting for leadership confirmation.
+    pub max_pending_reads: usize,
+    /// Most bytes of committed entries handed out in one [`crate::Ready`].
+    pub max_apply_bytes: u64,
+    /// Highest index the application has already applied (restart).
+    pub applied: Index,
+}
+
+impl Config {
+    /// A configuration with production defaults for node `id` of `voters`.
+    pub fn new(id: NodeId, voters: Vec<NodeId>) -> Self {
+        Config {
+            id,
+            voters,
+            election_tick: 10,
+            heartbeat_tick: 1,
+            seed: id,
+            pre_vote: true,
+            check_quorum: true,
+            read_mode: ReadMode::Safe,
+            lease_margin_tick: 1,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            max_inflight_bytes: 32 << 20,
+            max_uncommitted_bytes: 64 << 20,
+            max_pending_reads: 65_536,
+            max_apply_bytes: 16 << 20,
+            applied: 0,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: &str| Err(Error::InvalidConfig(why.to_string()));
+        if self.id == 0 {
+            return bad("node id 0 is reserved");
+        }
+        if self.voters.contains(&0) {
+            return bad("voter id 0 is reserved");
+        }
+        if !self.voters.contains(&self.id) {
+            return bad("this node is not among the voters");
+        }
+        let mut sorted = self.voters.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != self.voters.len() {
+            return bad("duplicate voter ids");
+        }
+        if self.heartbeat_tick == 0 {
+            return bad("heartbeat_tick must be at least 1");
+        }
+        if self.election_tick <= self.heartbeat_tick {
+            return bad("election_tick must be greater than heartbeat_tick");
+        }
+        if self.read_mode == ReadMode::LeaseBased && !self.check_quorum {
+            return bad("lease-based reads require check_quorum");
+        }
+        if self.lease_margin_tick >= self.election_tick {
+            return bad("lease_margin_tick must be below election_tick");
+        }
+        if self.max_inflight_msgs == 0 || self.max_inflight_bytes == 0 {
+            return bad("the inflight window must allow at least one message");
+        }
+        if self.max_size_per_msg == 0 || self.max_apply_bytes == 0 {
+            return bad("message and apply batch sizes must be positive");
+        }
+        if self.max_uncommitted_bytes == 0 || self.max_pending_reads == 0 {
+            return bad("bounds on uncommitted bytes and pending reads must be positive");
+        }
+        Ok(())
+    }
+}

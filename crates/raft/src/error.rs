@@ -1,0 +1,43 @@
+//! Errors: misuse of the API is reported, never a panic.
+
+use crate::types::NodeId;
+use std::fmt;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// Only the leader accepts proposals and transfers; `leader` is the hint, if known.
+    NotLeader { leader: Option<NodeId> },
+    /// No leader is known, so a forwarded request has nowhere to go.
+    NoLeader,
+    /// The leader is handing over leadership and refuses new proposals meanwhile.
+    TransferInProgress { to: NodeId },
+    /// Accepting the proposal would exceed the bound on uncommitted bytes.
+    ProposalDropped { reason: &'static str },
+    /// Too many reads are waiting for confirmation.
+    ReadQueueFull,
+    /// The node named is not a member of the cluster.
+    UnknownNode(NodeId),
+    /// The configuration is unusable; the string says why.
+    InvalidConfig(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::NotLeader { leader: Some(id) } => write!(f, "not the leader (leader is {id})"),
+            Error::NotLeader { leader: None } => write!(f, "not the leader (no leader known)"),
+            Error::NoLeader => write!(f, "no leader"),
+            Error::TransferInProgress { to } => {
+                write!(f, "leadership transfer to {to} in progress")
+            }
+            Error::ProposalDropped { reason } => write!(f, "proposal dropped: {reason}"),
+            Error::ReadQueueFull => write!(f, "too many pending reads"),
+            Error::UnknownNode(id) => write!(f, "node {id} is not a member"),
+            Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T> = std::result::Result<T, Error>;

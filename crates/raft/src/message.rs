@@ -1,0 +1,90 @@
+//! Messages exchanged between nodes. The core never sends them itself: they leave through
+//! [`crate::Ready`] and arrive through [`crate::Raft::step`].
+
+use crate::types::{Entry, Index, NodeId, Term, ENTRY_HEADER_BYTES};
+
+/// An opaque id the application attaches to a read so it can match the answer to a waiter.
+pub type ReadCtx = u64;
+
+/// A message between two nodes. `term` is the sender's current term, except for PreVote
+/// traffic, where it is the term the pre-candidate would campaign in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub from: NodeId,
+    pub to: NodeId,
+    pub term: Term,
+    pub body: Body,
+}
+
+/// The rejection hint of fast backtracking: the follower's term at the probed index and the
+/// first index it holds with that term, or (`None`, its last index + 1) if its log is shorter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConflictHint {
+    pub term: Option<Term>,
+    pub first_index: Index,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Body {
+    /// AppendEntries (§5.3).
+    Append {
+        prev_index: Index,
+        prev_term: Term,
+        entries: Vec<Entry>,
+        commit: Index,
+    },
+    /// Reply to `Append`. On success `index` is the last index now known to match the
+    /// leader; on rejection it echoes the rejected `prev_index`.
+    AppendResponse {
+        reject: bool,
+        index: Index,
+        hint: Option<ConflictHint>,
+    },
+    /// Leader liveness, commit propagation and ReadIndex confirmation: `seq` numbers the
+    /// heartbeat round so a reply acknowledges every read queued before it.
+    Heartbeat { commit: Index, seq: u64 },
+    HeartbeatResponse { seq: u64 },
+    /// RequestVote (§5.2) or, with `pre_vote`, PreVote (§9.6). `transfer` marks a campaign
+    /// started by leadership transfer, which voters honour even while they hear a leader.
+    Vote {
+        pre_vote: bool,
+        transfer: bool,
+        last_index: Index,
+        last_term: Term,
+    },
+    VoteResponse { pre_vote: bool, granted: bool },
+    /// Leadership transfer: the target starts an election at once (§3.10).
+    TimeoutNow,
+    /// A follower forwards a linearizable read to the leader.
+    ReadIndex { ctx: ReadCtx },
+    /// The leader's answer: the read is safe once the follower has applied `index`.
+    ReadIndexResponse { ctx: ReadCtx, index: Index },
+}
+
+/// Approximate wire cost of a message's fixed part.
+pub const MESSAGE_HEADER_BYTES: u64 = 48;
+
+impl Message {
+    /// Approximate encoded size; what the simulator's byte counters and tests measure.
+    pub fn size(&self) -> u64 {
+        let payload: u64 = match &self.body {
+            Body::Append { entries, .. } => entries.iter().map(|e| e.size()).sum(),
+            _ => 0,
+        };
+        MESSAGE_HEADER_BYTES + payload
+    }
+
+    /// True for messages that ask something of the receiver (not replies).
+    pub fn is_request(&self) -> bool {
+        matches!(
+            self.body,
+            Body::Append { .. }
+                | Body::Heartbeat { .. }
+                | Body::Vote { .. }
+                | Body::TimeoutNow
+                | Body::ReadIndex { .. }
+        )
+    }
+}
+
+const _: () = assert!(ENTRY_HEADER_BYTES < MESSAGE_HEADER_BYTES);

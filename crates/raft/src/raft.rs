@@ -1,0 +1,489 @@
+//! The node: its persistent and volatile state (Figure 2), the single entry point `step`,
+//! and the role transitions. Elections live in `election.rs`, log replication in
+//! `replication.rs`, reads in `read_only.rs` and the output batch in `ready.rs`.
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::log::RaftLog;
+use crate::message::{Body, Message};
+use crate::progress::Progress;
+use crate::quorum::Majority;
+use crate::read_only::{ReadOnly, ReadState};
+use crate::rng::Rng;
+use crate::types::{Entry, EntryKind, HardState, Index, NodeId, Role, SoftState, Term};
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap};
+
+/// What a node finds on its disk at start: the hard state and the log after the snapshot
+/// point (`snapshot_index`, `snapshot_term`; both 0 when there is no snapshot).
+#[derive(Clone, Debug, Default)]
+pub struct RestoreState {
+    pub hard_state: HardState,
+    pub snapshot_index: Index,
+    pub snapshot_term: Term,
+    pub entries: Vec<Entry>,
+}
+
+/// A Raft node, sans IO. Drive it with [`Raft::tick`], [`Raft::step`], [`Raft::propose`],
+/// [`Raft::read_index`] and [`Raft::transfer_leader`]; collect its output with
+/// [`Raft::ready`] and acknowledge it with [`Raft::advance`].
+pub struct Raft {
+    pub(crate) id: NodeId,
+    pub(crate) cfg: Config,
+    pub(crate) term: Term,
+    pub(crate) vote: Option<NodeId>,
+    pub(crate) role: Role,
+    pub(crate) leader: Option<NodeId>,
+    pub(crate) log: RaftLog,
+    pub(crate) voters: Majority,
+    /// Leader only: each voter's progress, this node's own included (its match is what is
+    /// durable locally).
+    pub(crate) progress: BTreeMap<NodeId, Progress>,
+    /// Votes received in the current (pre-)election.
+    pub(crate) votes: HashMap<NodeId, bool>,
+    pub(crate) election_elapsed: u64,
+    pub(crate) heartbeat_elapsed: u64,
+    pub(crate) randomized_timeout: u64,
+    /// Ticks since this core was created: the leader's clock for leases.
+    pub(crate) ticks: u64,
+    pub(crate) rng: Rng,
+    pub(crate) lead_transferee: Option<NodeId>,
+    pub(crate) read_only: ReadOnly,
+    /// Leader: reads may be served without a round trip while `ticks < lease_until`.
+    pub(crate) lease_until: u64,
+    /// Leader: bytes appended in this term and not yet committed (bounded).
+    pub(crate) uncommitted_bytes: u64,
+    /// Leader: new entries await a broadcast, done once per `ready` so that proposals
+    /// arriving together leave in one `Append` per follower.
+    pub(crate) bcast_pending: bool,
+    pub(crate) msgs: Vec<Message>,
+    pub(crate) msgs_after_persist: Vec<Message>,
+    pub(crate) read_states: Vec<ReadState>,
+    /// What the last `Ready` reported, to report only changes.
+    pub(crate) prev_hard_state: HardState,
+    pub(crate) prev_soft_state: SoftState,
+}
+
+impl Raft {
+    /// A node starting from `state` (use `RestoreState::default()` for a new node).
+    pub fn new(cfg: Config, state: RestoreState) -> Result<Raft> {
+        cfg.validate()?;
+        check_restore(&state)?;
+        let hs = state.hard_state;
+        let log = RaftLog::restore(
+            state.snapshot_index,
+            state.snapshot_term,
+            state.entries,
+            hs.commit,
+            cfg.applied,
+        );
+        let mut raft = Raft {
+            id: cfg.id,
+            term: hs.term,
+            vote: hs.vote,
+            role: Role::Follower,
+            leader: None,
+            log,
+            voters: Majority::new(cfg.voters.clone()),
+            progress: BTreeMap::new(),
+            votes: HashMap::new(),
+            election_elapsed: 0,
+            heartbeat_elapsed: 0,
+            randomized_timeout: cfg.election_tick,
+            ticks: 0,
+            rng: Rng::new(cfg.seed),
+            lead_transferee: None,
+            read_only: ReadOnly::default(),
+            lease_until: 0,
+            uncommitted_bytes: 0,
+            bcast_pending: false,
+            msgs: Vec::new(),
+            msgs_after_persist: Vec::new(),
+            read_states: Vec::new(),
+            prev_hard_state: hs,
+            prev_soft_state: SoftState {
+                role: Role::Follower,
+                leader: None,
+                term: hs.term,
+            },
+            cfg,
+        };
+        raft.prev_hard_state.commit = raft.log.committed;
+        raft.become_follower(hs.term, None);
+        Ok(raft)
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+    pub fn term(&self) -> Term {
+        self.term
+    }
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    /// The leader this node knows of in its current term.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+    pub fn commit_index(&self) -> Index {
+        self.log.committed
+    }
+    pub fn last_index(&self) -> Index {
+        self.log.last_index()
+    }
+    pub fn applied(&self) -> Index {
+        self.log.applied
+    }
+    pub fn hard_state(&self) -> HardState {
+        HardState {
+            term: self.term,
+            vote: self.vote,
+            commit: self.log.committed,
+        }
+    }
+    pub fn soft_state(&self) -> SoftState {
+        SoftState {
+            role: self.role,
+            leader: self.leader,
+            term: self.term,
+        }
+    }
+    pub fn voters(&self) -> &[NodeId] {
+        self.voters.voters()
+    }
+    /// The term of the entry at `index`, if this node still holds it.
+    pub fn term_at(&self, index: Index) -> Option<Term> {
+        self.log.term(index)
+    }
+    /// Leader only: (match index, next index) per voter.
+    pub fn progress(&self) -> Vec<(NodeId, Index, Index)> {
+        self.progress
+            .iter()
+            .map(|(&id, p)| (id, p.match_index, p.next_index))
+            .collect()
+    }
+
+    /// Advance logical time by one tick.
+    pub fn tick(&mut self) {
+        self.ticks += 1;
+        match self.role {
+            Role::Leader => self.tick_leader(),
+            _ => self.tick_election(),
+        }
+    }
+
+    /// Propose a command. Only the leader accepts; returns the index it will occupy.
+    pub fn propose(&mut self, data: Bytes) -> Result<Index> {
+        self.propose_entry(EntryKind::Normal, data)
+    }
+
+    pub(crate) fn propose_entry(&mut self, kind: EntryKind, data: Bytes) -> Result<Index> {
+        if self.role != Role::Leader {
+            return Err(Error::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if let Some(to) = self.lead_transferee {
+            return Err(Error::TransferInProgress { to });
+        }
+        let entry = Entry {
+            term: self.term,
+            index: self.log.last_index() + 1,
+            kind,
+            data,
+        };
+        let size = entry.size();
+        // An empty tail always admits one entry, so a single huge command is not starved.
+        if self.uncommitted_bytes > 0
+            && self.uncommitted_bytes + size > self.cfg.max_uncommitted_bytes
+        {
+            return Err(Error::ProposalDropped {
+                reason: "too many uncommitted bytes",
+            });
+        }
+        self.uncommitted_bytes += size;
+        let index = entry.index;
+        self.log.append(&[entry]);
+        self.bcast_pending = true;
+        Ok(index)
+    }
+
+    /// Hand leadership to `to` (§3.10): once its log is caught up it is told to campaign at
+    /// once. New proposals are refused until the transfer ends or an election timeout passes.
+    pub fn transfer_leader(&mut self, to: NodeId) -> Result<()> {
+        if self.role != Role::Leader {
+            return Err(Error::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if !self.voters.contains(to) {
+            return Err(Error::UnknownNode(to));
+        }
+        if to == self.id || self.lead_transferee == Some(to) {
+            return Ok(());
+        }
+        self.lead_transferee = Some(to);
+        self.election_elapsed = 0;
+        let caught_up = self.progress[&to].match_index == self.log.last_index();
+        if caught_up {
+            self.send(to, self.term, Body::TimeoutNow);
+        } else {
+            self.maybe_send_append(to, true);
+        }
+        Ok(())
+    }
+
+    /// Tell the core that sending to `to` failed, so it stops streaming optimistically.
+    pub fn report_unreachable(&mut self, to: NodeId) {
+        if self.role == Role::Leader {
+            if let Some(pr) = self.progress.get_mut(&to) {
+                pr.become_probe();
+            }
+        }
+    }
+
+    /// The single entry point for messages from other nodes. Messages that are stale, from
+    /// strangers, or malformed are dropped; they never cause a panic.
+    pub fn step(&mut self, m: Message) -> Result<()> {
+        if m.to != self.id || !self.voters.contains(m.from) || m.from == self.id {
+            return Err(Error::UnknownNode(m.from));
+        }
+        if m.term > self.term && !self.step_higher_term(&m) {
+            return Ok(());
+        }
+        if m.term < self.term {
+            self.step_lower_term(&m);
+            return Ok(());
+        }
+        if let Body::Vote { .. } = m.body {
+            self.handle_vote_request(m);
+            return Ok(());
+        }
+        match self.role {
+            Role::Leader => self.step_leader(m),
+            Role::Candidate | Role::PreCandidate => self.step_candidate(m),
+            Role::Follower => self.step_follower(m),
+        }
+        Ok(())
+    }
+
+    /// §5.1: a higher term means this node is out of date. Returns false if the message
+    /// should be ignored instead.
+    fn step_higher_term(&mut self, m: &Message) -> bool {
+        match m.body {
+            Body::Vote {
+                pre_vote, transfer, ..
+            } => {
+                // CheckQuorum's lease: while we hear a leader, a vote request comes from a
+                // node that lost touch, and must not disrupt the cluster.
+                let in_lease = self.cfg.check_quorum
+                    && self.leader.is_some()
+                    && self.election_elapsed < self.cfg.election_tick;
+                if in_lease && !transfer {
+                    return false;
+                }
+                // A PreVote asks a hypothetical question and changes nothing.
+                if !pre_vote {
+                    self.become_follower(m.term, None);
+                }
+            }
+            // A granted pre-vote carries the term we would campaign in, not a newer one.
+            Body::VoteResponse {
+                pre_vote: true,
+                granted: true,
+            } => {}
+            Body::Append { .. } | Body::Heartbeat { .. } => {
+                self.become_follower(m.term, Some(m.from))
+            }
+            _ => self.become_follower(m.term, None),
+        }
+        true
+    }
+
+    fn step_lower_term(&mut self, m: &Message) {
+        match m.body {
+            // A deposed leader that cannot reach us otherwise learns our term from this reply;
+            // with PreVote or CheckQuorum it would never see a higher-term vote request.
+            Body::Append { .. } | Body::Heartbeat { .. }
+                if self.cfg.check_quorum || self.cfg.pre_vote =>
+            {
+                let body = Body::AppendResponse {
+                    reject: true,
+                    index: 0,
+                    hint: None,
+                };
+                self.send(m.from, self.term, body);
+            }
+            Body::Vote { pre_vote: true, .. } => {
+                let body = Body::VoteResponse {
+                    pre_vote: true,
+                    granted: false,
+                };
+                self.send(m.from, self.term, body);
+            }
+            _ => {}
+        }
+    }
+
+    fn step_follower(&mut self, m: Message) {
+        match m.body {
+            Body::Append { .. } | Body::Heartbeat { .. } => {
+                self.election_elapsed = 0;
+                self.leader = Some(m.from);
+                self.handle_append_or_heartbeat(m);
+            }
+            Body::TimeoutNow => self.campaign(crate::election::Campaign::Transfer),
+            Body::ReadIndexResponse { ctx, index } => {
+                self.read_states.push(ReadState { ctx, index })
+            }
+            _ => {}
+        }
+    }
+
+    fn step_candidate(&mut self, m: Message) {
+        match m.body {
+            // A leader exists in our term: it won (§5.2).
+            Body::Append { .. } | Body::Heartbeat { .. } => {
+                self.become_follower(m.term, Some(m.from));
+                self.handle_append_or_heartbeat(m);
+            }
+            Body::VoteResponse { pre_vote, granted } => {
+                self.handle_vote_response(m.from, m.term, pre_vote, granted)
+            }
+            _ => {}
+        }
+    }
+
+    fn step_leader(&mut self, m: Message) {
+        match m.body {
+            Body::AppendResponse {
+                reject,
+                index,
+                hint,
+            } => self.handle_append_response(m.from, reject, index, hint),
+            Body::HeartbeatResponse { seq } => self.handle_heartbeat_response(m.from, seq),
+            Body::ReadIndex { ctx } => {
+                // A full queue drops the read; the follower's client times out and retries.
+                let _ = self.leader_read(ctx, m.from);
+            }
+            _ => {}
+        }
+    }
+
+    fn tick_election(&mut self) {
+        self.election_elapsed += 1;
+        if self.election_elapsed >= self.randomized_timeout {
+            self.election_elapsed = 0;
+            let kind = if self.cfg.pre_vote {
+                crate::election::Campaign::PreElection
+            } else {
+                crate::election::Campaign::Election
+            };
+            self.campaign(kind);
+        }
+    }
+
+    fn tick_leader(&mut self) {
+        self.heartbeat_elapsed += 1;
+        self.election_elapsed += 1;
+        if self.election_elapsed >= self.cfg.election_tick {
+            self.election_elapsed = 0;
+            if self.cfg.check_quorum && !self.quorum_recently_active() {
+                self.become_follower(self.term, None);
+                return;
+            }
+            // A transfer that did not finish within an election timeout is abandoned.
+            self.lead_transferee = None;
+        }
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_tick {
+            self.heartbeat_elapsed = 0;
+            self.retransmit_stalled();
+            self.bcast_heartbeat();
+        }
+    }
+
+    /// CheckQuorum: did a quorum answer since the last check? Clears the marks.
+    fn quorum_recently_active(&mut self) -> bool {
+        let me = self.id;
+        let active = self.voters.committed(|id| {
+            let pr = self.progress.get(&id);
+            u64::from(id == me || pr.is_some_and(|p| p.recent_active))
+        });
+        for pr in self.progress.values_mut() {
+            pr.recent_active = false;
+        }
+        active == 1
+    }
+
+    pub(crate) fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        self.role = Role::Follower;
+        self.leader = leader;
+        self.reset_timers();
+    }
+
+    pub(crate) fn reset_timers(&mut self) {
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        let t = self.cfg.election_tick;
+        self.randomized_timeout = self.rng.range(t, 2 * t);
+        self.votes.clear();
+        self.lead_transferee = None;
+        self.bcast_pending = false;
+        self.progress.clear();
+        self.reset_reads();
+    }
+
+    /// Queue a message; `term` is explicit because PreVote traffic uses a future term.
+    pub(crate) fn send(&mut self, to: NodeId, term: Term, body: Body) {
+        let needs_persist = match &body {
+            // These promise something about durable state: a vote, matching entries, or our
+            // term. They leave only once the Ready that produced them is persisted.
+            Body::Vote { pre_vote, .. } | Body::VoteResponse { pre_vote, .. } => !pre_vote,
+            Body::AppendResponse { .. } | Body::HeartbeatResponse { .. } => true,
+            _ => false,
+        };
+        let m = Message {
+            from: self.id,
+            to,
+            term,
+            body,
+        };
+        if needs_persist {
+            self.msgs_after_persist.push(m);
+        } else {
+            self.msgs.push(m);
+        }
+    }
+}
+
+/// Durable state must describe one contiguous log after the snapshot point.
+fn check_restore(state: &RestoreState) -> Result<()> {
+    let bad = |why: String| Err(Error::InvalidConfig(format!("durable state: {why}")));
+    for (i, e) in state.entries.iter().enumerate() {
+        let want = state.snapshot_index + 1 + i as Index;
+        if e.index != want {
+            return bad(format!("entry at position {i} has index {}, expected {want}", e.index));
+        }
+        let prev = if i == 0 {
+            state.snapshot_term
+        } else {
+            state.entries[i - 1].term
+        };
+        if e.term < prev {
+            return bad(format!("entry {} has a lower term than its predecessor", e.index));
+        }
+    }
+    let last_term = state.entries.last().map_or(state.snapshot_term, |e| e.term);
+    if last_term > state.hard_state.term {
+        return bad(format!(
+            "log holds term {last_term} beyond the hard state's term {}",
+            state.hard_state.term
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! The output side of the core: everything a step produced, handed to the application in
+//! one batch, and the acknowledgements that close the loop.
+
+use crate::message::Message;
+use crate::raft::Raft;
+use crate::read_only::ReadState;
+use crate::types::{Entry, HardState, Index, Role, SoftState, Term};
+
+/// Work for the application. Handle it in this order:
+/// 1. send `messages` (they do not depend on this batch's durability, so the leader's
+///    appends go out while its own disk write runs);
+/// 2. persist `hard_state` and `entries` (entries overwrite any stored entries at or after
+///    `entries[0].index`), then call [`Raft::advance_persisted`] with [`Ready::persist_to`];
+/// 3. only then send `persisted_messages`: votes and acknowledgements that promise durable
+///    state. If batches are persisted asynchronously, persist them in order and release a
+///    batch's `persisted_messages` only after it *and every earlier batch* is durable, even
+///    when it has nothing of its own to write;
+/// 4. apply `committed_entries` in order and call [`Raft::advance_applied`];
+/// 5. serve each of `read_states` once its index is applied.
+#[derive(Debug, Default)]
+pub struct Ready {
+    pub soft_state: Option<SoftState>,
+    pub hard_state: Option<HardState>,
+    pub entries: Vec<Entry>,
+    pub messages: Vec<Message>,
+    pub persisted_messages: Vec<Message>,
+    pub committed_entries: Vec<Entry>,
+    pub read_states: Vec<ReadState>,
+}
+
+impl Ready {
+    /// Whether anything must be written before `persisted_messages` may leave.
+    pub fn must_persist(&self) -> bool {
+        self.hard_state.is_some() || !self.entries.is_empty()
+    }
+
+    /// The (index, term) to pass to [`Raft::advance_persisted`] once `entries` are durable.
+    pub fn persist_to(&self) -> Option<(Index, Term)> {
+        self.entries.last().map(|e| (e.index, e.term))
+    }
+
+    /// Where the application stands once `committed_entries` are applied.
+    pub fn applied_to(&self) -> Option<Index> {
+        self.committed_entries.last().map(|e| e.index)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.soft_state.is_none()
+            && !self.must_persist()
+            && self.messages.is_empty()
+            && self.persisted_messages.is_empty()
+            && self.committed_entries.is_empty()
+            && self.read_states.is_empty()
+    }
+}
+
+impl Raft {
+    /// Whether [`Raft::ready`] would return anything.
+    pub fn has_ready(&self) -> bool {
+        self.soft_state() != self.prev_soft_state
+            || self.hard_state() != self.prev_hard_state
+            || self.log.has_unstable()
+            || !self.msgs.is_empty()
+            || !self.msgs_after_persist.is_empty()
+            || self.log.has_committed_to_apply()
+            || !self.read_states.is_empty()
+            || (self.role == Role::Leader && (self.bcast_pending || self.read_only.need_round))
+    }
+
+    /// Collect the work produced since the last call.
+    pub fn ready(&mut self) -> Ready {
+        self.flush_broadcasts();
+        let soft = self.soft_state();
+        let hard = self.hard_state();
+        let rd = Ready {
+            soft_state: (soft != self.prev_soft_state).then_some(soft),
+            hard_state: (hard != self.prev_hard_state).then_some(hard),
+            entries: self.log.take_unstable(),
+            messages: std::mem::take(&mut self.msgs),
+            persisted_messages: std::mem::take(&mut self.msgs_after_persist),
+            committed_entries: self.log.take_committed(self.cfg.max_apply_bytes),
+            read_states: std::mem::take(&mut self.read_states),
+        };
+        self.prev_soft_state = soft;
+        self.prev_hard_state = hard;
+        self.log.debug_assert_invariants();
+        rd
+    }
+
+    /// Batched work for the leader: one append per follower for all proposals since the
+    /// last `ready`, and one heartbeat round for all reads queued since then.
+    fn flush_broadcasts(&mut self) {
+        if self.role != Role::Leader {
+            return;
+        }
+        if std::mem::take(&mut self.bcast_pending) {
+            self.bcast_append();
+        }
+        if self.read_only.need_round {
+            self.bcast_heartbeat();
+        }
+    }
+
+    /// Entries up to `index` (with `term`) are durable. An acknowledgement for entries that
+    /// were overwritten meanwhile is ignored.
+    pub fn advance_persisted(&mut self, index: Index, term: Term) {
+        if !self.log.persisted_to(index, term) {
+            return;
+        }
+        if self.role == Role::Leader {
+            let persisted = self.log.persisted;
+            if let Some(pr) = self.progress.get_mut(&self.id) {
+                pr.match_index = pr.match_index.max(persisted);
+            }
+            self.maybe_commit();
+        }
+    }
+
+    /// The application has applied entries up to `index`.
+    pub fn advance_applied(&mut self, index: Index) {
+        self.log.applied_to(index);
+    }
+
+    /// Acknowledge a whole `Ready` at once, for applications that persist and apply
+    /// synchronously (the caller has already sent `persisted_messages` after persisting).
+    pub fn advance(&mut self, rd: &Ready) {
+        if let Some((index, term)) = rd.persist_to() {
+            self.advance_persisted(index, term);
+        }
+        if let Some(index) = rd.applied_to() {
+            self.advance_applied(index);
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! The vocabulary of the paper: node ids, terms, log indexes, entries and hard state.
+
+use bytes::Bytes;
+
+/// A node's identity within one cluster. `0` is never a valid id ("nobody").
+pub type NodeId = u64;
+/// A term (§5.1). Terms only grow; term 0 is the state before any election.
+pub type Term = u64;
+/// A log index (§5.3). The first real entry has index 1; index 0 is the empty prefix.
+pub type Index = u64;
+
+/// What an entry carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EntryKind {
+    /// Application command: `data` is opaque to the core.
+    Normal,
+    /// Appended by every new leader when it takes office (§8): committing it commits every
+    /// entry before it, and lets the leader learn the commit index before serving reads.
+    Noop,
+}
+
+/// One log entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub term: Term,
+    pub index: Index,
+    pub kind: EntryKind,
+    pub data: Bytes,
+}
+
+impl Entry {
+    /// Bytes this entry contributes to a message: payload plus a fixed header, the figure
+    /// flow control and batching limits are expressed in.
+    pub fn size(&self) -> u64 {
+        ENTRY_HEADER_BYTES + self.data.len() as u64
+    }
+}
+
+/// Approximate wire cost of an entry's header (term, index, kind, length).
+pub const ENTRY_HEADER_BYTES: u64 = 24;
+
+/// State that must be durable before the node answers anyone (Figure 2, "persistent state").
+///
+/// `commit` is not required by the paper; keeping it lets a restarted node apply what it
+/// knows was committed without waiting for a leader.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HardState {
+    pub term: Term,
+    /// Candidate voted for in `term`, if any.
+    pub vote: Option<NodeId>,
+    pub commit: Index,
+}
+
+/// The role a node plays (Figure 4), plus PreVote's pre-candidate (dissertation §9.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+/// Volatile facts an embedding application may want to display or react to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SoftState {
+    pub role: Role,
+    pub leader: Option<NodeId>,
+    pub term: Term,
+}
