@@ -16,7 +16,7 @@ pub(crate) enum Campaign {
 }
 
 impl Raft {
-    pub(crate) fn campaign(&mut self, kind: Campaign) {
+    pub(crate) fn campaign_now(&mut self, kind: Campaign) {
         if !self.voters.contains(self.id) {
             return;
         }
@@ -47,7 +47,7 @@ impl Raft {
 
     fn on_election_won(&mut self, pre_vote: bool) {
         if pre_vote {
-            self.campaign(Campaign::Election);
+            self.campaign_now(Campaign::Election);
         } else {
             self.become_leader();
         }

@@ -209,6 +209,20 @@ impl Raft {
         Ok(index)
     }
 
+    /// Start an election now instead of waiting for the timeout (with PreVote, a
+    /// pre-election first). A leader ignores it.
+    pub fn campaign(&mut self) {
+        if self.role == Role::Leader {
+            return;
+        }
+        let kind = if self.cfg.pre_vote {
+            crate::election::Campaign::PreElection
+        } else {
+            crate::election::Campaign::Election
+        };
+        self.campaign_now(kind);
+    }
+
     /// Hand leadership to `to` (§3.10): once its log is caught up it is told to campaign at
     /// once. New proposals are refused until the transfer ends or an election timeout passes.
     pub fn transfer_leader(&mut self, to: NodeId) -> Result<()> {
@@ -333,7 +347,7 @@ impl Raft {
                 self.leader = Some(m.from);
                 self.handle_append_or_heartbeat(m);
             }
-            Body::TimeoutNow => self.campaign(crate::election::Campaign::Transfer),
+            Body::TimeoutNow => self.campaign_now(crate::election::Campaign::Transfer),
             Body::ReadIndexResponse { ctx, index } => {
                 self.read_states.push(ReadState { ctx, index })
             }
@@ -375,12 +389,7 @@ impl Raft {
         self.election_elapsed += 1;
         if self.election_elapsed >= self.randomized_timeout {
             self.election_elapsed = 0;
-            let kind = if self.cfg.pre_vote {
-                crate::election::Campaign::PreElection
-            } else {
-                crate::election::Campaign::Election
-            };
-            self.campaign(kind);
+            self.campaign();
         }
     }
 

@@ -141,8 +141,14 @@ impl Raft {
         pr.recent_active = true;
         pr.probe_sent = false;
         pr.read_ack = pr.read_ack.max(seq.min(self.read_only.round));
-        if pr.match_index < last {
-            self.maybe_send_append(from, true);
+        match pr.state {
+            // The follower is alive: probe again if it lacks entries.
+            ProgressState::Probe if pr.match_index < last => {
+                self.maybe_send_append(from, true);
+            }
+            // Entries already in flight need no resend; only unsent ones go.
+            ProgressState::Replicate => while self.maybe_send_append(from, false) {},
+            ProgressState::Probe => {}
         }
         self.confirm_reads();
     }

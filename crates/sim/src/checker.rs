@@ -1,0 +1,129 @@
+//! Raft's safety properties (Figure 3), checked as the simulation runs. Each check is
+//! incremental, so they can run after every event.
+
+use raft::{Entry, EntryKind, Index, NodeId, Raft, Role, Term};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+
+#[derive(Debug, Default)]
+pub struct Checker {
+    /// Election Safety: the one leader of each term.
+    leaders: HashMap<Term, NodeId>,
+    /// Log Matching, by induction: an (index, term) pair determines both the entry and the
+    /// term of the entry before it, so two logs that share a pair share the whole prefix.
+    entries: HashMap<(Index, Term), (Term, u64)>,
+    /// State Machine Safety: what was applied at each index, by any node, ever.
+    applied: Vec<(Term, u64)>,
+    /// Leader Append-Only: (term, last index, last term) of each node last seen leading.
+    leader_tail: HashMap<NodeId, (Term, Index, Term)>,
+    pub violations_checked: u64,
+}
+
+pub type Violation = String;
+
+fn digest(e: &Entry) -> u64 {
+    let mut h = DefaultHasher::new();
+    (e.kind == EntryKind::Noop).hash(&mut h);
+    e.data.hash(&mut h);
+    h.finish()
+}
+
+impl Checker {
+    /// `entries` were just appended to `node`'s log, after an entry of `prev_term`.
+    pub fn on_append(&mut self, node: NodeId, prev_term: Term, entries: &[Entry]) -> Result<(), Violation> {
+        let mut prev = prev_term;
+        for e in entries {
+            let seen = *self.entries.entry((e.index, e.term)).or_insert((prev, digest(e)));
+            self.violations_checked += 1;
+            if seen != (prev, digest(e)) {
+                return Err(format!(
+                    "log matching: node {node} holds a different entry at index {} term {} \
+                     (or a different predecessor term {prev} vs {})",
+                    e.index, e.term, seen.0
+                ));
+            }
+            prev = e.term;
+        }
+        Ok(())
+    }
+
+    /// `node` applied `e`. Every node must apply the same entry at each index.
+    pub fn on_apply(&mut self, node: NodeId, e: &Entry) -> Result<(), Violation> {
+        let i = e.index as usize;
+        self.violations_checked += 1;
+        if i <= self.applied.len() {
+            let (term, d) = self.applied[i - 1];
+            if (term, d) != (e.term, digest(e)) {
+                return Err(format!(
+                    "state machine safety: node {node} applied term {} at index {i}, \
+                     another node applied term {term} there",
+                    e.term
+                ));
+            }
+            return Ok(());
+        }
+        if i != self.applied.len() + 1 {
+            return Err(format!(
+                "node {node} applied index {i} before index {}",
+                self.applied.len() + 1
+            ));
+        }
+        self.applied.push((e.term, digest(e)));
+        Ok(())
+    }
+
+    /// The highest index known committed anywhere (it was applied by some node).
+    pub fn committed(&self) -> (Index, Term) {
+        let i = self.applied.len();
+        (i as Index, self.applied.last().map_or(0, |a| a.0))
+    }
+
+    /// Called after `raft` handled an event: the leader-related properties.
+    pub fn on_state(&mut self, raft: &Raft) -> Result<(), Violation> {
+        let id = raft.id();
+        if raft.role() != Role::Leader {
+            self.leader_tail.remove(&id);
+            return Ok(());
+        }
+        let term = raft.term();
+        self.violations_checked += 1;
+        match self.leaders.get(&term) {
+            Some(&other) if other != id => {
+                return Err(format!("election safety: nodes {other} and {id} both lead term {term}"))
+            }
+            Some(_) => {}
+            None => {
+                self.leaders.insert(term, id);
+                self.check_completeness(raft)?;
+            }
+        }
+        let (last, last_term) = (raft.last_index(), raft.term_at(raft.last_index()).unwrap_or(0));
+        if let Some(&(t, old_last, old_term)) = self.leader_tail.get(&id) {
+            if t == term && (last < old_last || raft.term_at(old_last) != Some(old_term)) {
+                return Err(format!(
+                    "leader append-only: leader {id} of term {term} lost or changed entry {old_last}"
+                ));
+            }
+        }
+        self.leader_tail.insert(id, (term, last, last_term));
+        Ok(())
+    }
+
+    /// Leader Completeness: a new leader holds every committed entry. By log matching it is
+    /// enough to check the highest one.
+    fn check_completeness(&self, raft: &Raft) -> Result<(), Violation> {
+        let (index, term) = self.committed();
+        if index == 0 {
+            return Ok(());
+        }
+        if raft.term_at(index) != Some(term) {
+            return Err(format!(
+                "leader completeness: node {} leads term {} without committed entry {index} (term {term})",
+                raft.id(),
+                raft.term()
+            ));
+        }
+        Ok(())
+    }
+}

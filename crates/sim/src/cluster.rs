@@ -1,0 +1,599 @@
+//! The simulated cluster: an event queue in virtual time, the nodes, the network and the
+//! invariant checker. Everything random draws from one seeded generator, so a seed fixes a
+//! whole run; any violation panics with the seed and a command that replays it.
+
+use crate::checker::Checker;
+use crate::network::{Counters, Faults, Micros, Network, MS};
+use crate::node::{command_id, PersistJob, ReadResult, SimNode};
+use raft::{Config, Error, Index, Message, NodeId, Raft, ReadMode, Role};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub nodes: usize,
+    pub seed: u64,
+    pub pre_vote: bool,
+    pub check_quorum: bool,
+    pub read_mode: ReadMode,
+    /// Election timeout T in ticks (timeouts fall in [T, 2T)).
+    pub election_tick: u64,
+    pub heartbeat_tick: u64,
+    /// Virtual length of one tick.
+    pub tick: Micros,
+    pub max_size_per_msg: u64,
+    pub max_inflight_msgs: usize,
+    /// Each disk write takes a time drawn from this range.
+    pub disk_latency: (Micros, Micros),
+    /// Print every event (for replaying a failing seed).
+    pub trace: bool,
+}
+
+impl SimConfig {
+    /// Defaults: 10 ms ticks, heartbeats every 100 ms, election timeout 300–600 ms.
+    pub fn new(nodes: usize, seed: u64) -> Self {
+        SimConfig {
+            nodes,
+            seed,
+            pre_vote: true,
+            check_quorum: true,
+            read_mode: ReadMode::Safe,
+            election_tick: 30,
+            heartbeat_tick: 10,
+            tick: 10 * MS,
+            max_size_per_msg: 64 * 1024,
+            max_inflight_msgs: 64,
+            disk_latency: (100, 1_000),
+            trace: false,
+        }
+    }
+
+    /// The election timeout `T` in virtual time.
+    pub fn election_timeout(&self) -> Micros {
+        self.election_tick * self.tick
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Tick(NodeId, u64),
+    Deliver(Message),
+    PersistDone(NodeId, u64),
+}
+
+#[derive(Debug)]
+struct Scheduled {
+    at: Micros,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+pub struct Cluster {
+    pub cfg: SimConfig,
+    pub now: Micros,
+    rng: ChaCha8Rng,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    seq: u64,
+    pub nodes: Vec<SimNode>,
+    pub net: Network,
+    pub checker: Checker,
+    /// Reads served, in order.
+    pub reads: Vec<ReadResult>,
+    /// Commands some node applied (so a client could have been told "committed"): id → index.
+    pub acked: HashMap<u64, Index>,
+    /// The highest index among `acked`.
+    pub max_acked: Index,
+    /// Reads issued and not yet served: ctx → the highest acknowledged write index at the
+    /// moment of issue. A linearizable read must reflect at least that write.
+    pending_reads: HashMap<u64, Index>,
+    next_ctx: u64,
+    pub events: u64,
+    /// How to replay this run; printed with any failure.
+    pub replay: String,
+}
+
+impl Cluster {
+    pub fn new(cfg: SimConfig) -> Self {
+        let disks = vec![Default::default(); cfg.nodes];
+        Self::with_disks(cfg, disks)
+    }
+
+    /// A cluster whose nodes boot from the given disks (node `i + 1` from `disks[i]`).
+    pub fn with_disks(cfg: SimConfig, disks: Vec<crate::node::Disk>) -> Self {
+        let test = std::thread::current()
+            .name()
+            .filter(|n| *n != "main")
+            .map(str::to_string);
+        let replay = match test {
+            Some(name) => format!(
+                "SIM_SEED={} cargo test -p sim --release -- --exact {name}",
+                cfg.seed
+            ),
+            None => format!("cargo run -p sim --release -- replay --seed {}", cfg.seed),
+        };
+        let mut c = Cluster {
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            now: 0,
+            queue: BinaryHeap::new(),
+            seq: 0,
+            nodes: (1..=cfg.nodes as NodeId).map(SimNode::new).collect(),
+            net: Network::new(),
+            checker: Checker::default(),
+            reads: Vec::new(),
+            acked: HashMap::new(),
+            max_acked: 0,
+            pending_reads: HashMap::new(),
+            next_ctx: 0,
+            events: 0,
+            replay,
+            cfg,
+        };
+        for (node, disk) in c.nodes.iter_mut().zip(disks) {
+            node.disk = disk;
+        }
+        for id in c.ids() {
+            c.start(id);
+        }
+        c
+    }
+
+    pub fn ids(&self) -> Vec<NodeId> {
+        (1..=self.cfg.nodes as NodeId).collect()
+    }
+
+    pub fn node(&self, id: NodeId) -> &SimNode {
+        &self.nodes[id as usize - 1]
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut SimNode {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    pub fn rng(&mut self) -> &mut ChaCha8Rng {
+        &mut self.rng
+    }
+
+    /// Panic with the seed and the replay command.
+    pub fn fail(&self, what: &str) -> ! {
+        panic!(
+            "{what}\n  at virtual time {} ms, seed {}\n  replay: {}",
+            self.now / MS,
+            self.cfg.seed,
+            self.replay
+        )
+    }
+
+    fn raft_config(&self, id: NodeId, incarnation: u64) -> Config {
+        let mut c = Config::new(id, self.ids());
+        c.election_tick = self.cfg.election_tick;
+        c.heartbeat_tick = self.cfg.heartbeat_tick;
+        c.seed = self.cfg.seed ^ (id << 32) ^ incarnation.wrapping_mul(0x9e37_79b9);
+        c.pre_vote = self.cfg.pre_vote;
+        c.check_quorum = self.cfg.check_quorum;
+        c.read_mode = self.cfg.read_mode;
+        c.max_size_per_msg = self.cfg.max_size_per_msg;
+        c.max_inflight_msgs = self.cfg.max_inflight_msgs;
+        c
+    }
+
+    /// Boot `id` from its disk.
+    fn start(&mut self, id: NodeId) {
+        let inc = self.node(id).incarnation;
+        let cfg = self.raft_config(id, inc);
+        let state = self.node(id).disk.restore_state();
+        let raft = Raft::new(cfg, state)
+            .unwrap_or_else(|e| self.fail(&format!("node {id} cannot restart: {e}")));
+        self.node_mut(id).raft = Some(raft);
+        let phase = self.rng.gen_range(0..self.cfg.tick);
+        self.schedule(self.now + phase + 1, Event::Tick(id, inc));
+        self.process_ready(id);
+    }
+
+    fn schedule(&mut self, at: Micros, event: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse(Scheduled {
+            at,
+            seq: self.seq,
+            event,
+        }));
+    }
+
+    /// Run one event. The queue never empties: every live node always has a tick pending.
+    pub fn step(&mut self) {
+        let Some(Reverse(s)) = self.queue.pop() else {
+            self.fail("event queue empty")
+        };
+        debug_assert!(s.at >= self.now);
+        self.now = s.at;
+        self.events += 1;
+        if self.cfg.trace {
+            println!("{:>9.3}ms {:?}", self.now as f64 / MS as f64, s.event);
+        }
+        match s.event {
+            Event::Tick(id, inc) => {
+                let node = self.node_mut(id);
+                if node.incarnation != inc || !node.is_up() {
+                    return;
+                }
+                node.raft.as_mut().unwrap().tick();
+                let next = self.now + self.cfg.tick;
+                self.schedule(next, Event::Tick(id, inc));
+                self.process_ready(id);
+            }
+            Event::Deliver(m) => {
+                let to = m.to;
+                if !self.node(to).is_up() || !self.net.connected(m.from, to) {
+                    return;
+                }
+                // Misaddressed or stale messages are the core's to ignore.
+                let _ = self.node_mut(to).raft.as_mut().unwrap().step(m);
+                self.process_ready(to);
+            }
+            Event::PersistDone(id, inc) => {
+                if self.node(id).incarnation != inc {
+                    return;
+                }
+                let Some(job) = self.node_mut(id).complete_job() else {
+                    return;
+                };
+                for m in job.messages {
+                    self.send(m);
+                }
+                if let Some((index, term)) = job.persist_to {
+                    self.node_mut(id).raft.as_mut().unwrap().advance_persisted(index, term);
+                }
+                self.process_ready(id);
+            }
+        }
+    }
+
+    fn send(&mut self, m: Message) {
+        if let Some(at) = self.net.send(&m, self.now, &mut self.rng) {
+            self.schedule(at, Event::Deliver(m));
+        }
+    }
+
+    /// Drain the node's output: send, queue disk writes, apply, serve reads, check invariants.
+    fn process_ready(&mut self, id: NodeId) {
+        loop {
+            let node = self.node_mut(id);
+            let Some(raft) = node.raft.as_mut() else {
+                return;
+            };
+            if !raft.has_ready() {
+                break;
+            }
+            let rd = raft.ready();
+            if let Some(first) = rd.entries.first() {
+                let prev_term = raft.term_at(first.index - 1).unwrap_or(0);
+                if let Err(v) = self.checker.on_append(id, prev_term, &rd.entries) {
+                    self.fail(&v);
+                }
+            }
+            let write = rd.must_persist() || !rd.persisted_messages.is_empty();
+            for m in rd.messages {
+                self.send(m);
+            }
+            if write {
+                self.queue_write(id, rd.hard_state, rd.entries, rd.persisted_messages);
+            }
+            self.apply(id, &rd.committed_entries);
+            self.node_mut(id).waiting_reads.extend(rd.read_states);
+            self.serve_reads(id);
+        }
+        let raft = self.nodes[id as usize - 1].raft.as_ref().unwrap();
+        if let Err(v) = self.checker.on_state(raft) {
+            self.fail(&v);
+        }
+    }
+
+    fn queue_write(
+        &mut self,
+        id: NodeId,
+        hard_state: Option<raft::HardState>,
+        entries: Vec<raft::Entry>,
+        messages: Vec<Message>,
+    ) {
+        let (lo, hi) = self.cfg.disk_latency;
+        let latency = self.rng.gen_range(lo..=hi);
+        let now = self.now;
+        let node = self.node_mut(id);
+        let done = node.disk_busy_until.max(now) + latency;
+        node.disk_busy_until = done;
+        let persist_to = entries.last().map(|e| (e.index, e.term));
+        node.jobs.push_back(PersistJob {
+            hard_state,
+            entries,
+            persist_to,
+            messages,
+        });
+        let inc = node.incarnation;
+        self.schedule(done, Event::PersistDone(id, inc));
+    }
+
+    fn apply(&mut self, id: NodeId, entries: &[raft::Entry]) {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return;
+        };
+        for e in entries {
+            if let Err(v) = self.checker.on_apply(id, e) {
+                self.fail(&v);
+            }
+            if e.kind == raft::EntryKind::Normal {
+                self.acked.entry(command_id(&e.data)).or_insert(e.index);
+                self.max_acked = self.max_acked.max(e.index);
+            }
+            self.node_mut(id).apply(e);
+        }
+        let node = self.node_mut(id);
+        node.raft.as_mut().unwrap().advance_applied(last);
+    }
+
+    fn serve_reads(&mut self, id: NodeId) {
+        let node = self.node_mut(id);
+        let applied = node.applied_index;
+        let value = node.value();
+        let (ready, waiting) = node.waiting_reads.drain(..).partition(|r| r.index <= applied);
+        node.waiting_reads = waiting;
+        let ready: Vec<raft::ReadState> = ready;
+        for r in ready {
+            // Linearizability of reads: the value reflects every write acknowledged before
+            // the read was issued.
+            if let Some(min) = self.pending_reads.remove(&r.ctx) {
+                let seen = value.map_or(0, |v| v.0);
+                if seen < min {
+                    self.fail(&format!(
+                        "stale read: node {id} served read {} with the write at index {seen}, \
+                         but the write at index {min} was acknowledged before the read began",
+                        r.ctx
+                    ));
+                }
+            }
+            self.reads.push(ReadResult {
+                node: id,
+                ctx: r.ctx,
+                index: r.index,
+                value,
+            });
+        }
+    }
+
+    // ---- driving the cluster -------------------------------------------------------------
+
+    pub fn run_for(&mut self, d: Micros) {
+        let end = self.now + d;
+        while self.queue.peek().is_some_and(|s| s.0.at <= end) {
+            self.step();
+        }
+        self.now = end;
+    }
+
+    /// Run until `pred` holds or `timeout` passes; returns whether it held.
+    pub fn run_until(&mut self, timeout: Micros, mut pred: impl FnMut(&Cluster) -> bool) -> bool {
+        let end = self.now + timeout;
+        loop {
+            if pred(self) {
+                return true;
+            }
+            if self.queue.peek().is_none_or(|s| s.0.at > end) {
+                self.now = end;
+                return pred(self);
+            }
+            self.step();
+        }
+    }
+
+    pub fn is_up(&self, id: NodeId) -> bool {
+        self.node(id).is_up()
+    }
+
+    /// The leader of the highest term among live nodes, if any.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.raft.as_ref())
+            .filter(|r| r.role() == Role::Leader)
+            .max_by_key(|r| r.term())
+            .map(|r| r.id())
+    }
+
+    /// A leader that a majority of the cluster (itself included) follows in its term and
+    /// can exchange messages with.
+    pub fn stable_leader(&self) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.raft.as_ref())
+            .filter(|r| r.role() == Role::Leader)
+            .find(|l| {
+                let (id, term) = (l.id(), l.term());
+                let followers = self
+                    .nodes
+                    .iter()
+                    .filter_map(|n| n.raft.as_ref())
+                    .filter(|r| r.term() == term && r.leader() == Some(id))
+                    .filter(|r| {
+                        r.id() == id
+                            || (self.net.connected(id, r.id()) && self.net.connected(r.id(), id))
+                    })
+                    .count();
+                followers > self.cfg.nodes / 2
+            })
+            .map(|l| l.id())
+    }
+
+    /// Wait up to `timeout` for a stable leader; fail the run if none appears.
+    pub fn wait_leader(&mut self, timeout: Micros) -> NodeId {
+        if !self.run_until(timeout, |c| c.stable_leader().is_some()) {
+            self.fail("no leader elected in time");
+        }
+        self.stable_leader().unwrap()
+    }
+
+    pub fn term_of(&self, id: NodeId) -> u64 {
+        self.node(id).raft().term()
+    }
+
+    pub fn propose(&mut self, id: NodeId, data: bytes::Bytes) -> Result<Index, Error> {
+        let node = self.node_mut(id);
+        let Some(raft) = node.raft.as_mut() else {
+            return Err(Error::NotLeader { leader: None });
+        };
+        let r = raft.propose(data);
+        self.process_ready(id);
+        r
+    }
+
+    /// Issue a linearizable read at `id`; returns its ctx. The read is checked when served.
+    pub fn read_index(&mut self, id: NodeId) -> Result<u64, Error> {
+        self.next_ctx += 1;
+        let ctx = self.next_ctx;
+        let Some(raft) = self.node_mut(id).raft.as_mut() else {
+            return Err(Error::NoLeader);
+        };
+        let r = raft.read_index(ctx);
+        if r.is_ok() {
+            self.pending_reads.insert(ctx, self.max_acked);
+        }
+        self.process_ready(id);
+        r.map(|_| ctx)
+    }
+
+    /// Make `id` start an election now.
+    pub fn campaign(&mut self, id: NodeId) {
+        self.node_mut(id).raft.as_mut().unwrap().campaign();
+        self.process_ready(id);
+    }
+
+    pub fn transfer_leader(&mut self, from: NodeId, to: NodeId) -> Result<(), Error> {
+        let r = self.node_mut(from).raft.as_mut().unwrap().transfer_leader(to);
+        self.process_ready(from);
+        r
+    }
+
+    /// How many live nodes have applied command `cmd`.
+    pub fn applied_count(&self, cmd: u64) -> usize {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_up() && n.applied.iter().rev().any(|&(_, c)| c == cmd))
+            .count()
+    }
+
+    /// Submit `cmd` to whichever node leads and wait until `expected` nodes applied it,
+    /// retrying on other leaders for up to 10 virtual seconds (the paper's client loop).
+    pub fn one(&mut self, cmd: u64, size: usize, expected: usize) -> Index {
+        let deadline = self.now + 10_000 * MS;
+        while self.now < deadline {
+            let leaders: Vec<NodeId> = self
+                .ids()
+                .into_iter()
+                .filter(|&id| self.is_up(id) && self.node(id).raft().is_leader())
+                .collect();
+            for id in leaders {
+                if self.propose(id, crate::node::command(cmd, size)).is_ok() {
+                    let ok = self.run_until(2_000 * MS, |c| c.applied_count(cmd) >= expected);
+                    if ok {
+                        return self.acked[&cmd];
+                    }
+                }
+            }
+            self.run_for(50 * MS);
+        }
+        self.fail(&format!("command {cmd} was not applied by {expected} nodes in time"))
+    }
+
+    // ---- faults ----------------------------------------------------------------------------
+
+    pub fn crash(&mut self, id: NodeId) {
+        if self.cfg.trace {
+            println!("{:>9.3}ms crash {id}", self.now as f64 / MS as f64);
+        }
+        self.node_mut(id).crash();
+    }
+
+    pub fn restart(&mut self, id: NodeId) {
+        if self.is_up(id) {
+            self.crash(id);
+        }
+        if self.cfg.trace {
+            println!("{:>9.3}ms restart {id}", self.now as f64 / MS as f64);
+        }
+        self.start(id);
+    }
+
+    /// Cut `id` off from everyone, both directions.
+    pub fn disconnect(&mut self, id: NodeId) {
+        for other in self.ids() {
+            if other != id {
+                self.net.block(id, other);
+                self.net.block(other, id);
+            }
+        }
+    }
+
+    pub fn connect(&mut self, id: NodeId) {
+        for other in self.ids() {
+            self.net.unblock(id, other);
+            self.net.unblock(other, id);
+        }
+    }
+
+    /// Split the cluster: nodes talk only within their own group.
+    pub fn partition(&mut self, groups: &[&[NodeId]]) {
+        self.net.heal();
+        for a in self.ids() {
+            for b in self.ids() {
+                let same = groups.iter().any(|g| g.contains(&a) && g.contains(&b));
+                if !same {
+                    self.net.block(a, b);
+                }
+            }
+        }
+    }
+
+    pub fn heal(&mut self) {
+        self.net.heal();
+    }
+
+    pub fn set_faults(&mut self, faults: Faults) {
+        self.net.faults = faults;
+    }
+
+    pub fn counters(&self, id: NodeId) -> Counters {
+        self.net.counters.get(&id).cloned().unwrap_or_default()
+    }
+
+    /// Check that every command ever acknowledged is in the state machine of every live
+    /// node, at the index it was first applied at.
+    pub fn check_acked_durable(&self) {
+        for n in self.nodes.iter().filter(|n| n.is_up()) {
+            let have: HashMap<u64, Index> = n.applied.iter().map(|&(i, c)| (c, i)).collect();
+            for (cmd, index) in &self.acked {
+                if have.get(cmd) != Some(index) {
+                    self.fail(&format!(
+                        "acknowledged command {cmd} (index {index}) missing from node {}",
+                        n.id
+                    ));
+                }
+            }
+        }
+    }
+}
