@@ -79,6 +79,11 @@ impl Checker {
         (i as Index, self.applied.last().map_or(0, |a| a.0))
     }
 
+    /// How many terms have had a leader so far.
+    pub fn terms_with_leader(&self) -> usize {
+        self.leaders.len()
+    }
+
     /// Called after `raft` handled an event: the leader-related properties.
     pub fn on_state(&mut self, raft: &Raft) -> Result<(), Violation> {
         let id = raft.id();
