@@ -145,6 +145,10 @@ impl Raft {
     /// The other voters.
     pub(crate) fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
         let me = self.id;
-        self.voters.voters().iter().copied().filter(move |&id| id != me)
+        self.voters
+            .voters()
+            .iter()
+            .copied()
+            .filter(move |&id| id != me)
     }
 }

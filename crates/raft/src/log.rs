@@ -141,7 +141,8 @@ impl RaftLog {
     /// Drop entries from `index` on; anything not yet durable or handed out is forgotten.
     fn truncate_from(&mut self, index: Index) {
         debug_assert!(index > self.committed && index > self.offset_index);
-        self.entries.truncate((index - self.offset_index - 1) as usize);
+        self.entries
+            .truncate((index - self.offset_index - 1) as usize);
         self.persisted = self.persisted.min(index - 1);
         self.unstable = self.unstable.min(index);
     }
@@ -324,7 +325,10 @@ mod tests {
         }
         assert_eq!(log.last_index(), 5);
         assert_eq!(log.term(4), Some(2));
-        assert_eq!(log.persisted, 3, "the overwritten suffix is no longer durable");
+        assert_eq!(
+            log.persisted, 3,
+            "the overwritten suffix is no longer durable"
+        );
     }
 
     #[test]
@@ -332,10 +336,7 @@ mod tests {
         let mut log = RaftLog::restore(0, 0, ents(&[1, 1, 1]), 3, 0);
         let mut new = ents(&[1, 2]);
         new.drain(..1);
-        assert!(matches!(
-            log.try_append(1, 1, &new),
-            AppendOutcome::Refused
-        ));
+        assert!(matches!(log.try_append(1, 1, &new), AppendOutcome::Refused));
         assert_eq!(log.term(2), Some(1));
     }
 
@@ -357,7 +358,10 @@ mod tests {
         assert_eq!(log.take_unstable().len(), 2);
         let mut new = ents(&[1, 2]);
         new.drain(..1);
-        assert!(matches!(log.try_append(1, 1, &new), AppendOutcome::Matched(2)));
+        assert!(matches!(
+            log.try_append(1, 1, &new),
+            AppendOutcome::Matched(2)
+        ));
         assert!(!log.persisted_to(2, 1), "index 2 now holds term 2");
         assert_eq!(log.take_unstable().len(), 1);
         assert!(log.persisted_to(2, 2));

@@ -42,8 +42,13 @@ pub enum Body {
     },
     /// Leader liveness, commit propagation and ReadIndex confirmation: `seq` numbers the
     /// heartbeat round so a reply acknowledges every read queued before it.
-    Heartbeat { commit: Index, seq: u64 },
-    HeartbeatResponse { seq: u64 },
+    Heartbeat {
+        commit: Index,
+        seq: u64,
+    },
+    HeartbeatResponse {
+        seq: u64,
+    },
     /// RequestVote (§5.2) or, with `pre_vote`, PreVote (§9.6). `transfer` marks a campaign
     /// started by leadership transfer, which voters honour even while they hear a leader.
     Vote {
@@ -52,13 +57,21 @@ pub enum Body {
         last_index: Index,
         last_term: Term,
     },
-    VoteResponse { pre_vote: bool, granted: bool },
+    VoteResponse {
+        pre_vote: bool,
+        granted: bool,
+    },
     /// Leadership transfer: the target starts an election at once (§3.10).
     TimeoutNow,
     /// A follower forwards a linearizable read to the leader.
-    ReadIndex { ctx: ReadCtx },
+    ReadIndex {
+        ctx: ReadCtx,
+    },
     /// The leader's answer: the read is safe once the follower has applied `index`.
-    ReadIndexResponse { ctx: ReadCtx, index: Index },
+    ReadIndexResponse {
+        ctx: ReadCtx,
+        index: Index,
+    },
 }
 
 /// Approximate wire cost of a message's fixed part.

@@ -186,7 +186,10 @@ mod tests {
         let mut p = Progress::new(10, 4, 1000);
         p.match_index = 5;
         assert!(!p.maybe_decrease_to(5, 3), "already matched there");
-        assert!(!p.maybe_decrease_to(7, 3), "probe only trusts the latest probe");
+        assert!(
+            !p.maybe_decrease_to(7, 3),
+            "probe only trusts the latest probe"
+        );
         assert!(p.maybe_decrease_to(9, 3));
         assert_eq!(p.next_index, 6, "never below match + 1");
     }

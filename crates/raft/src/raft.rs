@@ -476,7 +476,10 @@ fn check_restore(state: &RestoreState) -> Result<()> {
     for (i, e) in state.entries.iter().enumerate() {
         let want = state.snapshot_index + 1 + i as Index;
         if e.index != want {
-            return bad(format!("entry at position {i} has index {}, expected {want}", e.index));
+            return bad(format!(
+                "entry at position {i} has index {}, expected {want}",
+                e.index
+            ));
         }
         let prev = if i == 0 {
             state.snapshot_term
@@ -484,7 +487,10 @@ fn check_restore(state: &RestoreState) -> Result<()> {
             state.entries[i - 1].term
         };
         if e.term < prev {
-            return bad(format!("entry {} has a lower term than its predecessor", e.index));
+            return bad(format!(
+                "entry {} has a lower term than its predecessor",
+                e.index
+            ));
         }
     }
     let last_term = state.entries.last().map_or(state.snapshot_term, |e| e.term);

@@ -31,10 +31,18 @@ fn digest(e: &Entry) -> u64 {
 
 impl Checker {
     /// `entries` were just appended to `node`'s log, after an entry of `prev_term`.
-    pub fn on_append(&mut self, node: NodeId, prev_term: Term, entries: &[Entry]) -> Result<(), Violation> {
+    pub fn on_append(
+        &mut self,
+        node: NodeId,
+        prev_term: Term,
+        entries: &[Entry],
+    ) -> Result<(), Violation> {
         let mut prev = prev_term;
         for e in entries {
-            let seen = *self.entries.entry((e.index, e.term)).or_insert((prev, digest(e)));
+            let seen = *self
+                .entries
+                .entry((e.index, e.term))
+                .or_insert((prev, digest(e)));
             self.violations_checked += 1;
             if seen != (prev, digest(e)) {
                 return Err(format!(
@@ -95,7 +103,9 @@ impl Checker {
         self.violations_checked += 1;
         match self.leaders.get(&term) {
             Some(&other) if other != id => {
-                return Err(format!("election safety: nodes {other} and {id} both lead term {term}"))
+                return Err(format!(
+                    "election safety: nodes {other} and {id} both lead term {term}"
+                ))
             }
             Some(_) => {}
             None => {
@@ -103,7 +113,10 @@ impl Checker {
                 self.check_completeness(raft)?;
             }
         }
-        let (last, last_term) = (raft.last_index(), raft.term_at(raft.last_index()).unwrap_or(0));
+        let (last, last_term) = (
+            raft.last_index(),
+            raft.term_at(raft.last_index()).unwrap_or(0),
+        );
         if let Some(&(t, old_last, old_term)) = self.leader_tail.get(&id) {
             if t == term && (last < old_last || raft.term_at(old_last) != Some(old_term)) {
                 return Err(format!(

@@ -175,11 +175,43 @@ impl Cluster {
     /// Panic with the seed and the replay command.
     pub fn fail(&self, what: &str) -> ! {
         panic!(
-            "{what}\n  at virtual time {} ms, seed {}\n  replay: {}",
+            "{what}\n  at virtual time {} ms, seed {}\n{}  replay: {}",
             self.now / MS,
             self.cfg.seed,
+            self.describe(),
             self.replay
         )
+    }
+
+    /// Print a trace line; a closed stdout (e.g. piped to `head`) ends the process quietly.
+    fn trace(&self, what: std::fmt::Arguments) {
+        use std::io::Write;
+        let ms = self.now as f64 / MS as f64;
+        if writeln!(std::io::stdout().lock(), "{ms:>10.3}ms {what}").is_err() {
+            std::process::exit(0);
+        }
+    }
+
+    /// One line per node: role, term, log and commit positions.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let line = match &n.raft {
+                None => format!("  node {}: down\n", n.id),
+                Some(r) => format!(
+                    "  node {}: {:?} term {} leader {:?} last {} commit {} applied {}\n",
+                    n.id,
+                    r.role(),
+                    r.term(),
+                    r.leader(),
+                    r.last_index(),
+                    r.commit_index(),
+                    n.applied_index
+                ),
+            };
+            out.push_str(&line);
+        }
+        out
     }
 
     fn raft_config(&self, id: NodeId, incarnation: u64) -> Config {
@@ -226,7 +258,7 @@ impl Cluster {
         self.now = s.at;
         self.events += 1;
         if self.cfg.trace {
-            println!("{:>9.3}ms {:?}", self.now as f64 / MS as f64, s.event);
+            self.trace(format_args!("{:?}", s.event));
         }
         match s.event {
             Event::Tick(id, inc) => {
@@ -259,7 +291,11 @@ impl Cluster {
                     self.send(m);
                 }
                 if let Some((index, term)) = job.persist_to {
-                    self.node_mut(id).raft.as_mut().unwrap().advance_persisted(index, term);
+                    self.node_mut(id)
+                        .raft
+                        .as_mut()
+                        .unwrap()
+                        .advance_persisted(index, term);
                 }
                 self.process_ready(id);
             }
@@ -352,7 +388,10 @@ impl Cluster {
         let node = self.node_mut(id);
         let applied = node.applied_index;
         let value = node.value();
-        let (ready, waiting) = node.waiting_reads.drain(..).partition(|r| r.index <= applied);
+        let (ready, waiting) = node
+            .waiting_reads
+            .drain(..)
+            .partition(|r| r.index <= applied);
         node.waiting_reads = waiting;
         let ready: Vec<raft::ReadState> = ready;
         for r in ready {
@@ -484,7 +523,12 @@ impl Cluster {
     }
 
     pub fn transfer_leader(&mut self, from: NodeId, to: NodeId) -> Result<(), Error> {
-        let r = self.node_mut(from).raft.as_mut().unwrap().transfer_leader(to);
+        let r = self
+            .node_mut(from)
+            .raft
+            .as_mut()
+            .unwrap()
+            .transfer_leader(to);
         self.process_ready(from);
         r
     }
@@ -517,14 +561,16 @@ impl Cluster {
             }
             self.run_for(50 * MS);
         }
-        self.fail(&format!("command {cmd} was not applied by {expected} nodes in time"))
+        self.fail(&format!(
+            "command {cmd} was not applied by {expected} nodes in time"
+        ))
     }
 
     // ---- faults ----------------------------------------------------------------------------
 
     pub fn crash(&mut self, id: NodeId) {
         if self.cfg.trace {
-            println!("{:>9.3}ms crash {id}", self.now as f64 / MS as f64);
+            self.trace(format_args!("crash {id}"));
         }
         self.node_mut(id).crash();
     }
@@ -534,7 +580,7 @@ impl Cluster {
             self.crash(id);
         }
         if self.cfg.trace {
-            println!("{:>9.3}ms restart {id}", self.now as f64 / MS as f64);
+            self.trace(format_args!("restart {id}"));
         }
         self.start(id);
     }
@@ -585,7 +631,11 @@ impl Cluster {
     /// node, at the index it was first applied at.
     pub fn check_acked_durable(&self) {
         for n in self.nodes.iter().filter(|n| n.is_up()) {
-            let have: HashMap<u64, Index> = n.applied.iter().map(|&(i, c)| (c, i)).collect();
+            // A retried command may commit twice; what was acknowledged is its first copy.
+            let mut have: HashMap<u64, Index> = HashMap::new();
+            for &(i, c) in &n.applied {
+                have.entry(c).or_insert(i);
+            }
             for (cmd, index) in &self.acked {
                 if have.get(cmd) != Some(index) {
                     self.fail(&format!(

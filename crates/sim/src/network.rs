@@ -60,6 +60,7 @@ impl Counters {
 pub fn kind_name(body: &Body) -> &'static str {
     match body {
         Body::Append { .. } => "append",
+        Body::AppendResponse { reject: true, .. } => "append_reject",
         Body::AppendResponse { .. } => "append_response",
         Body::Heartbeat { .. } => "heartbeat",
         Body::HeartbeatResponse { .. } => "heartbeat_response",
@@ -78,6 +79,9 @@ pub struct Network {
     pub faults: Faults,
     /// Directed links that deliver nothing: (from, to).
     blocked: HashSet<(NodeId, NodeId)>,
+    /// Latest delivery time scheduled on each link: a reliable link is FIFO, like the one
+    /// stream per peer a real transport keeps.
+    last_delivery: BTreeMap<(NodeId, NodeId), Micros>,
     pub counters: BTreeMap<NodeId, Counters>,
 }
 
@@ -86,6 +90,7 @@ impl Network {
         Network {
             faults: Faults::RELIABLE,
             blocked: HashSet::new(),
+            last_delivery: BTreeMap::new(),
             counters: BTreeMap::new(),
         }
     }
@@ -99,14 +104,16 @@ impl Network {
         if !self.connected(m.from, m.to) {
             return None;
         }
-        let mut delay = if self.faults.unreliable {
-            if rng.gen_bool(0.1) {
-                return None;
-            }
-            rng.gen_range(0..=26 * MS)
-        } else {
-            rng.gen_range(MS / 2..=3 * MS / 2)
-        };
+        if !self.faults.unreliable {
+            let at = now + rng.gen_range(MS / 2..=3 * MS / 2);
+            let last = self.last_delivery.entry((m.from, m.to)).or_default();
+            *last = (*last).max(at);
+            return Some(*last);
+        }
+        if rng.gen_bool(0.1) {
+            return None;
+        }
+        let mut delay = rng.gen_range(0..=26 * MS);
         if self.faults.long_reordering && rng.gen_ratio(2, 3) {
             delay += rng.gen_range(200 * MS..=2200 * MS);
         }

@@ -1,6 +1,8 @@
 //! A simulated node: the core, its disk, its in-flight disk writes, and a tiny state machine.
 
-use raft::{Entry, EntryKind, HardState, Index, Message, NodeId, Raft, ReadState, RestoreState, Term};
+use raft::{
+    Entry, EntryKind, HardState, Index, Message, NodeId, Raft, ReadState, RestoreState, Term,
+};
 use std::collections::VecDeque;
 
 /// What survives a crash.

@@ -72,7 +72,10 @@ fn many_elections_with_three_of_seven_disconnected() {
             c.disconnect(id);
         }
         let leader = c.wait_leader(5_000 * MS);
-        assert!(!cut.contains(&leader), "round {round}: a cut-off node leads");
+        assert!(
+            !cut.contains(&leader),
+            "round {round}: a cut-off node leads"
+        );
         for &id in &cut {
             c.connect(id);
         }
@@ -92,7 +95,11 @@ fn prevote_stops_a_rejoining_node_from_raising_the_term() {
     assert_eq!(c.term_of(f), term, "an isolated node raised its term");
     c.connect(f);
     c.run_for(4 * c.cfg.election_timeout());
-    assert_eq!(c.stable_leader(), Some(leader), "the rejoining node disrupted the leader");
+    assert_eq!(
+        c.stable_leader(),
+        Some(leader),
+        "the rejoining node disrupted the leader"
+    );
     assert_eq!(c.term_of(leader), term);
 }
 
@@ -111,7 +118,10 @@ fn without_prevote_a_rejoining_node_disrupts_the_leader() {
     assert!(c.term_of(f) > term);
     c.connect(f);
     c.run_for(4 * c.cfg.election_timeout());
-    assert!(c.term_of(leader) > term, "the higher term deposed the leader");
+    assert!(
+        c.term_of(leader) > term,
+        "the higher term deposed the leader"
+    );
 }
 
 #[test]
@@ -136,7 +146,9 @@ fn leadership_transfer_moves_the_leader_within_two_election_timeouts() {
     let target = c.ids().into_iter().find(|&i| i != leader).unwrap();
     let start = c.now;
     c.transfer_leader(leader, target).unwrap();
-    let moved = c.run_until(2 * c.cfg.election_timeout(), |c| c.stable_leader() == Some(target));
+    let moved = c.run_until(2 * c.cfg.election_timeout(), |c| {
+        c.stable_leader() == Some(target)
+    });
     assert!(moved, "transfer did not complete");
     assert!(c.now - start <= 2 * c.cfg.election_timeout());
     // Proposals work under the new leader.
@@ -157,11 +169,16 @@ fn leadership_transfer_to_a_lagging_follower_catches_it_up_first() {
     c.transfer_leader(leader, target).unwrap();
     // Proposals are refused while the transfer runs.
     assert!(c.propose(leader, sim::command(999, 8)).is_err());
-    let moved = c.run_until(2 * c.cfg.election_timeout(), |c| c.stable_leader() == Some(target));
+    let moved = c.run_until(2 * c.cfg.election_timeout(), |c| {
+        c.stable_leader() == Some(target)
+    });
     assert!(moved, "transfer to a lagging node did not complete");
     assert!(c.now - start <= 2 * c.cfg.election_timeout());
     for i in 0..20 {
-        assert_eq!(c.node(target).applied.iter().filter(|a| a.1 == i).count(), 1);
+        assert_eq!(
+            c.node(target).applied.iter().filter(|a| a.1 == i).count(),
+            1
+        );
     }
 }
 
@@ -181,7 +198,11 @@ fn election_timeouts_spread_over_t_to_2t() {
             r.tick();
             ticks += 1;
             let rd = r.ready();
-            if rd.messages.iter().any(|m| matches!(m.body, Body::Vote { .. })) {
+            if rd
+                .messages
+                .iter()
+                .any(|m| matches!(m.body, Body::Vote { .. }))
+            {
                 break;
             }
             assert!(ticks < 10 * t, "no campaign");
@@ -189,8 +210,15 @@ fn election_timeouts_spread_over_t_to_2t() {
         seen.insert(ticks);
     }
     assert!(*seen.first().unwrap() >= t, "timeout below T: {seen:?}");
-    assert!(*seen.last().unwrap() < 2 * t, "timeout at or above 2T: {seen:?}");
-    assert_eq!(seen.len() as u64, t, "every tick in [T, 2T) should occur: {seen:?}");
+    assert!(
+        *seen.last().unwrap() < 2 * t,
+        "timeout at or above 2T: {seen:?}"
+    );
+    assert_eq!(
+        seen.len() as u64,
+        t,
+        "every tick in [T, 2T) should occur: {seen:?}"
+    );
 }
 
 #[test]

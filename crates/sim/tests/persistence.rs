@@ -121,9 +121,10 @@ fn figure_8(seed: u64, unreliable: bool) {
             let slice = (end - c.now).min(4 * MS);
             c.run_for(slice);
         }
-        let leader = c.ids().into_iter().find(|&id| {
-            c.is_up(id) && !down.contains(&id) && c.node(id).raft().is_leader()
-        });
+        let leader = c
+            .ids()
+            .into_iter()
+            .find(|&id| c.is_up(id) && !down.contains(&id) && c.node(id).raft().is_leader());
         if let Some(l) = leader {
             if unreliable {
                 c.disconnect(l);
@@ -158,7 +159,10 @@ fn figure_8(seed: u64, unreliable: bool) {
     // Under long reordering most round trips outlast the election timeout, so elections
     // are rarer; the run is still full of stale messages, which is what it is for.
     let min_leaders = if unreliable { 5 } else { 20 };
-    assert!(leaders >= min_leaders, "only {leaders} leaders: the run exercised too little");
+    assert!(
+        leaders >= min_leaders,
+        "only {leaders} leaders: the run exercised too little"
+    );
     assert!(committed >= 100, "only {committed} commands committed");
 }
 
@@ -187,7 +191,8 @@ fn churn(seed: u64, unreliable: bool) {
             if !c.is_up(id) {
                 continue;
             }
-            if let Err(raft::Error::NotLeader { leader: Some(l) }) = c.propose(id, command(cmd, 8)) {
+            if let Err(raft::Error::NotLeader { leader: Some(l) }) = c.propose(id, command(cmd, 8))
+            {
                 if c.is_up(l) {
                     let _ = c.propose(l, command(cmd, 8));
                 }
@@ -199,16 +204,8 @@ fn churn(seed: u64, unreliable: bool) {
         match what {
             0..=9 => c.disconnect(id),
             10..=29 => c.connect(id),
-            30..=34 => {
-                if c.is_up(id) {
-                    c.crash(id)
-                }
-            }
-            35..=54 => {
-                if !c.is_up(id) {
-                    c.restart(id)
-                }
-            }
+            30..=34 if c.is_up(id) => c.crash(id),
+            35..=54 if !c.is_up(id) => c.restart(id),
             _ => {}
         }
         let pause = c.rng().gen_range(0..100 * MS);
@@ -222,7 +219,10 @@ fn churn(seed: u64, unreliable: bool) {
         }
     }
     c.one(1_000_000, 8, 5);
-    assert!(c.acked.len() > 20, "churn committed too little to mean anything");
+    assert!(
+        c.acked.len() > 20,
+        "churn committed too little to mean anything"
+    );
     c.check_acked_durable();
 }
 

@@ -29,7 +29,10 @@ fn stale_leader_scenario(mode: ReadMode) -> (Cluster, u64, Vec<u64>) {
 #[test]
 fn read_index_never_returns_a_stale_value_across_a_partition() {
     let (mut c, old, minority) = stale_leader_scenario(ReadMode::Safe);
-    assert!(c.node(old).raft().is_leader(), "the old leader still believes it leads");
+    assert!(
+        c.node(old).raft().is_leader(),
+        "the old leader still believes it leads"
+    );
     let mut ctxs = Vec::new();
     for &id in &minority {
         ctxs.push(c.read_index(id).expect("the minority accepts the read"));
@@ -62,7 +65,11 @@ fn follower_reads_are_forwarded_and_linearizable() {
         assert!(c.run_until(1_000 * MS, |c| c.reads.iter().any(|r| r.ctx == ctx)));
         let r = c.reads.iter().find(|r| r.ctx == ctx).unwrap();
         assert_eq!(r.node, f);
-        assert_eq!(r.value.map(|v| v.1), Some(cmd), "follower read missed write {cmd}");
+        assert_eq!(
+            r.value.map(|v| v.1),
+            Some(cmd),
+            "follower read missed write {cmd}"
+        );
     }
 }
 
@@ -79,7 +86,11 @@ fn a_new_leader_serves_reads_only_after_its_noop_commits() {
     assert!(c.run_until(1_000 * MS, |c| c.reads.iter().any(|r| r.ctx == ctx)));
     let r = *c.reads.iter().find(|r| r.ctx == ctx).unwrap();
     let noop_term = c.node(new).raft().term_at(r.index);
-    assert_eq!(noop_term, Some(c.term_of(new)), "read index precedes the leader's no-op");
+    assert_eq!(
+        noop_term,
+        Some(c.term_of(new)),
+        "read index precedes the leader's no-op"
+    );
     assert_eq!(r.value.map(|v| v.1), Some(7));
 }
 
@@ -97,7 +108,10 @@ fn lease_reads_are_served_without_a_round_trip_and_never_stale() {
         c.run_for(200 * MS + offset * 10 * MS); // heartbeats establish the lease
         let before = c.net.total().messages;
         let ctx = c.read_index(leader).unwrap();
-        assert!(c.reads.iter().any(|r| r.ctx == ctx), "a lease read is served at once");
+        assert!(
+            c.reads.iter().any(|r| r.ctx == ctx),
+            "a lease read is served at once"
+        );
         assert_eq!(c.net.total().messages, before, "a lease read sent messages");
         served_after_partition += lease_across_partition(&mut c, leader);
     }

@@ -19,7 +19,11 @@ fn basic_agreement_applies_nothing_before_it_is_proposed() {
     c.wait_leader(5_000 * MS);
     let mut last = 0;
     for cmd in 1..=5 {
-        assert_eq!(c.applied_count(cmd), 0, "command {cmd} applied before proposed");
+        assert_eq!(
+            c.applied_count(cmd),
+            0,
+            "command {cmd} applied before proposed"
+        );
         let index = c.one(cmd, 8, 3);
         assert!(index > last, "indexes must grow");
         last = index;
@@ -60,7 +64,8 @@ fn agreement_survives_follower_failure() {
     for id in rest {
         c.disconnect(id);
     }
-    c.propose(leader, command(104, 8)).expect("still the leader for now");
+    c.propose(leader, command(104, 8))
+        .expect("still the leader for now");
     c.run_for(2 * c.cfg.election_timeout());
     assert_eq!(c.applied_count(104), 0, "committed without a majority");
 }
@@ -151,7 +156,11 @@ fn partitioned_old_leader_rejoins_and_is_repaired() {
     c.one(104, 8, 2);
     c.connect(l2);
     c.one(105, 8, 3);
-    assert_eq!(c.applied_count(102), 0, "an uncommitted entry of the old leader survived");
+    assert_eq!(
+        c.applied_count(102),
+        0,
+        "an uncommitted entry of the old leader survived"
+    );
     c.check_acked_durable();
 }
 
@@ -285,9 +294,18 @@ fn figure_7_divergent_follower_logs_are_repaired() {
     let want: Vec<Option<u64>> = (1..=12).map(|i| c.node(1).raft().term_at(i)).collect();
     for id in 2..=7 {
         let got: Vec<Option<u64>> = (1..=12).map(|i| c.node(id).raft().term_at(i)).collect();
-        assert_eq!(got, want, "follower {id} was not repaired to the leader's log");
+        assert_eq!(
+            got, want,
+            "follower {id} was not repaired to the leader's log"
+        );
     }
-    assert_eq!(&want[..10], &entries(logs[0]).iter().map(|e| Some(e.term)).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        &want[..10],
+        &entries(logs[0])
+            .iter()
+            .map(|e| Some(e.term))
+            .collect::<Vec<_>>()[..]
+    );
 }
 
 /// §5.4.2 / Figure 8: a leader must not commit an entry of a previous term by counting
@@ -336,7 +354,11 @@ fn leader_does_not_commit_previous_term_entries_by_counting() {
     };
     // Node 2 now holds index 2 (term 2): a majority has it, yet it must not commit.
     leader.step(ack(2, 2)).unwrap();
-    assert_eq!(leader.commit_index(), 1, "committed a term-2 entry by counting");
+    assert_eq!(
+        leader.commit_index(),
+        1,
+        "committed a term-2 entry by counting"
+    );
     // Once the term-4 no-op is on a majority, both commit.
     leader.step(ack(2, 3)).unwrap();
     assert_eq!(leader.commit_index(), 3);
