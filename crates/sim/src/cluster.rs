@@ -587,6 +587,7 @@ impl Cluster {
 
     /// Cut `id` off from everyone, both directions.
     pub fn disconnect(&mut self, id: NodeId) {
+        self.node_mut(id).connected = false;
         for other in self.ids() {
             if other != id {
                 self.net.block(id, other);
@@ -595,16 +596,20 @@ impl Cluster {
         }
     }
 
+    /// Reconnect `id` to every node that is itself connected (not to disconnected ones).
     pub fn connect(&mut self, id: NodeId) {
+        self.node_mut(id).connected = true;
         for other in self.ids() {
-            self.net.unblock(id, other);
-            self.net.unblock(other, id);
+            if other != id && self.node(other).connected {
+                self.net.unblock(id, other);
+                self.net.unblock(other, id);
+            }
         }
     }
 
     /// Split the cluster: nodes talk only within their own group.
     pub fn partition(&mut self, groups: &[&[NodeId]]) {
-        self.net.heal();
+        self.heal();
         for a in self.ids() {
             for b in self.ids() {
                 let same = groups.iter().any(|g| g.contains(&a) && g.contains(&b));
@@ -617,6 +622,9 @@ impl Cluster {
 
     pub fn heal(&mut self) {
         self.net.heal();
+        for n in &mut self.nodes {
+            n.connected = true;
+        }
     }
 
     pub fn set_faults(&mut self, faults: Faults) {

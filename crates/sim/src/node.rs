@@ -69,6 +69,8 @@ pub struct SimNode {
     pub applied_index: Index,
     /// Reads confirmed by the core, waiting for their index to be applied.
     pub waiting_reads: Vec<ReadState>,
+    /// Not cut off by `Cluster::disconnect` (partitions and one-way cuts are separate).
+    pub connected: bool,
 }
 
 impl SimNode {
@@ -83,6 +85,7 @@ impl SimNode {
             applied: Vec::new(),
             applied_index: 0,
             waiting_reads: Vec::new(),
+            connected: true,
         }
     }
 

@@ -252,3 +252,68 @@ fn first_election_uses_few_messages() {
     let total = c.net.total().messages;
     assert!(total <= 30, "first election took {total} messages");
 }
+
+/// With CheckQuorum off nothing shields followers but PreVote itself: a pre-vote request
+/// for a higher term must not move anyone's term.
+#[test]
+fn prevote_requests_do_not_raise_the_receivers_term() {
+    let mut cfg = SimConfig::new(3, sim::seed_or(9));
+    cfg.check_quorum = false;
+    let mut c = Cluster::new(cfg);
+    let leader = c.wait_leader(5_000 * MS);
+    let term = c.term_of(leader);
+    let f = c.ids().into_iter().find(|&i| i != leader).unwrap();
+    c.disconnect(f);
+    c.run_for(20 * c.cfg.election_timeout());
+    c.connect(f);
+    c.run_for(4 * c.cfg.election_timeout());
+    assert!(
+        c.net.total().kind("pre_vote") > 0,
+        "the isolated node never asked"
+    );
+    for id in c.ids() {
+        assert_eq!(c.term_of(id), term, "node {id} changed term");
+    }
+    assert_eq!(c.stable_leader(), Some(leader));
+}
+
+/// Persistence before answering (§5.2): a vote leaves only after it is durable. Otherwise
+/// a node that crashes right after voting could vote again in the same term after restart,
+/// and two leaders could be elected.
+#[test]
+fn a_vote_is_not_sent_before_it_is_durable() {
+    use raft::{Body, Config, Message, Raft, RestoreState};
+    let mut voter = Raft::new(Config::new(3, vec![1, 2, 3]), RestoreState::default()).unwrap();
+    let request = |from| Message {
+        from,
+        to: 3,
+        term: 2,
+        body: Body::Vote {
+            pre_vote: false,
+            transfer: false,
+            last_index: 0,
+            last_term: 0,
+        },
+    };
+    voter.step(request(1)).unwrap();
+    let rd = voter.ready();
+    let granted = |msgs: &[Message]| {
+        msgs.iter().any(|m| {
+            matches!(
+                m.body,
+                Body::VoteResponse {
+                    granted: true,
+                    pre_vote: false
+                }
+            )
+        })
+    };
+    assert!(!granted(&rd.messages), "vote sent before it was persisted");
+    assert!(granted(&rd.persisted_messages));
+    assert_eq!(rd.hard_state.map(|h| (h.term, h.vote)), Some((2, Some(1))));
+    // Had it been persisted, a second candidate in the same term is refused.
+    voter.advance(&rd);
+    voter.step(request(2)).unwrap();
+    let rd = voter.ready();
+    assert!(!granted(&rd.persisted_messages) && !granted(&rd.messages));
+}
