@@ -47,6 +47,11 @@ pub struct Config {
     pub max_pending_reads: usize,
     /// Most bytes of committed entries handed out in one [`crate::Ready`].
     pub max_apply_bytes: u64,
+    /// Size of one InstallSnapshot chunk.
+    pub snapshot_chunk_bytes: u64,
+    /// A snapshot transfer with no answer for this many ticks is abandoned; the leader
+    /// probes again (and starts a fresh transfer if one is still needed).
+    pub snapshot_timeout_tick: u64,
     /// Highest index the application has already applied (restart).
     pub applied: Index,
 }
@@ -70,6 +75,8 @@ impl Config {
             max_uncommitted_bytes: 64 << 20,
             max_pending_reads: 65_536,
             max_apply_bytes: 16 << 20,
+            snapshot_chunk_bytes: 1 << 20,
+            snapshot_timeout_tick: 20,
             applied: 0,
         }
     }
@@ -108,6 +115,9 @@ impl Config {
         }
         if self.max_size_per_msg == 0 || self.max_apply_bytes == 0 {
             return bad("message and apply batch sizes must be positive");
+        }
+        if self.snapshot_chunk_bytes == 0 || self.snapshot_timeout_tick == 0 {
+            return bad("snapshot chunk size and timeout must be positive");
         }
         if self.max_uncommitted_bytes == 0 || self.max_pending_reads == 0 {
             return bad("bounds on uncommitted bytes and pending reads must be positive");

@@ -17,6 +17,8 @@ pub enum Error {
     ReadQueueFull,
     /// The node named is not a member of the cluster.
     UnknownNode(NodeId),
+    /// A snapshot handed to `compact` does not fit the log; the string says why.
+    InvalidSnapshot(String),
     /// The configuration is unusable; the string says why.
     InvalidConfig(String),
 }
@@ -33,6 +35,7 @@ impl fmt::Display for Error {
             Error::ProposalDropped { reason } => write!(f, "proposal dropped: {reason}"),
             Error::ReadQueueFull => write!(f, "too many pending reads"),
             Error::UnknownNode(id) => write!(f, "node {id} is not a member"),
+            Error::InvalidSnapshot(why) => write!(f, "invalid snapshot: {why}"),
             Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
         }
     }

@@ -41,6 +41,7 @@ mod read_only;
 mod ready;
 mod replication;
 mod rng;
+mod snapshot;
 mod types;
 
 pub use config::{Config, ReadMode};
@@ -50,7 +51,9 @@ pub use progress::ProgressState;
 pub use raft::{Raft, RestoreState};
 pub use read_only::ReadState;
 pub use ready::Ready;
-pub use types::{Entry, EntryKind, HardState, Index, NodeId, Role, SoftState, Term};
+pub use types::{
+    Entry, EntryKind, HardState, Index, NodeId, Role, Snapshot, SnapshotMeta, SoftState, Term,
+};
 
 impl Raft {
     pub fn is_leader(&self) -> bool {

@@ -63,6 +63,42 @@ impl RaftLog {
         log
     }
 
+    /// The snapshot point: entries up to here exist only in the snapshot.
+    pub(crate) fn snapshot_index(&self) -> Index {
+        self.offset_index
+    }
+
+    /// Drop entries up to `index`, now covered by a snapshot the application took. The
+    /// caller checked that `index` is applied (so committed and durable) and in the log.
+    pub(crate) fn compact_to(&mut self, index: Index) {
+        debug_assert!(index <= self.applied && index <= self.last_index());
+        let term = self.term(index).expect("compaction point is in the log");
+        self.entries.drain(..(index - self.offset_index) as usize);
+        self.offset_index = index;
+        self.offset_term = term;
+    }
+
+    /// Install a snapshot received from the leader (§7): if the log holds the snapshot's
+    /// last entry, the entries after it stay; otherwise the whole log is replaced.
+    pub(crate) fn install_snapshot(&mut self, index: Index, term: Term) {
+        debug_assert!(index > self.committed);
+        // The snapshot is handed out with the next Ready and persisted before anything that
+        // depends on it is sent; entries it replaced count as handled.
+        if self.matches(index, term) {
+            self.entries.drain(..(index - self.offset_index) as usize);
+            self.persisted = self.persisted.max(index);
+            self.unstable = self.unstable.max(index + 1);
+        } else {
+            self.entries.clear();
+            self.persisted = index;
+            self.unstable = index + 1;
+        }
+        self.offset_index = index;
+        self.offset_term = term;
+        self.committed = index;
+        self.applying = index;
+    }
+
     pub(crate) fn last_index(&self) -> Index {
         self.offset_index + self.entries.len() as Index
     }

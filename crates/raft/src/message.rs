@@ -1,7 +1,8 @@
 //! Messages exchanged between nodes. The core never sends them itself: they leave through
 //! [`crate::Ready`] and arrive through [`crate::Raft::step`].
 
-use crate::types::{Entry, Index, NodeId, Term, ENTRY_HEADER_BYTES};
+use crate::types::{Entry, Index, NodeId, SnapshotMeta, Term, ENTRY_HEADER_BYTES};
+use bytes::Bytes;
 
 /// An opaque id the application attaches to a read so it can match the answer to a waiter.
 pub type ReadCtx = u64;
@@ -63,6 +64,23 @@ pub enum Body {
     },
     /// Leadership transfer: the target starts an election at once (§3.10).
     TimeoutNow,
+    /// InstallSnapshot (§7), one chunk: `data` holds bytes `[offset, offset + data.len())` of
+    /// a snapshot of `total` bytes.
+    InstallSnapshot {
+        meta: SnapshotMeta,
+        offset: u64,
+        total: u64,
+        data: Bytes,
+    },
+    /// A chunk arrived. `received` is how many leading bytes of snapshot `index` the
+    /// follower holds; `reject` means the chunk did not follow them (one was lost) and the
+    /// leader should resend from `received`. The installed snapshot is acknowledged with
+    /// an `AppendResponse` for its index.
+    SnapshotResponse {
+        index: Index,
+        received: u64,
+        reject: bool,
+    },
     /// A follower forwards a linearizable read to the leader.
     ReadIndex {
         ctx: ReadCtx,
@@ -82,6 +100,9 @@ impl Message {
     pub fn size(&self) -> u64 {
         let payload: u64 = match &self.body {
             Body::Append { entries, .. } => entries.iter().map(|e| e.size()).sum(),
+            Body::InstallSnapshot { meta, data, .. } => {
+                data.len() as u64 + 8 * meta.voters.len() as u64
+            }
             _ => 0,
         };
         MESSAGE_HEADER_BYTES + payload
@@ -95,6 +116,7 @@ impl Message {
                 | Body::Heartbeat { .. }
                 | Body::Vote { .. }
                 | Body::TimeoutNow
+                | Body::InstallSnapshot { .. }
                 | Body::ReadIndex { .. }
         )
     }

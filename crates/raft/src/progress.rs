@@ -11,6 +11,49 @@ pub enum ProgressState {
     Probe,
     /// The follower matches up to `match_index`: stream appends, bounded by `Inflights`.
     Replicate,
+    /// The entries the follower needs were compacted: a snapshot is being sent in chunks.
+    Snapshot,
+}
+
+/// A snapshot on its way to one follower. Chunks stream ahead of acknowledgements within a
+/// window; a reported gap or a silent interval rewinds `sent` to what was acknowledged, so
+/// only lost chunks are sent again.
+#[derive(Clone, Debug)]
+pub(crate) struct SnapshotTransfer {
+    pub(crate) index: Index,
+    pub(crate) total: u64,
+    /// Bytes sent so far, and bytes the follower confirmed holding.
+    pub(crate) sent: u64,
+    pub(crate) acked: u64,
+    /// The first (possibly empty) chunk went out; distinguishes an empty snapshot not yet
+    /// sent from one fully sent.
+    pub(crate) started: bool,
+    /// `acked` at the last heartbeat, to notice a transfer that stopped moving.
+    pub(crate) acked_at_heartbeat: u64,
+    /// Ticks since the follower last confirmed more bytes.
+    pub(crate) idle_ticks: u64,
+    pub(crate) last_rewind: Option<u64>,
+}
+
+impl SnapshotTransfer {
+    /// Resend from byte `to` (which the follower holds everything before).
+    pub(crate) fn rewind(&mut self, to: u64) {
+        let to = to.min(self.total);
+        self.acked = self.acked.max(to);
+        if to < self.sent || self.total == 0 {
+            self.sent = self.acked;
+            self.started = self.sent > 0;
+        }
+        self.last_rewind = Some(to);
+    }
+
+    /// A reported gap: every chunk behind the lost one reports the same gap, so rewind only
+    /// once per gap (the heartbeat retransmit covers a resent chunk that is lost again).
+    pub(crate) fn rewind_once(&mut self, to: u64) {
+        if self.last_rewind != Some(to) {
+            self.rewind(to);
+        }
+    }
 }
 
 /// Appends sent but not yet acknowledged, oldest first: (last index in it, bytes).
@@ -85,6 +128,8 @@ pub(crate) struct Progress {
     pub(crate) acked_since_heartbeat: bool,
     /// Highest heartbeat round this follower acknowledged (ReadIndex confirmation).
     pub(crate) read_ack: u64,
+    /// In snapshot state: the transfer in progress.
+    pub(crate) snapshot: Option<SnapshotTransfer>,
 }
 
 impl Progress {
@@ -98,6 +143,7 @@ impl Progress {
             recent_active: false,
             acked_since_heartbeat: true,
             read_ack: 0,
+            snapshot: None,
         }
     }
 
@@ -105,6 +151,8 @@ impl Progress {
         match self.state {
             ProgressState::Probe => self.probe_sent,
             ProgressState::Replicate => self.inflights.full(),
+            // Chunks are paced by `snapshot.rs`; appends wait for the transfer to end.
+            ProgressState::Snapshot => true,
         }
     }
 
@@ -113,13 +161,27 @@ impl Progress {
         self.next_index = self.match_index + 1;
         self.probe_sent = false;
         self.inflights.reset();
+        self.snapshot = None;
     }
 
     pub(crate) fn become_replicate(&mut self) {
+        self.become_probe();
         self.state = ProgressState::Replicate;
-        self.next_index = self.match_index + 1;
-        self.probe_sent = false;
-        self.inflights.reset();
+    }
+
+    pub(crate) fn become_snapshot(&mut self, index: Index, total: u64) {
+        self.become_probe();
+        self.state = ProgressState::Snapshot;
+        self.snapshot = Some(SnapshotTransfer {
+            index,
+            total,
+            sent: 0,
+            acked: 0,
+            started: false,
+            acked_at_heartbeat: 0,
+            idle_ticks: 0,
+            last_rewind: None,
+        });
     }
 
     /// Record that an append ending at `last` (carrying `bytes`) was sent.
@@ -132,6 +194,7 @@ impl Progress {
                     self.inflights.add(last, bytes);
                 }
             }
+            ProgressState::Snapshot => {}
         }
     }
 
@@ -155,6 +218,9 @@ impl Progress {
         }
         if self.state == ProgressState::Probe && rejected != self.next_index - 1 {
             return false;
+        }
+        if self.state == ProgressState::Snapshot {
+            return false; // an answer to an append sent before the transfer began
         }
         self.become_probe();
         self.next_index = next.clamp(self.match_index + 1, rejected.max(self.match_index + 1));

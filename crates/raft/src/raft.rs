@@ -10,18 +10,26 @@ use crate::progress::Progress;
 use crate::quorum::Majority;
 use crate::read_only::{ReadOnly, ReadState};
 use crate::rng::Rng;
-use crate::types::{Entry, EntryKind, HardState, Index, NodeId, Role, SoftState, Term};
+use crate::snapshot::IncomingSnapshot;
+use crate::types::{Entry, EntryKind, HardState, Index, NodeId, Role, Snapshot, SoftState, Term};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 
-/// What a node finds on its disk at start: the hard state and the log after the snapshot
-/// point (`snapshot_index`, `snapshot_term`; both 0 when there is no snapshot).
+/// What a node finds on its disk at start: the hard state, the latest snapshot if any, and
+/// the log entries that follow it.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreState {
     pub hard_state: HardState,
-    pub snapshot_index: Index,
-    pub snapshot_term: Term,
+    pub snapshot: Option<Snapshot>,
     pub entries: Vec<Entry>,
+}
+
+impl RestoreState {
+    fn snapshot_point(&self) -> (Index, Term) {
+        self.snapshot
+            .as_ref()
+            .map_or((0, 0), |s| (s.meta.index, s.meta.term))
+    }
 }
 
 /// A Raft node, sans IO. Drive it with [`Raft::tick`], [`Raft::step`], [`Raft::propose`],
@@ -56,6 +64,13 @@ pub struct Raft {
     /// Leader: new entries await a broadcast, done once per `ready` so that proposals
     /// arriving together leave in one `Append` per follower.
     pub(crate) bcast_pending: bool,
+    /// The latest snapshot (taken here or installed from a leader): what lagging followers
+    /// are sent.
+    pub(crate) snapshot: Option<Snapshot>,
+    /// A snapshot installed from the leader, for the next Ready.
+    pub(crate) pending_snapshot: Option<Snapshot>,
+    /// Follower: a snapshot arriving in chunks.
+    pub(crate) incoming: Option<IncomingSnapshot>,
     pub(crate) msgs: Vec<Message>,
     pub(crate) msgs_after_persist: Vec<Message>,
     pub(crate) read_states: Vec<ReadState>,
@@ -68,15 +83,12 @@ impl Raft {
     /// A node starting from `state` (use `RestoreState::default()` for a new node).
     pub fn new(cfg: Config, state: RestoreState) -> Result<Raft> {
         cfg.validate()?;
-        check_restore(&state)?;
+        check_restore(&state, &cfg)?;
         let hs = state.hard_state;
-        let log = RaftLog::restore(
-            state.snapshot_index,
-            state.snapshot_term,
-            state.entries,
-            hs.commit,
-            cfg.applied,
-        );
+        let (snap_index, snap_term) = state.snapshot_point();
+        // The application restored its state machine from the snapshot, if not further.
+        let applied = cfg.applied.max(snap_index);
+        let log = RaftLog::restore(snap_index, snap_term, state.entries, hs.commit, applied);
         let mut raft = Raft {
             id: cfg.id,
             term: hs.term,
@@ -97,6 +109,9 @@ impl Raft {
             lease_until: 0,
             uncommitted_bytes: 0,
             bcast_pending: false,
+            snapshot: state.snapshot,
+            pending_snapshot: None,
+            incoming: None,
             msgs: Vec::new(),
             msgs_after_persist: Vec::new(),
             read_states: Vec::new(),
@@ -307,7 +322,7 @@ impl Raft {
                 pre_vote: true,
                 granted: true,
             } => {}
-            Body::Append { .. } | Body::Heartbeat { .. } => {
+            Body::Append { .. } | Body::Heartbeat { .. } | Body::InstallSnapshot { .. } => {
                 self.become_follower(m.term, Some(m.from))
             }
             _ => self.become_follower(m.term, None),
@@ -319,7 +334,7 @@ impl Raft {
         match m.body {
             // A deposed leader that cannot reach us otherwise learns our term from this reply;
             // with PreVote or CheckQuorum it would never see a higher-term vote request.
-            Body::Append { .. } | Body::Heartbeat { .. }
+            Body::Append { .. } | Body::Heartbeat { .. } | Body::InstallSnapshot { .. }
                 if self.cfg.check_quorum || self.cfg.pre_vote =>
             {
                 let body = Body::AppendResponse {
@@ -342,7 +357,7 @@ impl Raft {
 
     fn step_follower(&mut self, m: Message) {
         match m.body {
-            Body::Append { .. } | Body::Heartbeat { .. } => {
+            Body::Append { .. } | Body::Heartbeat { .. } | Body::InstallSnapshot { .. } => {
                 self.election_elapsed = 0;
                 self.leader = Some(m.from);
                 self.handle_append_or_heartbeat(m);
@@ -358,7 +373,7 @@ impl Raft {
     fn step_candidate(&mut self, m: Message) {
         match m.body {
             // A leader exists in our term: it won (§5.2).
-            Body::Append { .. } | Body::Heartbeat { .. } => {
+            Body::Append { .. } | Body::Heartbeat { .. } | Body::InstallSnapshot { .. } => {
                 self.become_follower(m.term, Some(m.from));
                 self.handle_append_or_heartbeat(m);
             }
@@ -377,6 +392,11 @@ impl Raft {
                 hint,
             } => self.handle_append_response(m.from, reject, index, hint),
             Body::HeartbeatResponse { seq } => self.handle_heartbeat_response(m.from, seq),
+            Body::SnapshotResponse {
+                index,
+                received,
+                reject,
+            } => self.handle_snapshot_response(m.from, index, received, reject),
             Body::ReadIndex { ctx } => {
                 // A full queue drops the read; the follower's client times out and retries.
                 let _ = self.leader_read(ctx, m.from);
@@ -405,7 +425,9 @@ impl Raft {
             // A transfer that did not finish within an election timeout is abandoned.
             self.lead_transferee = None;
         }
-        if self.heartbeat_elapsed >= self.cfg.heartbeat_tick {
+        let heartbeat = self.heartbeat_elapsed >= self.cfg.heartbeat_tick;
+        self.tick_snapshot_transfers(heartbeat);
+        if heartbeat {
             self.heartbeat_elapsed = 0;
             self.retransmit_stalled();
             self.bcast_heartbeat();
@@ -471,10 +493,22 @@ impl Raft {
 }
 
 /// Durable state must describe one contiguous log after the snapshot point.
-fn check_restore(state: &RestoreState) -> Result<()> {
+fn check_restore(state: &RestoreState, cfg: &Config) -> Result<()> {
     let bad = |why: String| Err(Error::InvalidConfig(format!("durable state: {why}")));
+    let (snapshot_index, snapshot_term) = state.snapshot_point();
+    if let Some(s) = &state.snapshot {
+        let mut theirs = s.meta.voters.clone();
+        let mut ours = cfg.voters.clone();
+        theirs.sort_unstable();
+        ours.sort_unstable();
+        if theirs != ours {
+            return bad(format!(
+                "the snapshot's members {theirs:?} differ from the configured {ours:?}"
+            ));
+        }
+    }
     for (i, e) in state.entries.iter().enumerate() {
-        let want = state.snapshot_index + 1 + i as Index;
+        let want = snapshot_index + 1 + i as Index;
         if e.index != want {
             return bad(format!(
                 "entry at position {i} has index {}, expected {want}",
@@ -482,7 +516,7 @@ fn check_restore(state: &RestoreState) -> Result<()> {
             ));
         }
         let prev = if i == 0 {
-            state.snapshot_term
+            snapshot_term
         } else {
             state.entries[i - 1].term
         };
@@ -493,7 +527,7 @@ fn check_restore(state: &RestoreState) -> Result<()> {
             ));
         }
     }
-    let last_term = state.entries.last().map_or(state.snapshot_term, |e| e.term);
+    let last_term = state.entries.last().map_or(snapshot_term, |e| e.term);
     if last_term > state.hard_state.term {
         return bad(format!(
             "log holds term {last_term} beyond the hard state's term {}",

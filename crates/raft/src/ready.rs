@@ -4,22 +4,28 @@
 use crate::message::Message;
 use crate::raft::Raft;
 use crate::read_only::ReadState;
-use crate::types::{Entry, HardState, Index, Role, SoftState, Term};
+use crate::types::{Entry, HardState, Index, Role, Snapshot, SoftState, Term};
 
 /// Work for the application. Handle it in this order:
 /// 1. send `messages` (they do not depend on this batch's durability, so the leader's
 ///    appends go out while its own disk write runs);
-/// 2. persist `hard_state` and `entries` (entries overwrite any stored entries at or after
+/// 2. persist `snapshot` if any — then discard stored entries up to its index, or all of
+///    them if the stored entry at its index has another term (or is missing) — then
+///    `hard_state` and `entries` (entries overwrite any stored entries at or after
 ///    `entries[0].index`), then call [`Raft::advance_persisted`] with [`Ready::persist_to`];
 /// 3. only then send `persisted_messages`: votes and acknowledgements that promise durable
 ///    state. If batches are persisted asynchronously, persist them in order and release a
 ///    batch's `persisted_messages` only after it *and every earlier batch* is durable, even
 ///    when it has nothing of its own to write;
-/// 4. apply `committed_entries` in order and call [`Raft::advance_applied`];
+/// 4. restore the state machine from `snapshot` if any, apply `committed_entries` in order
+///    (all of them follow the snapshot), and call [`Raft::advance_applied`] with
+///    [`Ready::applied_to`];
 /// 5. serve each of `read_states` once its index is applied.
 #[derive(Debug, Default)]
 pub struct Ready {
     pub soft_state: Option<SoftState>,
+    /// A snapshot received from the leader; it replaces the state machine.
+    pub snapshot: Option<Snapshot>,
     pub hard_state: Option<HardState>,
     pub entries: Vec<Entry>,
     pub messages: Vec<Message>,
@@ -31,7 +37,7 @@ pub struct Ready {
 impl Ready {
     /// Whether anything must be written before `persisted_messages` may leave.
     pub fn must_persist(&self) -> bool {
-        self.hard_state.is_some() || !self.entries.is_empty()
+        self.hard_state.is_some() || !self.entries.is_empty() || self.snapshot.is_some()
     }
 
     /// The (index, term) to pass to [`Raft::advance_persisted`] once `entries` are durable.
@@ -41,7 +47,8 @@ impl Ready {
 
     /// Where the application stands once `committed_entries` are applied.
     pub fn applied_to(&self) -> Option<Index> {
-        self.committed_entries.last().map(|e| e.index)
+        let entry = self.committed_entries.last().map(|e| e.index);
+        entry.or(self.snapshot.as_ref().map(|s| s.meta.index))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -60,6 +67,7 @@ impl Raft {
         self.soft_state() != self.prev_soft_state
             || self.hard_state() != self.prev_hard_state
             || self.log.has_unstable()
+            || self.pending_snapshot.is_some()
             || !self.msgs.is_empty()
             || !self.msgs_after_persist.is_empty()
             || self.log.has_committed_to_apply()
@@ -74,6 +82,7 @@ impl Raft {
         let hard = self.hard_state();
         let rd = Ready {
             soft_state: (soft != self.prev_soft_state).then_some(soft),
+            snapshot: self.pending_snapshot.take(),
             hard_state: (hard != self.prev_hard_state).then_some(hard),
             entries: self.log.take_unstable(),
             messages: std::mem::take(&mut self.msgs),

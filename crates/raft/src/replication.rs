@@ -15,17 +15,20 @@ impl Raft {
         let Some(pr) = self.progress.get(&to) else {
             return false;
         };
+        if pr.state == ProgressState::Snapshot {
+            return self.send_snapshot_chunks(to);
+        }
         if pr.is_paused() {
             return false;
         }
         let prev_index = pr.next_index - 1;
         let Some(prev_term) = self.log.term(prev_index) else {
-            // The entries were compacted away; only a snapshot can help (not yet supported).
-            return false;
+            // The entries it needs were compacted away: only the snapshot can help.
+            return self.start_snapshot(to);
         };
         let max = match pr.state {
             ProgressState::Replicate => max_msg.min(pr.inflights.room()),
-            ProgressState::Probe => max_msg,
+            ProgressState::Probe | ProgressState::Snapshot => max_msg,
         };
         let entries = self.log.entries_from(pr.next_index, max);
         if entries.is_empty() && !send_if_empty {
@@ -105,6 +108,12 @@ impl Raft {
             match pr.state {
                 ProgressState::Probe => pr.become_replicate(),
                 ProgressState::Replicate => pr.inflights.free_to(index),
+                // The snapshot is installed (or the follower turned out not to need it).
+                ProgressState::Snapshot => {
+                    if pr.snapshot.as_ref().is_none_or(|t| index >= t.index) {
+                        pr.become_replicate();
+                    }
+                }
             }
             self.maybe_commit();
             if self.lead_transferee == Some(from) && index == self.log.last_index() {
@@ -148,7 +157,7 @@ impl Raft {
             }
             // Entries already in flight need no resend; only unsent ones go.
             ProgressState::Replicate => while self.maybe_send_append(from, false) {},
-            ProgressState::Probe => {}
+            ProgressState::Probe | ProgressState::Snapshot => {}
         }
         self.confirm_reads();
     }
@@ -181,6 +190,12 @@ impl Raft {
                 self.log.commit_to(commit.min(self.log.last_index()));
                 self.send(m.from, self.term, Body::HeartbeatResponse { seq });
             }
+            Body::InstallSnapshot {
+                meta,
+                offset,
+                total,
+                data,
+            } => self.handle_install_snapshot(m.from, meta, offset, total, data),
             _ => {}
         }
     }

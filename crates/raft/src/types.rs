@@ -67,3 +67,20 @@ pub struct SoftState {
     pub leader: Option<NodeId>,
     pub term: Term,
 }
+
+/// What a snapshot covers: every entry up to `index` (whose term was `term`), and the
+/// membership in force at that point.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    pub index: Index,
+    pub term: Term,
+    pub voters: Vec<NodeId>,
+}
+
+/// A snapshot of the application's state machine (§7). `data` is opaque to the core; it is
+/// reference-counted, so the application may back it with a memory map instead of the heap.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub meta: SnapshotMeta,
+    pub data: Bytes,
+}

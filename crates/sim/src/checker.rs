@@ -15,6 +15,8 @@ pub struct Checker {
     entries: HashMap<(Index, Term), (Term, u64)>,
     /// State Machine Safety: what was applied at each index, by any node, ever.
     applied: Vec<(Term, u64)>,
+    /// Every command applied, in index order: what any snapshot must contain a prefix of.
+    history: Vec<(Index, u64)>,
     /// Leader Append-Only: (term, last index, last term) of each node last seen leading.
     leader_tail: HashMap<NodeId, (Term, Index, Term)>,
     pub violations_checked: u64,
@@ -78,6 +80,34 @@ impl Checker {
             ));
         }
         self.applied.push((e.term, digest(e)));
+        if e.kind == EntryKind::Normal {
+            self.history
+                .push((e.index, crate::node::command_id(&e.data)));
+        }
+        Ok(())
+    }
+
+    /// `node` installed a snapshot holding `commands`: it must be exactly the committed
+    /// history up to the snapshot's index.
+    pub fn on_snapshot(
+        &mut self,
+        node: NodeId,
+        index: Index,
+        commands: &[(Index, u64)],
+    ) -> Result<(), Violation> {
+        self.violations_checked += 1;
+        if index > self.applied.len() as Index {
+            return Err(format!(
+                "node {node} installed a snapshot at {index}, past anything committed ({})",
+                self.applied.len()
+            ));
+        }
+        let n = self.history.partition_point(|&(i, _)| i <= index);
+        if commands != &self.history[..n] {
+            return Err(format!(
+                "state machine safety: node {node}'s snapshot at {index} differs from the committed history"
+            ));
+        }
         Ok(())
     }
 
@@ -118,7 +148,11 @@ impl Checker {
             raft.term_at(raft.last_index()).unwrap_or(0),
         );
         if let Some(&(t, old_last, old_term)) = self.leader_tail.get(&id) {
-            if t == term && (last < old_last || raft.term_at(old_last) != Some(old_term)) {
+            let compacted = old_last <= raft.snapshot_index();
+            if t == term
+                && !compacted
+                && (last < old_last || raft.term_at(old_last) != Some(old_term))
+            {
                 return Err(format!(
                     "leader append-only: leader {id} of term {term} lost or changed entry {old_last}"
                 ));
@@ -132,8 +166,8 @@ impl Checker {
     /// enough to check the highest one.
     fn check_completeness(&self, raft: &Raft) -> Result<(), Violation> {
         let (index, term) = self.committed();
-        if index == 0 {
-            return Ok(());
+        if index <= raft.snapshot_index() {
+            return Ok(()); // covered by its snapshot, which held only committed state
         }
         if raft.term_at(index) != Some(term) {
             return Err(format!(

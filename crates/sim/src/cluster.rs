@@ -27,6 +27,12 @@ pub struct SimConfig {
     pub max_inflight_msgs: usize,
     /// Each disk write takes a time drawn from this range.
     pub disk_latency: (Micros, Micros),
+    /// Take a snapshot and compact the log once this many entries were applied since the
+    /// last snapshot (`None`: never compact).
+    pub snapshot_threshold: Option<u64>,
+    /// Taking a snapshot runs in the background for a time drawn from this range.
+    pub snapshot_delay: (Micros, Micros),
+    pub snapshot_chunk_bytes: u64,
     /// Print every event (for replaying a failing seed).
     pub trace: bool,
 }
@@ -46,6 +52,9 @@ impl SimConfig {
             max_size_per_msg: 64 * 1024,
             max_inflight_msgs: 64,
             disk_latency: (100, 1_000),
+            snapshot_threshold: None,
+            snapshot_delay: (0, 20 * MS),
+            snapshot_chunk_bytes: 1 << 20,
             trace: false,
         }
     }
@@ -61,6 +70,8 @@ enum Event {
     Tick(NodeId, u64),
     Deliver(Message),
     PersistDone(NodeId, u64),
+    /// A background snapshot of the state machine is ready to hand to the core.
+    SnapshotTaken(NodeId, u64, raft::Snapshot),
 }
 
 #[derive(Debug)]
@@ -107,6 +118,8 @@ pub struct Cluster {
     pending_reads: HashMap<u64, Index>,
     next_ctx: u64,
     pub events: u64,
+    /// The most log bytes any node ever had on disk (compaction keeps this bounded).
+    pub max_log_bytes: u64,
     /// How to replay this run; printed with any failure.
     pub replay: String,
 }
@@ -144,6 +157,7 @@ impl Cluster {
             pending_reads: HashMap::new(),
             next_ctx: 0,
             events: 0,
+            max_log_bytes: 0,
             replay,
             cfg,
         };
@@ -224,13 +238,19 @@ impl Cluster {
         c.read_mode = self.cfg.read_mode;
         c.max_size_per_msg = self.cfg.max_size_per_msg;
         c.max_inflight_msgs = self.cfg.max_inflight_msgs;
+        c.snapshot_chunk_bytes = self.cfg.snapshot_chunk_bytes;
         c
     }
 
     /// Boot `id` from its disk.
     fn start(&mut self, id: NodeId) {
         let inc = self.node(id).incarnation;
-        let cfg = self.raft_config(id, inc);
+        let mut cfg = self.raft_config(id, inc);
+        // The state machine comes back from the snapshot; the log replays the rest.
+        if let Some(s) = self.node(id).disk.snapshot.clone() {
+            self.node_mut(id).restore(&s);
+            cfg.applied = s.meta.index;
+        }
         let state = self.node(id).disk.restore_state();
         let raft = Raft::new(cfg, state)
             .unwrap_or_else(|e| self.fail(&format!("node {id} cannot restart: {e}")));
@@ -297,6 +317,26 @@ impl Cluster {
                         .unwrap()
                         .advance_persisted(index, term);
                 }
+                self.note_log_size(id);
+                self.process_ready(id);
+            }
+            Event::SnapshotTaken(id, inc, snapshot) => {
+                let node = self.node_mut(id);
+                if node.incarnation != inc {
+                    return;
+                }
+                node.snapshot_in_progress = false;
+                let raft = node.raft.as_mut().unwrap();
+                if let Err(e) = raft.compact(snapshot.clone()) {
+                    self.fail(&format!("node {id}: compaction refused: {e}"));
+                }
+                // Entries up to the snapshot are applied, hence durable: the disk can drop them.
+                if snapshot.meta.index > node.disk.snapshot_index()
+                    && raft.snapshot_index() == snapshot.meta.index
+                {
+                    node.disk.install(snapshot);
+                }
+                self.note_log_size(id);
                 self.process_ready(id);
             }
         }
@@ -329,8 +369,18 @@ impl Cluster {
             for m in rd.messages {
                 self.send(m);
             }
+            if let Some(s) = &rd.snapshot {
+                self.install_snapshot(id, s);
+            }
             if write {
-                self.queue_write(id, rd.hard_state, rd.entries, rd.persisted_messages);
+                let job = PersistJob {
+                    snapshot: rd.snapshot,
+                    hard_state: rd.hard_state,
+                    persist_to: rd.entries.last().map(|e| (e.index, e.term)),
+                    entries: rd.entries,
+                    messages: rd.persisted_messages,
+                };
+                self.queue_write(id, job);
             }
             self.apply(id, &rd.committed_entries);
             self.node_mut(id).waiting_reads.extend(rd.read_states);
@@ -342,28 +392,40 @@ impl Cluster {
         }
     }
 
-    fn queue_write(
-        &mut self,
-        id: NodeId,
-        hard_state: Option<raft::HardState>,
-        entries: Vec<raft::Entry>,
-        messages: Vec<Message>,
-    ) {
+    fn queue_write(&mut self, id: NodeId, job: PersistJob) {
         let (lo, hi) = self.cfg.disk_latency;
-        let latency = self.rng.gen_range(lo..=hi);
+        let empty = job.snapshot.is_none() && job.hard_state.is_none() && job.entries.is_empty();
+        // A batch with nothing to write only waits for the writes before it.
+        let latency = if empty {
+            0
+        } else {
+            self.rng.gen_range(lo..=hi)
+        };
         let now = self.now;
         let node = self.node_mut(id);
         let done = node.disk_busy_until.max(now) + latency;
         node.disk_busy_until = done;
-        let persist_to = entries.last().map(|e| (e.index, e.term));
-        node.jobs.push_back(PersistJob {
-            hard_state,
-            entries,
-            persist_to,
-            messages,
-        });
+        node.jobs.push_back(job);
         let inc = node.incarnation;
         self.schedule(done, Event::PersistDone(id, inc));
+    }
+
+    /// A snapshot from the leader replaces the state machine, in order with the entries.
+    fn install_snapshot(&mut self, id: NodeId, s: &raft::Snapshot) {
+        let applied = self.node(id).applied_index;
+        if s.meta.index <= applied {
+            self.fail(&format!(
+                "node {id} was handed a snapshot at {} after applying {applied}",
+                s.meta.index
+            ));
+        }
+        let commands = crate::node::decode_snapshot(&s.data);
+        if let Err(v) = self.checker.on_snapshot(id, s.meta.index, &commands) {
+            self.fail(&v);
+        }
+        let node = self.node_mut(id);
+        node.restore(s);
+        node.raft.as_mut().unwrap().advance_applied(s.meta.index);
     }
 
     fn apply(&mut self, id: NodeId, entries: &[raft::Entry]) {
@@ -371,6 +433,13 @@ impl Cluster {
             return;
         };
         for e in entries {
+            let expected = self.node(id).applied_index + 1;
+            if e.index != expected {
+                self.fail(&format!(
+                    "node {id} was handed entry {} to apply, expected {expected}",
+                    e.index
+                ));
+            }
             if let Err(v) = self.checker.on_apply(id, e) {
                 self.fail(&v);
             }
@@ -382,6 +451,39 @@ impl Cluster {
         }
         let node = self.node_mut(id);
         node.raft.as_mut().unwrap().advance_applied(last);
+        self.maybe_snapshot(id);
+    }
+
+    /// Start a background snapshot once enough entries were applied since the last one.
+    fn maybe_snapshot(&mut self, id: NodeId) {
+        let Some(threshold) = self.cfg.snapshot_threshold else {
+            return;
+        };
+        let node = self.node(id);
+        let raft = node.raft();
+        if node.snapshot_in_progress || node.applied_index < raft.snapshot_index() + threshold {
+            return;
+        }
+        // A consistent view: the state machine exactly as of `applied_index`.
+        let index = node.applied_index;
+        let meta = raft::SnapshotMeta {
+            index,
+            term: raft.term_at(index).expect("applied entries are in the log"),
+            voters: raft.voters().to_vec(),
+        };
+        let snapshot = raft::Snapshot {
+            meta,
+            data: node.snapshot_data(),
+        };
+        let inc = node.incarnation;
+        self.node_mut(id).snapshot_in_progress = true;
+        let (lo, hi) = self.cfg.snapshot_delay;
+        let at = self.now + self.rng.gen_range(lo..=hi);
+        self.schedule(at, Event::SnapshotTaken(id, inc, snapshot));
+    }
+
+    fn note_log_size(&mut self, id: NodeId) {
+        self.max_log_bytes = self.max_log_bytes.max(self.node(id).disk.log_bytes());
     }
 
     fn serve_reads(&mut self, id: NodeId) {

@@ -69,6 +69,9 @@ pub fn kind_name(body: &Body) -> &'static str {
         Body::VoteResponse { pre_vote: true, .. } => "pre_vote_response",
         Body::VoteResponse { .. } => "vote_response",
         Body::TimeoutNow => "timeout_now",
+        Body::InstallSnapshot { .. } => "snapshot_chunk",
+        Body::SnapshotResponse { reject: true, .. } => "snapshot_reject",
+        Body::SnapshotResponse { .. } => "snapshot_response",
         Body::ReadIndex { .. } => "read_index",
         Body::ReadIndexResponse { .. } => "read_index_response",
     }

@@ -66,6 +66,11 @@ pub fn run_with(seed: u64, opts: Options) -> Report {
     cfg.trace = trace;
     cfg.max_size_per_msg = *[256, 4096, 64 * 1024].choose(&mut plan).unwrap();
     cfg.max_inflight_msgs = *[1, 4, 64].choose(&mut plan).unwrap();
+    // Compaction at random points: often, rarely, or never; snapshots in small or big chunks.
+    cfg.snapshot_threshold = *[None, Some(10), Some(50), Some(200)]
+        .choose(&mut plan)
+        .unwrap();
+    cfg.snapshot_chunk_bytes = *[64, 1024, 1 << 20].choose(&mut plan).unwrap();
     let mut c = Cluster::new(cfg);
     if std::thread::current().name().is_none_or(|n| n == "main") {
         c.replay = format!("cargo run -p sim --release -- replay --seed {seed}");

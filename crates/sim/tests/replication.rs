@@ -287,6 +287,7 @@ fn figure_7_divergent_follower_logs_are_repaired() {
                 commit: 3,
             },
             entries: entries(l),
+            snapshot: None,
         })
         .collect();
     let mut c = Cluster::with_disks(SimConfig::new(7, sim::seed_or(21)), disks);
