@@ -76,7 +76,7 @@ impl Config {
             max_pending_reads: 65_536,
             max_apply_bytes: 16 << 20,
             snapshot_chunk_bytes: 1 << 20,
-            snapshot_timeout_tick: 20,
+            snapshot_timeout_tick: 30,
             applied: 0,
         }
     }
@@ -116,8 +116,12 @@ impl Config {
         if self.max_size_per_msg == 0 || self.max_apply_bytes == 0 {
             return bad("message and apply batch sizes must be positive");
         }
-        if self.snapshot_chunk_bytes == 0 || self.snapshot_timeout_tick == 0 {
-            return bad("snapshot chunk size and timeout must be positive");
+        if self.snapshot_chunk_bytes == 0 {
+            return bad("snapshot_chunk_bytes must be positive");
+        }
+        if self.snapshot_timeout_tick <= self.heartbeat_tick {
+            // A stalled transfer is resent every heartbeat interval before being abandoned.
+            return bad("snapshot_timeout_tick must be greater than heartbeat_tick");
         }
         if self.max_uncommitted_bytes == 0 || self.max_pending_reads == 0 {
             return bad("bounds on uncommitted bytes and pending reads must be positive");

@@ -53,6 +53,7 @@ pub use read_only::ReadState;
 pub use ready::Ready;
 pub use types::{
     Entry, EntryKind, HardState, Index, NodeId, Role, Snapshot, SnapshotMeta, SoftState, Term,
+    ENTRY_HEADER_BYTES,
 };
 
 impl Raft {

@@ -28,8 +28,6 @@ pub(crate) struct SnapshotTransfer {
     /// The first (possibly empty) chunk went out; distinguishes an empty snapshot not yet
     /// sent from one fully sent.
     pub(crate) started: bool,
-    /// `acked` at the last heartbeat, to notice a transfer that stopped moving.
-    pub(crate) acked_at_heartbeat: u64,
     /// Ticks since the follower last confirmed more bytes.
     pub(crate) idle_ticks: u64,
     pub(crate) last_rewind: Option<u64>,
@@ -178,7 +176,6 @@ impl Progress {
             sent: 0,
             acked: 0,
             started: false,
-            acked_at_heartbeat: 0,
             idle_ticks: 0,
             last_rewind: None,
         });

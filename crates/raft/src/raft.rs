@@ -425,9 +425,8 @@ impl Raft {
             // A transfer that did not finish within an election timeout is abandoned.
             self.lead_transferee = None;
         }
-        let heartbeat = self.heartbeat_elapsed >= self.cfg.heartbeat_tick;
-        self.tick_snapshot_transfers(heartbeat);
-        if heartbeat {
+        self.tick_snapshot_transfers();
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_tick {
             self.heartbeat_elapsed = 0;
             self.retransmit_stalled();
             self.bcast_heartbeat();

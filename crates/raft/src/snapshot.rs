@@ -181,9 +181,11 @@ impl Raft {
         self.send_snapshot_chunks(from);
     }
 
-    /// Leader tick: give up on transfers that make no progress; resend those that stalled.
-    pub(crate) fn tick_snapshot_transfers(&mut self, heartbeat: bool) {
-        let timeout = self.cfg.snapshot_timeout_tick;
+    /// Leader tick. A transfer that made no progress for a heartbeat interval resends from
+    /// the last acknowledged byte (chunks were lost); one that made none for
+    /// `snapshot_timeout_tick` is abandoned for a probe (the follower may have restarted).
+    pub(crate) fn tick_snapshot_transfers(&mut self) {
+        let (timeout, interval) = (self.cfg.snapshot_timeout_tick, self.cfg.heartbeat_tick);
         let mut resend = Vec::new();
         for (&id, pr) in self.progress.iter_mut() {
             let Some(t) = pr.snapshot.as_mut() else {
@@ -192,14 +194,9 @@ impl Raft {
             t.idle_ticks += 1;
             if t.idle_ticks >= timeout {
                 pr.become_probe();
-                continue;
-            }
-            if heartbeat {
-                if t.acked == t.acked_at_heartbeat && t.sent > t.acked {
-                    t.rewind(t.acked);
-                    resend.push(id);
-                }
-                t.acked_at_heartbeat = t.acked;
+            } else if t.idle_ticks % interval == 0 && t.sent > t.acked {
+                t.rewind(t.acked);
+                resend.push(id);
             }
         }
         for id in resend {
@@ -279,5 +276,128 @@ impl Raft {
             .install_snapshot(snapshot.meta.index, snapshot.meta.term);
         self.pending_snapshot = Some(snapshot.clone());
         self.snapshot = Some(snapshot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::message::{Body, Message};
+    use crate::types::{Entry, EntryKind, HardState, Snapshot, SnapshotMeta};
+    use crate::{Config, Raft, RestoreState};
+
+    fn follower(terms: &[u64], commit: u64) -> Raft {
+        let entries = terms
+            .iter()
+            .enumerate()
+            .map(|(i, &term)| Entry {
+                term,
+                index: i as u64 + 1,
+                kind: EntryKind::Normal,
+                data: Default::default(),
+            })
+            .collect();
+        let state = RestoreState {
+            hard_state: HardState {
+                term: 3,
+                vote: None,
+                commit,
+            },
+            entries,
+            snapshot: None,
+        };
+        let mut cfg = Config::new(2, vec![1, 2, 3]);
+        cfg.snapshot_chunk_bytes = 4;
+        Raft::new(cfg, state).unwrap()
+    }
+
+    fn chunk(index: u64, term: u64, offset: u64, data: &'static [u8], total: u64) -> Message {
+        Message {
+            from: 1,
+            to: 2,
+            term: 3,
+            body: Body::InstallSnapshot {
+                meta: SnapshotMeta {
+                    index,
+                    term,
+                    voters: vec![1, 2, 3],
+                },
+                offset,
+                total,
+                data: data.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_snapshot_of_a_log_prefix_keeps_the_suffix() {
+        let mut f = follower(&[1, 1, 2, 2, 3], 1);
+        f.step(chunk(3, 2, 0, b"abcd", 4)).unwrap();
+        assert_eq!(f.snapshot_index(), 3);
+        assert_eq!(
+            f.last_index(),
+            5,
+            "the entries after the snapshot must stay"
+        );
+        assert_eq!(f.term_at(5), Some(3));
+        let rd = f.ready();
+        assert_eq!(rd.snapshot.map(|s| s.data), Some(b"abcd"[..].into()));
+    }
+
+    #[test]
+    fn a_snapshot_that_conflicts_replaces_the_log() {
+        let mut f = follower(&[1, 1, 2, 2, 3], 1);
+        f.step(chunk(4, 3, 0, b"abcd", 4)).unwrap(); // our entry 4 has term 2
+        assert_eq!((f.snapshot_index(), f.last_index()), (4, 4));
+        assert_eq!(f.term_at(4), Some(3));
+    }
+
+    #[test]
+    fn a_stale_snapshot_is_ignored() {
+        let mut f = follower(&[1, 1, 2, 2, 3], 4);
+        f.step(chunk(3, 2, 0, b"abcd", 4)).unwrap();
+        assert_eq!(f.snapshot_index(), 0);
+        assert_eq!(f.last_index(), 5);
+        assert!(f.ready().snapshot.is_none());
+    }
+
+    #[test]
+    fn chunks_out_of_order_are_kept_and_assembled() {
+        let mut f = follower(&[1], 1);
+        f.step(chunk(9, 3, 8, b"ij", 10)).unwrap();
+        f.step(chunk(9, 3, 4, b"efgh", 10)).unwrap();
+        assert_eq!(f.snapshot_index(), 0, "incomplete");
+        f.step(chunk(9, 3, 0, b"abcd", 10)).unwrap();
+        let snap: Snapshot = f.ready().snapshot.expect("installed");
+        assert_eq!(&snap.data[..], b"abcdefghij");
+        assert_eq!(f.commit_index(), 9);
+    }
+
+    #[test]
+    fn compaction_refuses_what_is_not_applied_or_does_not_match() {
+        let mut r = Raft::new(Config::new(1, vec![1]), RestoreState::default()).unwrap();
+        r.campaign();
+        for _ in 0..3 {
+            let rd = r.ready();
+            r.advance(&rd);
+        }
+        r.propose(b"x"[..].into()).unwrap();
+        let rd = r.ready();
+        r.advance(&rd);
+        let rd = r.ready();
+        r.advance(&rd);
+        assert_eq!(r.applied(), 2);
+        let snap = |index, term| Snapshot {
+            meta: SnapshotMeta {
+                index,
+                term,
+                voters: vec![1],
+            },
+            data: Default::default(),
+        };
+        assert!(r.compact(snap(3, 1)).is_err(), "not applied yet");
+        assert!(r.compact(snap(2, 7)).is_err(), "wrong term");
+        r.compact(snap(2, 1)).unwrap();
+        assert_eq!(r.snapshot_index(), 2);
+        assert_eq!(r.term_at(2), Some(1), "the snapshot point keeps its term");
     }
 }

@@ -15,6 +15,9 @@ pub struct Checker {
     entries: HashMap<(Index, Term), (Term, u64)>,
     /// State Machine Safety: what was applied at each index, by any node, ever.
     applied: Vec<(Term, u64)>,
+    /// For each index: (term of the leader that first committed it, the entry's term).
+    /// Leader Completeness binds leaders of terms after the commit term.
+    commits: Vec<(Term, Term)>,
     /// Every command applied, in index order: what any snapshot must contain a prefix of.
     history: Vec<(Index, u64)>,
     /// Leader Append-Only: (term, last index, last term) of each node last seen leading.
@@ -143,6 +146,7 @@ impl Checker {
                 self.check_completeness(raft)?;
             }
         }
+        self.record_commits(raft);
         let (last, last_term) = (
             raft.last_index(),
             raft.term_at(raft.last_index()).unwrap_or(0),
@@ -162,20 +166,37 @@ impl Checker {
         Ok(())
     }
 
-    /// Leader Completeness: a new leader holds every committed entry. By log matching it is
-    /// enough to check the highest one.
+    /// Leader Completeness (§5.4): an entry committed in term T is in the log of every
+    /// leader of a term after T. By log matching it is enough to check the highest such
+    /// entry. (A leader of an older term can still be elected late, from delayed votes; it
+    /// is bound only by what was committed before its term.)
     fn check_completeness(&self, raft: &Raft) -> Result<(), Violation> {
-        let (index, term) = self.committed();
+        let term = raft.term();
+        let k = self
+            .commits
+            .partition_point(|&(committed_in, _)| committed_in < term);
+        let index = k as Index;
         if index <= raft.snapshot_index() {
             return Ok(()); // covered by its snapshot, which held only committed state
         }
-        if raft.term_at(index) != Some(term) {
+        let entry_term = self.commits[k - 1].1;
+        if raft.term_at(index) != Some(entry_term) {
             return Err(format!(
-                "leader completeness: node {} leads term {} without committed entry {index} (term {term})",
-                raft.id(),
-                raft.term()
+                "leader completeness: node {} leads term {term} without entry {index} \
+                 (term {entry_term}) committed in an earlier term",
+                raft.id()
             ));
         }
         Ok(())
+    }
+
+    /// A leader's commit index advanced: note in which term each index was committed.
+    fn record_commits(&mut self, raft: &Raft) {
+        for index in self.commits.len() as Index + 1..=raft.commit_index() {
+            let Some(entry_term) = raft.term_at(index) else {
+                return;
+            };
+            self.commits.push((raft.term(), entry_term));
+        }
     }
 }

@@ -239,6 +239,7 @@ impl Cluster {
         c.max_size_per_msg = self.cfg.max_size_per_msg;
         c.max_inflight_msgs = self.cfg.max_inflight_msgs;
         c.snapshot_chunk_bytes = self.cfg.snapshot_chunk_bytes;
+        c.snapshot_timeout_tick = 3 * self.cfg.heartbeat_tick;
         c
     }
 
