@@ -283,3 +283,31 @@ fn a_lost_chunk_is_resent_not_the_whole_snapshot() {
     );
     c.check_acked_durable();
 }
+
+/// A follower that crashes in the middle of a transfer loses its partial copy; the leader
+/// sees no progress, abandons the transfer for a probe after the timeout, and the next
+/// transfer completes.
+#[test]
+fn a_stalled_transfer_falls_back_to_probing_and_completes() {
+    let mut cfg = config(3, 62);
+    cfg.snapshot_chunk_bytes = 32;
+    cfg.max_inflight_msgs = 1; // slow enough to interrupt
+    let mut c = Cluster::new(cfg);
+    let leader = c.wait_leader(5_000 * MS);
+    let victim = c.ids().into_iter().find(|&i| i != leader).unwrap();
+    c.disconnect(victim);
+    for cmd in 0..(THRESHOLD * 10) {
+        c.one(cmd, 16, 2);
+    }
+    c.connect(victim);
+    let midway = c.run_until(2_000 * MS, |c| {
+        c.counters(leader).kind("snapshot_chunk") >= 10
+    });
+    assert!(midway);
+    c.crash(victim);
+    c.run_for(10 * MS);
+    c.restart(victim);
+    c.one(10_000, 16, 3);
+    assert!(c.node(victim).raft().snapshot_index() > 0);
+    c.check_acked_durable();
+}
