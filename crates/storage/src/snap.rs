@@ -1,0 +1,160 @@
+//! Snapshot files: `{index:016x}-{term:016x}.snap` in `snap/`.
+//!
+//! ```text
+//! | magic "RKVSNAP1" | meta_len: u32 | meta | meta_crc: u32 | data_len: u64 | data | data_crc: u32 |
+//! meta = index: u64, term: u64, voter count: u32, voters: u64 each
+//! ```
+//!
+//! A snapshot is written to a temporary file, fsynced, renamed into place and the directory
+//! fsynced; only then are older snapshots removed. Loading maps the file into memory and
+//! hands out the data as `Bytes` over the map, so even a large snapshot is never held in
+//! memory twice (nor read into the heap at all).
+
+use crate::error::{Error, Result};
+use bytes::Bytes;
+use raft::{Snapshot, SnapshotMeta};
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"RKVSNAP1";
+
+pub struct SnapStore {
+    dir: PathBuf,
+}
+
+fn file_name(meta: &SnapshotMeta) -> String {
+    format!("{:016x}-{:016x}.snap", meta.index, meta.term)
+}
+
+fn encode_meta(meta: &SnapshotMeta) -> Vec<u8> {
+    let mut m = Vec::with_capacity(20 + 8 * meta.voters.len());
+    m.extend_from_slice(&meta.index.to_le_bytes());
+    m.extend_from_slice(&meta.term.to_le_bytes());
+    m.extend_from_slice(&(meta.voters.len() as u32).to_le_bytes());
+    for v in &meta.voters {
+        m.extend_from_slice(&v.to_le_bytes());
+    }
+    m
+}
+
+fn decode_meta(m: &[u8]) -> Option<SnapshotMeta> {
+    let u64_at = |at: usize| Some(u64::from_le_bytes(m.get(at..at + 8)?.try_into().ok()?));
+    let n = u32::from_le_bytes(m.get(16..20)?.try_into().ok()?) as usize;
+    if m.len() != 20 + 8 * n {
+        return None;
+    }
+    Some(SnapshotMeta {
+        index: u64_at(0)?,
+        term: u64_at(8)?,
+        voters: (0..n).map(|i| u64_at(20 + 8 * i)).collect::<Option<_>>()?,
+    })
+}
+
+impl SnapStore {
+    pub fn open(dir: &Path) -> Result<SnapStore> {
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        // A temporary file is a snapshot whose write never completed.
+        for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let path = entry.map_err(|e| Error::io(dir, e))?.path();
+            if path.extension().is_some_and(|x| x == "tmp") {
+                fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        Ok(SnapStore {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn snapshot_files(&self) -> Result<Vec<PathBuf>> {
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.dir)
+            .map_err(|e| Error::io(&self.dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+            .collect();
+        // Names are fixed-width hex, so name order is (index, term) order.
+        files.sort();
+        Ok(files)
+    }
+
+    /// Write `s` durably, then remove older snapshots.
+    pub fn save(&self, s: &Snapshot) -> Result<()> {
+        let path = self.dir.join(file_name(&s.meta));
+        let tmp = path.with_extension("tmp");
+        let meta = encode_meta(&s.meta);
+        let write = || -> std::io::Result<()> {
+            let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
+            w.write_all(MAGIC)?;
+            w.write_all(&(meta.len() as u32).to_le_bytes())?;
+            w.write_all(&meta)?;
+            w.write_all(&crc32c::crc32c(&meta).to_le_bytes())?;
+            w.write_all(&(s.data.len() as u64).to_le_bytes())?;
+            let mut crc = 0;
+            for chunk in s.data.chunks(1 << 20) {
+                crc = crc32c::crc32c_append(crc, chunk);
+                w.write_all(chunk)?;
+            }
+            w.write_all(&crc.to_le_bytes())?;
+            w.into_inner()?.sync_all()
+        };
+        write().map_err(|e| Error::io(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        crate::sync_dir(&self.dir)?;
+        for old in self.snapshot_files()? {
+            if old != path && old < path {
+                fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest snapshot, verified. A damaged newest snapshot is an error, not a reason
+    /// to fall back silently to an older state.
+    pub fn latest(&self) -> Result<Option<Snapshot>> {
+        match self.snapshot_files()?.pop() {
+            Some(path) => load(&path).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<Snapshot> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the file is private to this process's data directory and never modified
+    // after it is renamed into place; a snapshot file is replaced only by a new name.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let bytes = Bytes::from_owner(map);
+    let bad = |offset: usize, what: &str| Error::corrupt(path, offset as u64, what.to_string());
+    if bytes.get(..8) != Some(&MAGIC[..]) {
+        return Err(bad(0, "not a snapshot file"));
+    }
+    let meta_len = u32_at(&bytes, 8).ok_or_else(|| bad(8, "truncated header"))? as usize;
+    let meta_end = 12 + meta_len;
+    let meta_bytes = bytes
+        .get(12..meta_end)
+        .ok_or_else(|| bad(12, "truncated metadata"))?;
+    let meta_crc = u32_at(&bytes, meta_end).ok_or_else(|| bad(meta_end, "truncated header"))?;
+    if crc32c::crc32c(meta_bytes) != meta_crc {
+        return Err(bad(12, "metadata checksum mismatch"));
+    }
+    let meta = decode_meta(meta_bytes).ok_or_else(|| bad(12, "malformed metadata"))?;
+    let len_at = meta_end + 4;
+    let data_len = bytes
+        .get(len_at..len_at + 8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
+        .ok_or_else(|| bad(len_at, "truncated header"))?;
+    let data_start = len_at + 8;
+    let data_end = data_start
+        .checked_add(data_len)
+        .filter(|&end| end + 4 == bytes.len())
+        .ok_or_else(|| bad(len_at, "data length does not match the file size"))?;
+    let data = bytes.slice(data_start..data_end);
+    if crc32c::crc32c(&data) != u32_at(&bytes, data_end).unwrap() {
+        return Err(bad(data_start, "data checksum mismatch"));
+    }
+    Ok(Snapshot { meta, data })
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
