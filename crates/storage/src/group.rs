@@ -7,6 +7,12 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
+/// Told on the storage thread whether a batch became durable.
+pub type OnDurable = Box<dyn FnOnce(std::result::Result<(), String>) + Send>;
+
+/// The queue into the storage thread; `None` once it is being stopped.
+type Queue = Option<mpsc::Sender<(u64, Batch)>>;
+
 /// One `Ready`'s worth of state to persist.
 #[derive(Default)]
 pub struct Batch {
@@ -14,7 +20,7 @@ pub struct Batch {
     pub hard_state: Option<HardState>,
     pub entries: Vec<Entry>,
     /// Called on the storage thread once the batch is durable (or failed).
-    pub on_durable: Option<Box<dyn FnOnce(std::result::Result<(), String>) + Send>>,
+    pub on_durable: Option<OnDurable>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -40,7 +46,7 @@ struct Shared {
 
 pub struct GroupCommit {
     /// Holding this lock while taking a ticket and queueing keeps tickets in queue order.
-    tx: Mutex<(u64, Option<mpsc::Sender<(u64, Batch)>>)>,
+    tx: Mutex<(u64, Queue)>,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<Storage>>,
 }

@@ -20,7 +20,7 @@ mod snap;
 mod wal;
 
 pub use error::{Error, Result};
-pub use group::{Batch, GroupCommit, GroupStats};
+pub use group::{Batch, GroupCommit, GroupStats, OnDurable};
 pub use ident::{Identity, FORMAT_VERSION};
 pub use wal::Replayed;
 
