@@ -1,8 +1,8 @@
 //! The write-ahead log: append-only segment files of framed records.
 //!
 //! Segments are named `{seq:016x}-{first_index:016x}.wal`; each starts with a `Segment`
-//! record and the current hard state, so deleting older segments never loses the latest
-//! hard state. Entries are written in log order; an entry whose index is at or below the
+//! record, the current hard state and the latest snapshot mark, so deleting older segments
+//! never loses either. Entries are written in log order; an entry whose index is at or below the
 //! last one overwrites the log from there (a follower's conflicting suffix). Every entry in
 //! a segment is below the next segment's `first_index`, which is what makes deleting whole
 //! segments below a snapshot safe.
@@ -42,6 +42,8 @@ pub struct Wal {
     /// snapshot mark's decision is taken against.
     terms: Vec<Term>,
     terms_from: Index,
+    /// The latest snapshot mark, repeated at the head of every new segment.
+    last_mark: Option<(Index, Term)>,
 }
 
 /// What recovery found.
@@ -74,14 +76,11 @@ impl Replay {
                 return Err(format!("entry {} follows entry {}", e.index, last.index));
             }
             None => {
-                if let Some((m, _)) = self.mark {
-                    if e.index <= m {
-                        return Ok(()); // covered by the snapshot
-                    }
-                    if e.index != m + 1 {
-                        return Err(format!("entry {} follows a snapshot at {m}", e.index));
-                    }
+                if self.mark.is_some_and(|(m, _)| e.index <= m) {
+                    return Ok(()); // covered by the snapshot
                 }
+                // The first entry may lie past the mark: the entries between were in segments
+                // deleted under a later snapshot. `finish` checks the final snapshot covers them.
             }
             _ => {}
         }
@@ -89,15 +88,7 @@ impl Replay {
         Ok(())
     }
 
-    /// §7: keep the entries after the snapshot if the log holds its last entry, else none.
-    fn snapshot(&mut self, index: Index, term: Term) {
-        let holds = self
-            .entries
-            .iter()
-            .any(|e| e.index == index && e.term == term);
-        self.apply_mark(index, term, holds);
-    }
-
+    /// §7: keep the entries after the snapshot if the log held its last entry, else none.
     fn apply_mark(&mut self, index: Index, term: Term, holds: bool) {
         if holds {
             self.entries.retain(|e| e.index > index);
@@ -137,7 +128,7 @@ impl Wal {
             let last = i + 1 == segments.len();
             torn_bytes += replay_segment(seg, last, &mut replay)?;
         }
-        let entries = finish(
+        let (entries, unmarked) = finish(
             dir,
             replay.entries,
             replay.mark,
@@ -166,14 +157,28 @@ impl Wal {
                     hard_state,
                     terms: Vec::new(),
                     terms_from: 0,
+                    last_mark: None,
                 }
             }
             None => Wal::create_first(dir, segment_bytes, last_index, hard_state)?,
         };
         wal.terms_from = entries.first().map_or(last_index + 1, |e| e.index);
         wal.terms = entries.iter().map(|e| e.term).collect();
+        wal.last_mark = snapshot.or(replay.mark);
         if wal.file_len == 0 {
             wal.write_segment_header()?;
+        }
+        if let Some(keep_suffix) = unmarked {
+            // The snapshot became durable but its mark did not: record the decision taken,
+            // so the next recovery reaches the same log.
+            let (index, term) = snapshot.unwrap();
+            let mark = Record::SnapshotMark {
+                index,
+                term,
+                keep_suffix,
+            };
+            record::encode(&mark, &mut wal.pending);
+            wal.sync()?;
         }
         let replayed = Replayed {
             hard_state,
@@ -202,6 +207,7 @@ impl Wal {
             hard_state: hs,
             terms: Vec::new(),
             terms_from: 0,
+            last_mark: None,
         })
     }
 
@@ -213,6 +219,15 @@ impl Wal {
         };
         record::encode(&header, &mut self.pending);
         record::encode(&Record::HardState(self.hard_state), &mut self.pending);
+        if let Some((index, term)) = self.last_mark {
+            // Already applied where it was first written; here it only has to survive.
+            let mark = Record::SnapshotMark {
+                index,
+                term,
+                keep_suffix: true,
+            };
+            record::encode(&mark, &mut self.pending);
+        }
         self.sync()
     }
 
@@ -252,6 +267,7 @@ impl Wal {
             self.terms.clear();
         }
         self.terms_from = index + 1;
+        self.last_mark = Some((index, term));
         let mark = Record::SnapshotMark {
             index,
             term,
@@ -445,13 +461,15 @@ fn apply(seg: &Segment, offset: usize, rec: Record, replay: &mut Replay) -> Resu
 }
 
 /// Reconcile the replayed log with the latest snapshot file.
+/// Returns the log, and the §7 decision taken if the snapshot's mark was missing (it must
+/// then be recorded).
 fn finish(
     dir: &Path,
     mut entries: Vec<Entry>,
     mark: Option<(Index, Term)>,
     snapshot: Option<(Index, Term)>,
     hs: &mut HardState,
-) -> Result<Vec<Entry>> {
+) -> Result<(Vec<Entry>, Option<bool>)> {
     let bad = |what: String| Error::corrupt(dir, 0, what);
     let (snap_index, snap_term) = snapshot.unwrap_or((0, 0));
     if let Some((m, _)) = mark {
@@ -462,14 +480,19 @@ fn finish(
             )));
         }
     }
+    let mut unmarked = None;
     if snapshot.is_some() && mark.is_none_or(|(m, _)| m < snap_index) {
         // The snapshot became durable but its mark did not: apply the same rule now.
+        let holds = entries
+            .iter()
+            .any(|e| e.index == snap_index && e.term == snap_term);
         let mut r = Replay {
             entries,
             ..Default::default()
         };
-        r.snapshot(snap_index, snap_term);
+        r.apply_mark(snap_index, snap_term, holds);
         entries = r.entries;
+        unmarked = Some(holds);
     }
     entries.retain(|e| e.index > snap_index);
     if let Some(first) = entries.first() {
@@ -484,5 +507,5 @@ fn finish(
     }
     let last = entries.last().map_or(snap_index, |e| e.index);
     hs.commit = hs.commit.min(last);
-    Ok(entries)
+    Ok((entries, unmarked))
 }
