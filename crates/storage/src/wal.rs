@@ -75,13 +75,10 @@ impl Replay {
             Some(last) if e.index != last.index + 1 => {
                 return Err(format!("entry {} follows entry {}", e.index, last.index));
             }
-            None => {
-                if self.mark.is_some_and(|(m, _)| e.index <= m) {
-                    return Ok(()); // covered by the snapshot
-                }
-                // The first entry may lie past the mark: the entries between were in segments
-                // deleted under a later snapshot. `finish` checks the final snapshot covers them.
-            }
+            // Covered by the snapshot. (A first entry past the mark is fine: the entries
+            // between were in segments deleted under a later snapshot, and `finish` checks
+            // that the final snapshot covers them.)
+            None if self.mark.is_some_and(|(m, _)| e.index <= m) => return Ok(()),
             _ => {}
         }
         self.entries.push(e);
