@@ -1,0 +1,438 @@
+//! The MVCC store. Every key keeps its history — one version per write, a tombstone per
+//! delete — ordered by revision, so a read at any revision since the last compaction is a
+//! binary search. Writes only ever append to a history, which makes a failed transaction
+//! cheap to undo. Everything is a `BTreeMap` or a `Vec`: the same log applied anywhere
+//! gives the same state and the same answers.
+
+use crate::error::{Error, Result};
+use crate::types::*;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+/// etcd's default `--max-txn-ops`.
+pub const MAX_TXN_OPS: usize = 128;
+
+/// One write of a key: the value it got at `rev`, or `None` if it was deleted then.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Version {
+    pub(crate) rev: Revision,
+    pub(crate) kv: Option<KeyValue>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Store {
+    /// Invariant: each history is non-empty, its revisions strictly increase, and at most
+    /// its first version is at or below `compact_revision` (and that one is live).
+    pub(crate) keys: BTreeMap<Bytes, Vec<Version>>,
+    pub(crate) revision: Revision,
+    pub(crate) compact_revision: Revision,
+}
+
+/// A request applied through the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Range(RangeRequest),
+    Put(PutRequest),
+    DeleteRange(DeleteRangeRequest),
+    Txn(TxnRequest),
+    Compact(Revision),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    Range(RangeResponse),
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compact,
+}
+
+/// The state of one transaction being applied.
+struct Txn {
+    /// The revision its writes get.
+    rev: Revision,
+    wrote: bool,
+    /// Keys that got a new version, newest last, to undo on failure.
+    undo: Vec<Bytes>,
+}
+
+impl Txn {
+    /// Reads inside a transaction see its own writes.
+    fn read_rev(&self) -> Revision {
+        if self.wrote {
+            self.rev
+        } else {
+            self.rev - 1
+        }
+    }
+}
+
+fn at(history: &[Version], rev: Revision) -> Option<&KeyValue> {
+    let i = history.partition_point(|v| v.rev <= rev);
+    history.get(i.checked_sub(1)?)?.kv.as_ref()
+}
+
+fn in_range(range: &KeyRange, key: &[u8]) -> bool {
+    if range.range_end.is_empty() {
+        return key == &range.key[..];
+    }
+    key >= &range.key[..] && (&range.range_end[..] == b"\0" || key < &range.range_end[..])
+}
+
+impl Store {
+    pub fn new() -> Store {
+        Store::default()
+    }
+
+    /// The current revision: that of the latest write.
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    pub fn compact_revision(&self) -> Revision {
+        self.compact_revision
+    }
+
+    /// Apply one request. Reads change nothing; a failed request changes nothing.
+    pub fn apply(&mut self, req: &Request) -> Result<Response> {
+        match req {
+            Request::Range(r) => self.range(r, self.revision).map(Response::Range),
+            Request::Compact(rev) => self.compact(*rev).map(|_| Response::Compact),
+            Request::Put(p) => {
+                let txn = single(RequestOp::Put(p.clone()));
+                self.txn(&txn).map(|mut t| match t.responses.pop() {
+                    Some(ResponseOp::Put(p)) => Response::Put(p),
+                    _ => unreachable!("a put answers with a put"),
+                })
+            }
+            Request::DeleteRange(d) => {
+                let txn = single(RequestOp::DeleteRange(d.clone()));
+                self.txn(&txn).map(|mut t| match t.responses.pop() {
+                    Some(ResponseOp::DeleteRange(d)) => Response::DeleteRange(d),
+                    _ => unreachable!("a delete answers with a delete"),
+                })
+            }
+            Request::Txn(t) => self.txn(t).map(Response::Txn),
+        }
+    }
+
+    /// Range over keys, at the current revision or a past one.
+    pub fn range(&self, req: &RangeRequest, current: Revision) -> Result<RangeResponse> {
+        let rev = if req.revision <= 0 {
+            current
+        } else {
+            req.revision
+        };
+        if rev > current {
+            return Err(Error::FutureRevision);
+        }
+        if rev < self.compact_revision {
+            return Err(Error::Compacted);
+        }
+        let mut kvs: Vec<KeyValue> = self
+            .histories(&req.range)
+            .filter_map(|(_, h)| at(h, rev))
+            .filter(|kv| passes_filters(req, kv))
+            .cloned()
+            .collect();
+        let count = kvs.len() as i64;
+        sort(&mut kvs, req.sort_order, req.sort_target);
+        let limit = if req.limit > 0 {
+            req.limit as usize
+        } else {
+            usize::MAX
+        };
+        let more = kvs.len() > limit;
+        kvs.truncate(limit);
+        if req.count_only {
+            kvs.clear();
+        } else if req.keys_only {
+            for kv in &mut kvs {
+                kv.value = Bytes::new();
+            }
+        }
+        Ok(RangeResponse { kvs, more, count })
+    }
+
+    fn histories<'a>(
+        &'a self,
+        range: &KeyRange,
+    ) -> Box<dyn Iterator<Item = (&'a Bytes, &'a Vec<Version>)> + 'a> {
+        if range.range_end.is_empty() {
+            return Box::new(self.keys.get_key_value(&range.key).into_iter());
+        }
+        let start = Bound::Included(range.key.clone());
+        if &range.range_end[..] == b"\0" {
+            return Box::new(self.keys.range((start, Bound::Unbounded)));
+        }
+        if range.key >= range.range_end {
+            return Box::new(std::iter::empty());
+        }
+        Box::new(
+            self.keys
+                .range((start, Bound::Excluded(range.range_end.clone()))),
+        )
+    }
+
+    /// Run a transaction atomically: if any operation fails, nothing it did remains.
+    pub fn txn(&mut self, req: &TxnRequest) -> Result<TxnResponse> {
+        check_txn(req)?;
+        let mut txn = Txn {
+            rev: self.revision + 1,
+            wrote: false,
+            undo: Vec::new(),
+        };
+        match self.run_txn(req, &mut txn) {
+            Ok(resp) => {
+                if txn.wrote {
+                    self.revision = txn.rev;
+                }
+                Ok(resp)
+            }
+            Err(e) => {
+                self.undo(txn.undo);
+                Err(e)
+            }
+        }
+    }
+
+    fn run_txn(&mut self, req: &TxnRequest, txn: &mut Txn) -> Result<TxnResponse> {
+        let read = txn.read_rev();
+        let succeeded = req.compare.iter().all(|c| self.compare(c, read));
+        let ops = if succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            responses.push(match op {
+                RequestOp::Range(r) => ResponseOp::Range(self.range(r, txn.read_rev())?),
+                RequestOp::Put(p) => ResponseOp::Put(self.put(p, txn)?),
+                RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(self.delete(d, txn)),
+                RequestOp::Txn(t) => ResponseOp::Txn(self.run_txn(t, txn)?),
+            });
+        }
+        Ok(TxnResponse {
+            succeeded,
+            responses,
+        })
+    }
+
+    fn put(&mut self, req: &PutRequest, txn: &mut Txn) -> Result<PutResponse> {
+        if req.key.is_empty() {
+            return Err(Error::EmptyKey);
+        }
+        let prev = self
+            .keys
+            .get(&req.key)
+            .and_then(|h| h.last())
+            .and_then(|v| v.kv.clone());
+        if (req.ignore_value || req.ignore_lease) && prev.is_none() {
+            return Err(Error::KeyNotFound);
+        }
+        let p = prev.as_ref();
+        let kv = KeyValue {
+            key: req.key.clone(),
+            create_revision: p.map_or(txn.rev, |p| p.create_revision),
+            mod_revision: txn.rev,
+            version: p.map_or(1, |p| p.version + 1),
+            value: match p {
+                Some(p) if req.ignore_value => p.value.clone(),
+                _ => req.value.clone(),
+            },
+            lease: match p {
+                Some(p) if req.ignore_lease => p.lease,
+                _ => req.lease,
+            },
+        };
+        self.push(req.key.clone(), Some(kv), txn);
+        Ok(PutResponse {
+            prev_kv: if req.prev_kv { prev } else { None },
+        })
+    }
+
+    fn delete(&mut self, req: &DeleteRangeRequest, txn: &mut Txn) -> DeleteRangeResponse {
+        let live: Vec<KeyValue> = self
+            .histories(&req.range)
+            .filter_map(|(_, h)| h.last().and_then(|v| v.kv.clone()))
+            .collect();
+        for kv in &live {
+            self.push(kv.key.clone(), None, txn);
+        }
+        DeleteRangeResponse {
+            deleted: live.len() as i64,
+            prev_kvs: if req.prev_kv { live } else { Vec::new() },
+        }
+    }
+
+    fn push(&mut self, key: Bytes, kv: Option<KeyValue>, txn: &mut Txn) {
+        let history = self.keys.entry(key.clone()).or_default();
+        // `check_txn` guarantees one write per key per transaction.
+        debug_assert!(history.last().is_none_or(|v| v.rev < txn.rev));
+        history.push(Version { rev: txn.rev, kv });
+        txn.undo.push(key);
+        txn.wrote = true;
+    }
+
+    fn undo(&mut self, keys: Vec<Bytes>) {
+        for key in keys.into_iter().rev() {
+            let history = self.keys.get_mut(&key).expect("undo of a written key");
+            history.pop();
+            if history.is_empty() {
+                self.keys.remove(&key);
+            }
+        }
+    }
+
+    /// Does every key in the compare's range satisfy it? A missing key has version,
+    /// create and mod revision 0 and lease 0, and no value (a value compare fails).
+    fn compare(&self, c: &Compare, rev: Revision) -> bool {
+        let kvs: Vec<Option<&KeyValue>> = if c.range.range_end.is_empty() {
+            vec![self.keys.get(&c.range.key).and_then(|h| at(h, rev))]
+        } else {
+            self.histories(&c.range)
+                .filter_map(|(_, h)| at(h, rev))
+                .map(Some)
+                .collect()
+        };
+        kvs.iter().all(|kv| compare_one(c, *kv))
+    }
+
+    /// Forget history before `rev`: reads below it fail from now on.
+    pub fn compact(&mut self, rev: Revision) -> Result<()> {
+        if rev <= self.compact_revision {
+            return Err(Error::Compacted);
+        }
+        if rev > self.revision {
+            return Err(Error::FutureRevision);
+        }
+        self.keys.retain(|_, history| {
+            // Keep the version in force at `rev` (unless it is a tombstone) and later ones.
+            let keep_from = history.partition_point(|v| v.rev <= rev).saturating_sub(1);
+            history.drain(..keep_from);
+            if history[0].rev <= rev && history[0].kv.is_none() {
+                history.remove(0);
+            }
+            !history.is_empty()
+        });
+        self.compact_revision = rev;
+        Ok(())
+    }
+}
+
+fn single(op: RequestOp) -> TxnRequest {
+    TxnRequest {
+        compare: Vec::new(),
+        success: vec![op],
+        failure: Vec::new(),
+    }
+}
+
+fn compare_one(c: &Compare, kv: Option<&KeyValue>) -> bool {
+    use std::cmp::Ordering;
+    let ord: Ordering = match (&c.target, kv) {
+        (CompareTarget::Value(_), None) => return false,
+        (CompareTarget::Value(v), Some(kv)) => kv.value[..].cmp(&v[..]),
+        (CompareTarget::Version(v), kv) => kv.map_or(0, |k| k.version).cmp(v),
+        (CompareTarget::Create(v), kv) => kv.map_or(0, |k| k.create_revision).cmp(v),
+        (CompareTarget::Mod(v), kv) => kv.map_or(0, |k| k.mod_revision).cmp(v),
+        (CompareTarget::Lease(v), kv) => kv.map_or(0, |k| k.lease).cmp(v),
+    };
+    match c.result {
+        CompareResult::Equal => ord == Ordering::Equal,
+        CompareResult::NotEqual => ord != Ordering::Equal,
+        CompareResult::Greater => ord == Ordering::Greater,
+        CompareResult::Less => ord == Ordering::Less,
+    }
+}
+
+fn passes_filters(req: &RangeRequest, kv: &KeyValue) -> bool {
+    (req.min_mod_revision == 0 || kv.mod_revision >= req.min_mod_revision)
+        && (req.max_mod_revision == 0 || kv.mod_revision <= req.max_mod_revision)
+        && (req.min_create_revision == 0 || kv.create_revision >= req.min_create_revision)
+        && (req.max_create_revision == 0 || kv.create_revision <= req.max_create_revision)
+}
+
+fn sort(kvs: &mut [KeyValue], order: SortOrder, target: SortTarget) {
+    // Keys come out ascending already; anything else is sorted (ascending by default).
+    if order == SortOrder::None && target == SortTarget::Key {
+        return;
+    }
+    kvs.sort_by(|a, b| {
+        let o = match target {
+            SortTarget::Key => a.key.cmp(&b.key),
+            SortTarget::Version => a.version.cmp(&b.version),
+            SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+            SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+            SortTarget::Value => a.value.cmp(&b.value),
+        };
+        if order == SortOrder::Descend {
+            o.reverse()
+        } else {
+            o
+        }
+    });
+}
+
+/// etcd's checks before a transaction runs: bounded size, and no key written twice (two
+/// puts, or a put inside a deleted range) on any path through it, nested transactions
+/// included.
+fn check_txn(req: &TxnRequest) -> Result<()> {
+    if req.compare.len() > MAX_TXN_OPS {
+        return Err(Error::TooManyOps);
+    }
+    for branch in [&req.success, &req.failure] {
+        check_branch(branch, &mut Vec::new(), &mut Vec::new())?;
+    }
+    Ok(())
+}
+
+fn check_branch<'a>(
+    ops: &'a [RequestOp],
+    puts: &mut Vec<&'a Bytes>,
+    deletes: &mut Vec<&'a KeyRange>,
+) -> Result<()> {
+    if ops.len() > MAX_TXN_OPS {
+        return Err(Error::TooManyOps);
+    }
+    let conflicts = |key: &Bytes, puts: &[&Bytes], deletes: &[&KeyRange]| {
+        puts.contains(&key) || deletes.iter().any(|r| in_range(r, key))
+    };
+    for op in ops {
+        match op {
+            RequestOp::Put(p) => {
+                if conflicts(&p.key, puts, deletes) {
+                    return Err(Error::DuplicateKey);
+                }
+                puts.push(&p.key);
+            }
+            RequestOp::DeleteRange(d) => {
+                if puts.iter().any(|k| in_range(&d.range, k)) {
+                    return Err(Error::DuplicateKey);
+                }
+                deletes.push(&d.range);
+            }
+            RequestOp::Txn(t) => {
+                if t.compare.len() > MAX_TXN_OPS {
+                    return Err(Error::TooManyOps);
+                }
+                // Either nested branch may run after what came before; what follows must
+                // not clash with either.
+                let (mut p1, mut d1) = (puts.clone(), deletes.clone());
+                check_branch(&t.success, &mut p1, &mut d1)?;
+                let (mut p2, mut d2) = (puts.clone(), deletes.clone());
+                check_branch(&t.failure, &mut p2, &mut d2)?;
+                for k in p1.into_iter().chain(p2) {
+                    if !puts.contains(&k) {
+                        puts.push(k);
+                    }
+                }
+                deletes.extend(d1.into_iter().chain(d2));
+            }
+            RequestOp::Range(_) => {}
+        }
+    }
+    Ok(())
+}
