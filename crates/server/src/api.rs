@@ -1,0 +1,216 @@
+//! The etcd v3 API's messages mapped onto the `kv` store's types, and `kv` errors mapped onto
+//! the gRPC status codes and messages etcd uses (clients match on both).
+//!
+//! Requests come off the wire, so every conversion validates: an unknown enum value or an
+//! empty operation is an `InvalidArgument`, never a panic.
+
+use crate::pb::etcdserverpb as pb;
+use crate::pb::mvccpb;
+use tonic::{Code, Status};
+
+/// etcd's default limit on one request (`--max-request-bytes`, 1.5 MiB).
+pub const MAX_REQUEST_BYTES: usize = 3 * 512 * 1024;
+
+pub fn status(e: &kv::Error) -> Status {
+    let code = match e {
+        kv::Error::Compacted | kv::Error::FutureRevision => Code::OutOfRange,
+        kv::Error::BadSnapshot(_) => Code::Internal,
+        _ => Code::InvalidArgument,
+    };
+    Status::new(code, e.to_string())
+}
+
+pub fn request_too_large() -> Status {
+    Status::invalid_argument("etcdserver: request is too large")
+}
+
+fn invalid(what: &str) -> Status {
+    Status::invalid_argument(format!("etcdserver: {what}"))
+}
+
+fn range_of(key: &bytes::Bytes, range_end: &bytes::Bytes) -> kv::KeyRange {
+    kv::KeyRange {
+        key: key.clone(),
+        range_end: range_end.clone(),
+    }
+}
+
+pub fn range_request(r: &pb::RangeRequest) -> Result<kv::RangeRequest, Status> {
+    use pb::range_request::{SortOrder, SortTarget};
+    if r.key.is_empty() {
+        return Err(invalid("key is not provided"));
+    }
+    let sort_order = match SortOrder::try_from(r.sort_order) {
+        Ok(SortOrder::None) => kv::SortOrder::None,
+        Ok(SortOrder::Ascend) => kv::SortOrder::Ascend,
+        Ok(SortOrder::Descend) => kv::SortOrder::Descend,
+        Err(_) => return Err(invalid("invalid sort option")),
+    };
+    let sort_target = match SortTarget::try_from(r.sort_target) {
+        Ok(SortTarget::Key) => kv::SortTarget::Key,
+        Ok(SortTarget::Version) => kv::SortTarget::Version,
+        Ok(SortTarget::Create) => kv::SortTarget::Create,
+        Ok(SortTarget::Mod) => kv::SortTarget::Mod,
+        Ok(SortTarget::Value) => kv::SortTarget::Value,
+        Err(_) => return Err(invalid("invalid sort option")),
+    };
+    Ok(kv::RangeRequest {
+        range: range_of(&r.key, &r.range_end),
+        limit: r.limit,
+        revision: r.revision,
+        sort_order,
+        sort_target,
+        keys_only: r.keys_only,
+        count_only: r.count_only,
+        min_mod_revision: r.min_mod_revision,
+        max_mod_revision: r.max_mod_revision,
+        min_create_revision: r.min_create_revision,
+        max_create_revision: r.max_create_revision,
+    })
+}
+
+pub fn put_request(p: &pb::PutRequest) -> Result<kv::PutRequest, Status> {
+    if p.key.is_empty() {
+        return Err(invalid("key is not provided"));
+    }
+    Ok(kv::PutRequest {
+        key: p.key.clone(),
+        value: p.value.clone(),
+        lease: p.lease,
+        prev_kv: p.prev_kv,
+        ignore_value: p.ignore_value,
+        ignore_lease: p.ignore_lease,
+    })
+}
+
+pub fn delete_request(d: &pb::DeleteRangeRequest) -> Result<kv::DeleteRangeRequest, Status> {
+    if d.key.is_empty() {
+        return Err(invalid("key is not provided"));
+    }
+    Ok(kv::DeleteRangeRequest {
+        range: range_of(&d.key, &d.range_end),
+        prev_kv: d.prev_kv,
+    })
+}
+
+fn compare(c: &pb::Compare) -> Result<kv::Compare, Status> {
+    use pb::compare::{CompareResult as R, CompareTarget as T, TargetUnion as U};
+    let result = match R::try_from(c.result) {
+        Ok(R::Equal) => kv::CompareResult::Equal,
+        Ok(R::Greater) => kv::CompareResult::Greater,
+        Ok(R::Less) => kv::CompareResult::Less,
+        Ok(R::NotEqual) => kv::CompareResult::NotEqual,
+        Err(_) => return Err(invalid("invalid compare result")),
+    };
+    // A missing union means the target's zero value, as protobuf defaults would give.
+    let int = |want: fn(&U) -> Option<i64>| c.target_union.as_ref().and_then(want).unwrap_or(0);
+    let target = match T::try_from(c.target) {
+        Ok(T::Version) => kv::CompareTarget::Version(int(|u| match u {
+            U::Version(v) => Some(*v),
+            _ => None,
+        })),
+        Ok(T::Create) => kv::CompareTarget::Create(int(|u| match u {
+            U::CreateRevision(v) => Some(*v),
+            _ => None,
+        })),
+        Ok(T::Mod) => kv::CompareTarget::Mod(int(|u| match u {
+            U::ModRevision(v) => Some(*v),
+            _ => None,
+        })),
+        Ok(T::Lease) => kv::CompareTarget::Lease(int(|u| match u {
+            U::Lease(v) => Some(*v),
+            _ => None,
+        })),
+        Ok(T::Value) => kv::CompareTarget::Value(match &c.target_union {
+            Some(U::Value(v)) => v.clone(),
+            _ => bytes::Bytes::new(),
+        }),
+        Err(_) => return Err(invalid("invalid compare target")),
+    };
+    Ok(kv::Compare {
+        range: range_of(&c.key, &c.range_end),
+        result,
+        target,
+    })
+}
+
+fn request_op(op: &pb::RequestOp) -> Result<kv::RequestOp, Status> {
+    use pb::request_op::Request as R;
+    Ok(match &op.request {
+        Some(R::RequestRange(r)) => kv::RequestOp::Range(range_request(r)?),
+        Some(R::RequestPut(p)) => kv::RequestOp::Put(put_request(p)?),
+        Some(R::RequestDeleteRange(d)) => kv::RequestOp::DeleteRange(delete_request(d)?),
+        Some(R::RequestTxn(t)) => kv::RequestOp::Txn(txn_request(t)?),
+        None => return Err(invalid("empty operation in txn request")),
+    })
+}
+
+pub fn txn_request(t: &pb::TxnRequest) -> Result<kv::TxnRequest, Status> {
+    let ops = |ops: &[pb::RequestOp]| ops.iter().map(request_op).collect::<Result<Vec<_>, _>>();
+    Ok(kv::TxnRequest {
+        compare: t.compare.iter().map(compare).collect::<Result<_, _>>()?,
+        success: ops(&t.success)?,
+        failure: ops(&t.failure)?,
+    })
+}
+
+pub fn key_value(kv: kv::KeyValue) -> mvccpb::KeyValue {
+    mvccpb::KeyValue {
+        key: kv.key,
+        create_revision: kv.create_revision,
+        mod_revision: kv.mod_revision,
+        version: kv.version,
+        value: kv.value,
+        lease: kv.lease,
+    }
+}
+
+pub fn range_response(r: kv::RangeResponse, header: &pb::ResponseHeader) -> pb::RangeResponse {
+    pb::RangeResponse {
+        header: Some(*header),
+        kvs: r.kvs.into_iter().map(key_value).collect(),
+        more: r.more,
+        count: r.count,
+    }
+}
+
+pub fn put_response(r: kv::PutResponse, header: &pb::ResponseHeader) -> pb::PutResponse {
+    pb::PutResponse {
+        header: Some(*header),
+        prev_kv: r.prev_kv.map(key_value),
+    }
+}
+
+pub fn delete_response(
+    r: kv::DeleteRangeResponse,
+    header: &pb::ResponseHeader,
+) -> pb::DeleteRangeResponse {
+    pb::DeleteRangeResponse {
+        header: Some(*header),
+        deleted: r.deleted,
+        prev_kvs: r.prev_kvs.into_iter().map(key_value).collect(),
+    }
+}
+
+pub fn txn_response(r: kv::TxnResponse, header: &pb::ResponseHeader) -> pb::TxnResponse {
+    use pb::response_op::Response as R;
+    let responses = r
+        .responses
+        .into_iter()
+        .map(|op| pb::ResponseOp {
+            response: Some(match op {
+                kv::ResponseOp::Range(r) => R::ResponseRange(range_response(r, header)),
+                kv::ResponseOp::Put(p) => R::ResponsePut(put_response(p, header)),
+                kv::ResponseOp::DeleteRange(d) => {
+                    R::ResponseDeleteRange(delete_response(d, header))
+                }
+                kv::ResponseOp::Txn(t) => R::ResponseTxn(txn_response(t, header)),
+            }),
+        })
+        .collect();
+    pb::TxnResponse {
+        header: Some(*header),
+        succeeded: r.succeeded,
+        responses,
+    }
+}

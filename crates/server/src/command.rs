@@ -1,0 +1,48 @@
+//! Client writes as raft log entries: the etcd request itself, protobuf-encoded, tagged
+//! with the proposing node's request id so that node can answer its client once the entry
+//! is applied. Every node decodes and applies the same bytes, so they reach the same state.
+
+use crate::api;
+use crate::pb::etcdserverpb as pb;
+use crate::pb::raftkvpb::{log_command::Command, LogCommand};
+use prost::Message;
+use tonic::Status;
+
+/// A write accepted by the API, as it travels through the log.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Write {
+    Put(pb::PutRequest),
+    DeleteRange(pb::DeleteRangeRequest),
+    Txn(pb::TxnRequest),
+    Compact(pb::CompactionRequest),
+}
+
+pub fn encode(request_id: u64, write: Write) -> bytes::Bytes {
+    let command = match write {
+        Write::Put(p) => Command::Put(p),
+        Write::DeleteRange(d) => Command::DeleteRange(d),
+        Write::Txn(t) => Command::Txn(t),
+        Write::Compact(c) => Command::Compaction(c),
+    };
+    LogCommand {
+        request_id,
+        command: Some(command),
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// Decode an entry into the request to apply. A command that decodes but does not convert
+/// (say, an unknown enum value) is still deterministic: every node gets the same error, which
+/// the proposer returns to its client.
+pub fn decode(data: &[u8]) -> Result<(u64, Result<kv::Request, Status>), prost::DecodeError> {
+    let cmd = LogCommand::decode(data)?;
+    let request = match &cmd.command {
+        Some(Command::Put(p)) => api::put_request(p).map(kv::Request::Put),
+        Some(Command::DeleteRange(d)) => api::delete_request(d).map(kv::Request::DeleteRange),
+        Some(Command::Txn(t)) => api::txn_request(t).map(kv::Request::Txn),
+        Some(Command::Compaction(c)) => Ok(kv::Request::Compact(c.revision)),
+        None => Err(Status::invalid_argument("etcdserver: empty log command")),
+    };
+    Ok((cmd.request_id, request))
+}

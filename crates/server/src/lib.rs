@@ -1,0 +1,25 @@
+//! # server — the raftkv node
+//!
+//! So far: the wire formats. `pb` holds the etcd v3 API (`etcdserverpb`, `mvccpb`) and
+//! raftkv's own messages (`raftkvpb`), compiled from `proto/` at build time by a pure-Rust
+//! protobuf compiler. `api` maps the etcd API onto the `kv` store (and `kv` errors onto
+//! etcd's gRPC codes and messages), `command` turns client writes into log entries and back,
+//! and `peer` carries raft messages between nodes. Everything that comes off the wire is
+//! validated.
+
+pub mod api;
+pub mod command;
+pub mod peer;
+
+/// Generated protobuf types and gRPC services.
+pub mod pb {
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    pub mod raftkvpb {
+        tonic::include_proto!("raftkvpb");
+    }
+}
