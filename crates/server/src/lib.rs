@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod command;
+pub mod node;
 pub mod peer;
 
 /// Generated protobuf types and gRPC services.

@@ -19,6 +19,8 @@ pub struct Batch {
     pub snapshot: Option<Snapshot>,
     pub hard_state: Option<HardState>,
     pub entries: Vec<Entry>,
+    /// The application compacted its log with this snapshot (after the rest is written).
+    pub compact: Option<Snapshot>,
     /// Called on the storage thread once the batch is durable (or failed).
     pub on_durable: Option<OnDurable>,
 }
@@ -158,6 +160,9 @@ fn run(mut storage: Storage, rx: mpsc::Receiver<(u64, Batch)>, shared: Arc<Share
 fn write_group(storage: &mut Storage, group: &[(u64, Batch)]) -> Result<()> {
     for (_, b) in group {
         storage.save(b.snapshot.as_ref(), b.hard_state, &b.entries)?;
+        if let Some(s) = &b.compact {
+            storage.compact(s)?;
+        }
     }
     storage.sync()
 }
