@@ -94,6 +94,22 @@ impl Store {
         self.compact_revision
     }
 
+    /// Bytes of keys and values held, across all retained versions (what etcd reports as
+    /// its database size, roughly). Walks the store: for status calls, not hot paths.
+    pub fn size_bytes(&self) -> u64 {
+        self.keys
+            .iter()
+            .map(|(k, h)| {
+                let values: usize = h
+                    .iter()
+                    .filter_map(|v| v.kv.as_ref())
+                    .map(|kv| kv.value.len())
+                    .sum();
+                (k.len() * h.len() + values) as u64
+            })
+            .sum()
+    }
+
     /// Apply one request. Reads change nothing; a failed request changes nothing.
     pub fn apply(&mut self, req: &Request) -> Result<Response> {
         match req {

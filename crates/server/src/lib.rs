@@ -9,8 +9,10 @@
 
 pub mod api;
 pub mod command;
+pub mod grpc;
 pub mod node;
 pub mod peer;
+pub mod transport;
 
 /// Generated protobuf types and gRPC services.
 pub mod pb {

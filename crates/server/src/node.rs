@@ -47,6 +47,7 @@ pub struct NodeStatus {
     pub applied: Index,
     pub revision: i64,
     pub snapshot_index: Index,
+    pub db_size: u64,
 }
 
 pub type WriteResult = Result<(kv::Response, ResponseHeader), Status>;
@@ -277,6 +278,7 @@ impl Runtime {
             applied: self.raft.applied(),
             revision: self.store.revision(),
             snapshot_index: self.raft.snapshot_index(),
+            db_size: self.store.size_bytes(),
         }
     }
 

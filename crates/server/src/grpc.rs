@@ -1,0 +1,241 @@
+//! The etcd v3 gRPC services on top of a [`Node`]: KV, Maintenance.Status and
+//! Cluster.MemberList. A write sent to a follower is forwarded to the leader, so a client
+//! configured with every endpoint just works; linearizable reads on a follower are confirmed
+//! through the leader by ReadIndex and served locally.
+
+use crate::api;
+use crate::command::Write;
+use crate::node::{Node, WriteResult};
+use crate::pb::etcdserverpb::{
+    self as pb, cluster_server, kv_client::KvClient, kv_server, maintenance_server,
+};
+use raft::NodeId;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// The version reported by Maintenance.Status: the etcd API level raftkv implements.
+pub const API_VERSION: &str = "3.4.0";
+/// How long a request may wait for the cluster before "request timed out".
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub id: NodeId,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+}
+
+#[derive(Clone)]
+pub struct Services {
+    node: Node,
+    members: Arc<Vec<Member>>,
+    cluster_id: u64,
+    member_id: NodeId,
+    leaders: Arc<Mutex<HashMap<NodeId, KvClient<Channel>>>>,
+}
+
+fn timed_out() -> Status {
+    Status::unavailable("etcdserver: request timed out")
+}
+
+impl Services {
+    pub fn new(node: Node, members: Vec<Member>, cluster_id: u64, member_id: NodeId) -> Self {
+        Services {
+            node,
+            members: Arc::new(members),
+            cluster_id,
+            member_id,
+            leaders: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn header(&self, revision: i64, raft_term: u64) -> pb::ResponseHeader {
+        pb::ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            revision,
+            raft_term,
+        }
+    }
+
+    async fn write(&self, w: Write) -> WriteResult {
+        tokio::time::timeout(REQUEST_TIMEOUT, self.node.write(w))
+            .await
+            .map_err(|_| timed_out())?
+    }
+
+    /// A client for the current leader's client URL, if the leader is another node.
+    async fn leader_client(&self) -> Option<KvClient<Channel>> {
+        let leader = self.node.status().await.ok()?.leader?;
+        if leader == self.member_id {
+            return None;
+        }
+        if let Some(c) = self.leaders.lock().unwrap().get(&leader) {
+            return Some(c.clone());
+        }
+        // The KV service is also served on the peer listener, whose URLs every node knows.
+        let url = self
+            .members
+            .iter()
+            .find(|m| m.id == leader)?
+            .peer_urls
+            .first()?
+            .clone();
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .ok()?
+            .connect_lazy();
+        let client = KvClient::new(channel);
+        self.leaders.lock().unwrap().insert(leader, client.clone());
+        Some(client)
+    }
+
+    fn is_not_leader(s: &Status) -> bool {
+        s.code() == tonic::Code::Unavailable && s.message() == "etcdserver: not leader"
+    }
+}
+
+fn too_large<M: prost::Message>(m: &M) -> Result<(), Status> {
+    if m.encoded_len() > api::MAX_REQUEST_BYTES {
+        return Err(api::request_too_large());
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl kv_server::Kv for Services {
+    async fn range(
+        &self,
+        req: Request<pb::RangeRequest>,
+    ) -> Result<Response<pb::RangeResponse>, Status> {
+        let r = req.into_inner();
+        too_large(&r)?;
+        let kv_req = api::range_request(&r)?;
+        let (resp, header) =
+            tokio::time::timeout(REQUEST_TIMEOUT, self.node.read(kv_req, !r.serializable))
+                .await
+                .map_err(|_| timed_out())??;
+        Ok(Response::new(api::range_response(resp, &header)))
+    }
+
+    async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let p = req.into_inner();
+        too_large(&p)?;
+        api::put_request(&p)?;
+        match self.write(Write::Put(p.clone())).await {
+            Ok((kv::Response::Put(resp), header)) => {
+                Ok(Response::new(api::put_response(resp, &header)))
+            }
+            Ok(_) => Err(Status::internal("a put answered with something else")),
+            Err(e) if Self::is_not_leader(&e) => match self.leader_client().await {
+                Some(mut c) => c.put(p).await,
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        req: Request<pb::DeleteRangeRequest>,
+    ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let d = req.into_inner();
+        too_large(&d)?;
+        api::delete_request(&d)?;
+        match self.write(Write::DeleteRange(d.clone())).await {
+            Ok((kv::Response::DeleteRange(resp), header)) => {
+                Ok(Response::new(api::delete_response(resp, &header)))
+            }
+            Ok(_) => Err(Status::internal("a delete answered with something else")),
+            Err(e) if Self::is_not_leader(&e) => match self.leader_client().await {
+                Some(mut c) => c.delete_range(d).await,
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let t = req.into_inner();
+        too_large(&t)?;
+        api::txn_request(&t)?;
+        match self.write(Write::Txn(t.clone())).await {
+            Ok((kv::Response::Txn(resp), header)) => {
+                Ok(Response::new(api::txn_response(resp, &header)))
+            }
+            Ok(_) => Err(Status::internal("a txn answered with something else")),
+            Err(e) if Self::is_not_leader(&e) => match self.leader_client().await {
+                Some(mut c) => c.txn(t).await,
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn compact(
+        &self,
+        req: Request<pb::CompactionRequest>,
+    ) -> Result<Response<pb::CompactionResponse>, Status> {
+        let c = req.into_inner();
+        match self.write(Write::Compact(c)).await {
+            Ok((_, header)) => Ok(Response::new(pb::CompactionResponse {
+                header: Some(header),
+            })),
+            Err(e) if Self::is_not_leader(&e) => match self.leader_client().await {
+                Some(mut client) => client.compact(c).await,
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl maintenance_server::Maintenance for Services {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let s = self.node.status().await?;
+        Ok(Response::new(pb::StatusResponse {
+            header: Some(self.header(s.revision, s.term)),
+            version: API_VERSION.to_string(),
+            db_size: s.db_size as i64,
+            leader: s.leader.unwrap_or(0),
+            raft_index: s.commit,
+            raft_term: s.term,
+            raft_applied_index: s.applied,
+            errors: Vec::new(),
+            db_size_in_use: s.db_size as i64,
+            is_learner: false,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl cluster_server::Cluster for Services {
+    async fn member_list(
+        &self,
+        _: Request<pb::MemberListRequest>,
+    ) -> Result<Response<pb::MemberListResponse>, Status> {
+        let s = self.node.status().await?;
+        let members = self
+            .members
+            .iter()
+            .map(|m| pb::Member {
+                id: m.id,
+                name: m.name.clone(),
+                peer_ur_ls: m.peer_urls.clone(),
+                client_ur_ls: m.client_urls.clone(),
+                is_learner: false,
+            })
+            .collect();
+        Ok(Response::new(pb::MemberListResponse {
+            header: Some(self.header(s.revision, s.term)),
+            members,
+        }))
+    }
+}

@@ -1,0 +1,282 @@
+//! Three real `raftkv serve` processes on free loopback ports, driven through the etcd v3
+//! gRPC API: writes through any member (followers forward), linearizable reads from every
+//! member, Maintenance.Status and Cluster.MemberList, and a kill -9 of the leader in the
+//! middle of a write load with no acknowledged write lost.
+
+use bytes::Bytes;
+use server::pb::etcdserverpb::{
+    cluster_client::ClusterClient, kv_client::KvClient, maintenance_client::MaintenanceClient,
+    MemberListRequest, PutRequest, RangeRequest, StatusRequest,
+};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc {
+    name: String,
+    client: String,
+    child: Option<Child>,
+    args: Vec<String>,
+}
+
+impl Proc {
+    fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start raftkv");
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL: nothing gets flushed
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn start(dir: &std::path::Path) -> Vec<Proc> {
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let cluster = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (_, p))| format!("n{i}=http://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    ports
+        .iter()
+        .enumerate()
+        .map(|(i, (c, p))| {
+            let client = format!("http://127.0.0.1:{c}");
+            let peer = format!("http://127.0.0.1:{p}");
+            let args = vec![
+                "serve".into(),
+                format!("--name=n{i}"),
+                format!("--data-dir={}", dir.join(format!("n{i}")).display()),
+                format!("--listen-client-urls={client}"),
+                format!("--advertise-client-urls={client}"),
+                format!("--listen-peer-urls={peer}"),
+                format!("--initial-advertise-peer-urls={peer}"),
+                format!("--initial-cluster={cluster}"),
+                "--initial-cluster-token=test".into(),
+                "--heartbeat-interval=20".into(),
+                "--election-timeout=200".into(),
+                "--snapshot-count=50".into(),
+            ];
+            let mut p = Proc {
+                name: format!("n{i}"),
+                client,
+                child: None,
+                args,
+            };
+            p.spawn();
+            p
+        })
+        .collect()
+}
+
+async fn kv(url: &str) -> KvClient<Channel> {
+    KvClient::new(
+        tonic::transport::Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .connect_lazy(),
+    )
+}
+
+/// Put with retries (a client with every endpoint just retries elsewhere); returns the
+/// member that acknowledged it.
+async fn put_any(procs: &[Proc], key: &str, value: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for (i, p) in procs.iter().enumerate().filter(|(_, p)| p.child.is_some()) {
+            let req = PutRequest {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                value: Bytes::copy_from_slice(value.as_bytes()),
+                ..Default::default()
+            };
+            if kv(&p.client).await.put(req).await.is_ok() {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no member accepted the write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn get(url: &str, key: &str) -> Result<Option<Bytes>, tonic::Status> {
+    let req = RangeRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        ..Default::default()
+    };
+    let r = kv(url).await.range(req).await?.into_inner();
+    Ok(r.kvs.into_iter().next().map(|kv| kv.value))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_three_process_cluster_serves_the_etcd_api_and_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = start(dir.path());
+    // Every member accepts writes (followers forward to the leader).
+    for (i, p) in procs.iter().enumerate() {
+        let _ = p;
+        put_any(&procs[i..=i], &format!("hello{i}"), "world").await;
+    }
+    for p in &procs {
+        for i in 0..3 {
+            assert_eq!(
+                get(&p.client, &format!("hello{i}")).await.unwrap(),
+                Some(Bytes::from("world")),
+                "{}",
+                p.name
+            );
+        }
+    }
+    // Status and member list, as etcdctl shows them.
+    let mut m = MaintenanceClient::new(
+        tonic::transport::Endpoint::from_shared(procs[0].client.clone())
+            .unwrap()
+            .connect_lazy(),
+    );
+    let status = m.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_ne!(status.leader, 0);
+    assert!(status.raft_index >= 3 && status.header.unwrap().revision == 3);
+    let mut c = ClusterClient::new(
+        tonic::transport::Endpoint::from_shared(procs[0].client.clone())
+            .unwrap()
+            .connect_lazy(),
+    );
+    let members = c
+        .member_list(MemberListRequest {
+            linearizable: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    assert_eq!(members.len(), 3);
+    // A write load; the leader is killed -9 in the middle of it.
+    let leader = members
+        .iter()
+        .position(|mm| mm.id == status.leader)
+        .unwrap();
+    let leader_name = members[leader].name.clone();
+    let leader_proc = procs.iter().position(|p| p.name == leader_name).unwrap();
+    let mut acked = Vec::new();
+    for i in 0..60 {
+        if i == 20 {
+            procs[leader_proc].kill();
+        }
+        put_any(&procs, &format!("load{i}"), &i.to_string()).await;
+        acked.push(i);
+    }
+    // The survivors have every acknowledged write; the killed member comes back and catches up.
+    procs[leader_proc].spawn();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for p in &procs {
+        for &i in &acked {
+            loop {
+                match get(&p.client, &format!("load{i}")).await {
+                    Ok(Some(v)) => {
+                        assert_eq!(v, Bytes::from(i.to_string()));
+                        break;
+                    }
+                    Ok(None) => panic!("{} lost acknowledged write load{i}", p.name),
+                    Err(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    Err(e) => panic!("{}: {e}", p.name),
+                }
+            }
+        }
+    }
+}
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn wrong_flags_are_explained() {
+    let (code, err) = run(&[
+        "serve",
+        "--name=a",
+        "--initial-cluster=b=http://127.0.0.1:1",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no member named \"a\""), "{err}");
+    let (code, err) = run(&["serve", "--listen-client-urls=127.0.0.1:5"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("must start with http://"), "{err}");
+    let (code, err) = run(&["serve", "--initial-cluster-state=maybe"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("\"new\" or \"existing\""), "{err}");
+    let (code, err) = run(&["serve", "--no-such-flag"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--no-such-flag"), "{err}");
+}
+
+#[test]
+fn another_clusters_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let (cp, pp) = (free_port(), free_port());
+    let args = |token: &str| {
+        vec![
+            "serve".to_string(),
+            "--name=solo".into(),
+            format!("--data-dir={}", data.display()),
+            format!("--listen-client-urls=http://127.0.0.1:{cp}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{pp}"),
+            format!("--initial-cluster=solo=http://127.0.0.1:{pp}"),
+            format!("--initial-cluster-token={token}"),
+        ]
+    };
+    // The first cluster creates the directory, then stops.
+    let mut first = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+        .args(args("one"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !data.join("IDENTITY").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first member never created its data directory"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    let out = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+        .args(args("two"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("another cluster"), "{err}");
+}
