@@ -32,6 +32,22 @@ struct Cli {
 enum Cmd {
     /// Run one member of a cluster (etcd's flags and meanings).
     Serve(ServeArgs),
+    /// Run a local cluster of child processes on loopback; Ctrl-C stops it, and running it
+    /// again brings it back with its data.
+    Cluster(ClusterArgs),
+}
+
+#[derive(Parser, Debug)]
+struct ClusterArgs {
+    /// Number of members.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Where the members keep their data (one directory each) and logs.
+    #[arg(long, default_value = "raftkv-data")]
+    data_dir: PathBuf,
+    /// Member i serves clients on base + 10·i and peers on base + 10·i + 1.
+    #[arg(long, default_value_t = 2379)]
+    base_port: u16,
 }
 
 #[derive(Parser, Debug)]
@@ -70,6 +86,16 @@ struct ServeArgs {
     election_timeout: u64,
 }
 
+/// SIGTERM, as sent by service managers and `kill`.
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
 /// FNV-1a: a stable hash for ids derived from names (the same on every node and release).
 fn fnv(parts: &[&str]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -90,6 +116,121 @@ fn listen_addr(urls: &str, flag: &str) -> Result<SocketAddr, String> {
     hostport
         .parse()
         .map_err(|_| format!("--{flag}: {first:?} is not an http://IP:port address"))
+}
+
+async fn cluster(a: ClusterArgs) -> Result<(), String> {
+    if !(1..=9).contains(&a.nodes) {
+        return Err("--nodes must be between 1 and 9".into());
+    }
+    let port = |i: usize, peer: bool| u32::from(a.base_port) + 10 * i as u32 + u32::from(peer);
+    if port(a.nodes - 1, true) > u32::from(u16::MAX) {
+        return Err("--base-port is too high for that many members".into());
+    }
+    for i in 0..a.nodes {
+        for peer in [false, true] {
+            let addr = format!("127.0.0.1:{}", port(i, peer));
+            std::net::TcpListener::bind(&addr)
+                .map_err(|e| format!("port {addr} is not free ({e}); pick another --base-port"))?;
+        }
+    }
+    std::fs::create_dir_all(&a.data_dir).map_err(|e| format!("{}: {e}", a.data_dir.display()))?;
+    let initial_cluster = (0..a.nodes)
+        .map(|i| format!("n{i}=http://127.0.0.1:{}", port(i, true)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut children = Vec::new();
+    for i in 0..a.nodes {
+        let log_path = a.data_dir.join(format!("n{i}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let client = format!("http://127.0.0.1:{}", port(i, false));
+        let peer = format!("http://127.0.0.1:{}", port(i, true));
+        let child = tokio::process::Command::new(&exe)
+            .arg("serve")
+            .arg(format!("--name=n{i}"))
+            .arg(format!(
+                "--data-dir={}",
+                a.data_dir.join(format!("n{i}")).display()
+            ))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster={initial_cluster}"))
+            .arg("--initial-cluster-token=raftkv-local")
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting member n{i}: {e}"))?;
+        children.push(child);
+    }
+    let endpoints = (0..a.nodes)
+        .map(|i| format!("127.0.0.1:{}", port(i, false)))
+        .collect::<Vec<_>>()
+        .join(",");
+    println!(
+        "raftkv: {} members, data in {}",
+        a.nodes,
+        a.data_dir.display()
+    );
+    for i in 0..a.nodes {
+        println!(
+            "  n{i}: client http://127.0.0.1:{}  peer http://127.0.0.1:{}",
+            port(i, false),
+            port(i, true)
+        );
+    }
+    println!();
+    println!("Try it (etcd's own client, etcdctl 3.4+):");
+    println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints} put hello world");
+    println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints} endpoint status -w table");
+    println!();
+    println!("Ctrl-C stops the cluster; running this again brings it back with its data.");
+    // Ctrl-C reaches the whole process group: each member shuts down on its own.
+    let mut exited = Box::pin(futures_wait_any(&mut children));
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminated() => {}
+        which = &mut exited => {
+            return Err(format!("member n{which} exited; see {}", a.data_dir.join(format!("n{which}.log")).display()));
+        }
+    }
+    drop(exited);
+    // Members in our process group got the Ctrl-C too; tell them anyway, in case only this
+    // process was signalled.
+    for child in &children {
+        if let Some(pid) = child.id() {
+            // SAFETY: sending a signal to a child process we started has no memory effects.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+    for child in &mut children {
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+    println!("raftkv: stopped");
+    Ok(())
+}
+
+/// Resolves with the index of the first child to exit.
+async fn futures_wait_any(children: &mut [tokio::process::Child]) -> usize {
+    loop {
+        for (i, c) in children.iter_mut().enumerate() {
+            if let Ok(Some(_)) = c.try_wait() {
+                return i;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn serve(a: ServeArgs) -> Result<(), String> {
@@ -179,6 +320,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         r = peer_server => r.map_err(|e| format!("peer listener {peer_addr}: {e}"))?,
         r = client_server => r.map_err(|e| format!("client listener {client_addr}: {e}"))?,
         _ = tokio::signal::ctrl_c() => {}
+        _ = terminated() => {}
         _ = task => return Err("the raft loop stopped (see the log above)".into()),
     }
     node.stop();
@@ -191,6 +333,7 @@ fn main() {
     let result = rt.block_on(async {
         match cli.cmd {
             Cmd::Serve(a) => serve(a).await,
+            Cmd::Cluster(a) => cluster(a).await,
         }
     });
     if let Err(e) = result {

@@ -280,3 +280,81 @@ fn another_clusters_data_directory_is_refused() {
     assert!(!out.status.success());
     assert!(err.contains("another cluster"), "{err}");
 }
+
+/// `raftkv cluster`: starts members, serves the API, stops cleanly on SIGINT, and comes back
+/// with its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_command_runs_a_local_cluster_that_keeps_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    // Find a base port whose six ports are free.
+    let base = loop {
+        let b = free_port();
+        if b < 60_000
+            && (0..3).all(|i| {
+                (0..2).all(|p| std::net::TcpListener::bind(("127.0.0.1", b + 10 * i + p)).is_ok())
+            })
+        {
+            break b;
+        }
+    };
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_raftkv"))
+            .args(["cluster", "--base-port", &base.to_string(), "--data-dir"])
+            .arg(dir.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let procs: Vec<Proc> = (0..3)
+        .map(|i| Proc {
+            name: format!("n{i}"),
+            client: format!("http://127.0.0.1:{}", base + 10 * i),
+            child: None,
+            args: Vec::new(),
+        })
+        .collect();
+    for round in 0..2 {
+        let mut parent = spawn();
+        if round == 0 {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            'put: loop {
+                for p in &procs {
+                    let req = PutRequest {
+                        key: Bytes::from("kept"),
+                        value: Bytes::from("across restarts"),
+                        ..Default::default()
+                    };
+                    if kv(&p.client).await.put(req).await.is_ok() {
+                        break 'put;
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster never accepted a write"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match get(&procs[round].client, "kept").await {
+                Ok(v) => {
+                    assert_eq!(v, Some(Bytes::from("across restarts")));
+                    break;
+                }
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "the cluster did not come up");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(parent.id() as libc::pid_t, libc::SIGINT) };
+        let status = parent.wait().unwrap();
+        assert!(
+            status.success(),
+            "the cluster did not stop cleanly: {status}"
+        );
+    }
+}
