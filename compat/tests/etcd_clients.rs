@@ -1,0 +1,192 @@
+//! raftkv through clients we did not write. `RAFTKV_BIN` names the raftkv binary to test.
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct LocalCluster {
+    parent: Child,
+    endpoints: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child; it stops its members and exits.
+        unsafe { libc::kill(self.parent.id() as libc::pid_t, libc::SIGINT) };
+        let _ = self.parent.wait();
+    }
+}
+
+fn free_base_port() -> u16 {
+    loop {
+        let b = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let free = (0..3).all(|i| {
+            (0..2).all(|p| std::net::TcpListener::bind(("127.0.0.1", b + 10 * i + p)).is_ok())
+        });
+        if b < 60_000 && free {
+            return b;
+        }
+    }
+}
+
+async fn start() -> LocalCluster {
+    let bin =
+        std::env::var("RAFTKV_BIN").expect("set RAFTKV_BIN to the raftkv binary (see .ci/run)");
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base_port();
+    let parent = Command::new(bin)
+        .args(["cluster", "--base-port", &base.to_string(), "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start raftkv cluster");
+    let endpoints = (0..3)
+        .map(|i| format!("127.0.0.1:{}", base + 10 * i))
+        .collect();
+    let c = LocalCluster {
+        parent,
+        endpoints,
+        _dir: dir,
+    };
+    // Ready when a write goes through.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut client) = Client::connect(&c.endpoints, None).await {
+            if client.put("ready", "yes", None).await.is_ok() {
+                return c;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_etcd_client_crate_works_unchanged() {
+    let c = start().await;
+    let mut client = Client::connect(&c.endpoints, None).await.unwrap();
+    client.put("app/a", "1", None).await.unwrap();
+    client.put("app/b", "2", None).await.unwrap();
+    client.put("other", "x", None).await.unwrap();
+    let resp = client.get("app/a", None).await.unwrap();
+    assert_eq!(resp.kvs()[0].value_str().unwrap(), "1");
+    let all = client
+        .get("app/", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    assert_eq!(all.count(), 2);
+    let first_rev = resp.header().unwrap().revision();
+    // A compare-and-swap transaction, both ways.
+    let cas = |expect: &'static str, new: &'static str| {
+        Txn::new()
+            .when([Compare::value("app/a", CompareOp::Equal, expect)])
+            .and_then([TxnOp::put("app/a", new, None)])
+            .or_else([TxnOp::get("app/a", None)])
+    };
+    assert!(client.txn(cas("1", "10")).await.unwrap().succeeded());
+    assert!(!client.txn(cas("1", "11")).await.unwrap().succeeded());
+    assert_eq!(
+        client.get("app/a", None).await.unwrap().kvs()[0]
+            .value_str()
+            .unwrap(),
+        "10"
+    );
+    let del = client.delete("other", None).await.unwrap();
+    assert_eq!(del.deleted(), 1);
+    // Compaction: reading below it is refused with etcd's error.
+    let now = client
+        .get("app/a", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    client.compact(now, None).await.unwrap();
+    let old = client
+        .get("app/a", Some(GetOptions::new().with_revision(first_rev)))
+        .await;
+    let err = old
+        .expect_err("a compacted revision must be refused")
+        .to_string();
+    assert!(
+        err.contains("required revision has been compacted"),
+        "{err}"
+    );
+    // Maintenance and cluster calls.
+    let status = client.status().await.unwrap();
+    assert_ne!(status.leader(), 0);
+    assert!(status.raft_index() >= 6);
+    let members = client.member_list().await.unwrap();
+    assert_eq!(members.members().len(), 3);
+}
+
+fn etcdctl(endpoints: &str, args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write;
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.unwrap_or("").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_works_unchanged() {
+    let c = start().await;
+    let e = c.endpoints.join(",");
+    tokio::task::spawn_blocking({
+        move || {
+            let e = e.as_str();
+            assert_eq!(etcdctl(e, &["put", "greeting", "hello"], None).trim(), "OK");
+            assert_eq!(
+                etcdctl(e, &["get", "greeting", "--print-value-only"], None).trim(),
+                "hello"
+            );
+            let txn =
+                "value(\"greeting\") = \"hello\"\n\nput greeting bye\n\nput greeting never\n\n";
+            assert!(etcdctl(e, &["txn"], Some(txn)).starts_with("SUCCESS"));
+            assert_eq!(
+                etcdctl(e, &["get", "greeting", "--print-value-only"], None).trim(),
+                "bye"
+            );
+            assert_eq!(etcdctl(e, &["del", "greeting"], None).trim(), "1");
+            let status = etcdctl(e, &["endpoint", "status", "-w", "table"], None);
+            assert_eq!(status.matches("| 127.0.0.1:").count(), 3, "{status}");
+            assert_eq!(
+                status.matches("true").count(),
+                1,
+                "exactly one leader: {status}"
+            );
+            let members = etcdctl(e, &["member", "list"], None);
+            assert_eq!(members.lines().count(), 3, "{members}");
+        }
+    })
+    .await
+    .unwrap();
+}
