@@ -35,6 +35,44 @@ enum Cmd {
     /// Run a local cluster of child processes on loopback; Ctrl-C stops it, and running it
     /// again brings it back with its data.
     Cluster(ClusterArgs),
+    /// Write a key.
+    Put {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Read a key, or every key with a prefix.
+    Get {
+        key: String,
+        #[arg(long)]
+        prefix: bool,
+        /// Serve from the member's local state (may be stale) instead of a linearizable read.
+        #[arg(long)]
+        serializable: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Delete a key, or every key with a prefix.
+    Del {
+        key: String,
+        #[arg(long)]
+        prefix: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Show each endpoint's member id, leader, term and indexes.
+    Status {
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+}
+
+#[derive(Parser, Debug)]
+struct ClientArgs {
+    /// Comma-separated host:port (or http://host:port) client endpoints; tried in order.
+    #[arg(long, default_value = "127.0.0.1:2379,127.0.0.1:2389,127.0.0.1:2399")]
+    endpoints: String,
 }
 
 #[derive(Parser, Debug)]
@@ -327,6 +365,8 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     Ok(())
 }
 
+mod client;
+
 fn main() {
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().expect("start the tokio runtime");
@@ -334,6 +374,15 @@ fn main() {
         match cli.cmd {
             Cmd::Serve(a) => serve(a).await,
             Cmd::Cluster(a) => cluster(a).await,
+            Cmd::Put { key, value, c } => client::put(&c.endpoints, key, value).await,
+            Cmd::Get {
+                key,
+                prefix,
+                serializable,
+                c,
+            } => client::get(&c.endpoints, key, prefix, serializable).await,
+            Cmd::Del { key, prefix, c } => client::del(&c.endpoints, key, prefix).await,
+            Cmd::Status { c } => client::status(&c.endpoints).await,
         }
     });
     if let Err(e) = result {

@@ -349,6 +349,34 @@ async fn the_cluster_command_runs_a_local_cluster_that_keeps_its_data() {
                 }
             }
         }
+        if round == 1 {
+            // The command-line client against the running cluster.
+            let endpoints = procs
+                .iter()
+                .map(|p| p.client.clone())
+                .collect::<Vec<_>>()
+                .join(",");
+            let cli = |args: &[&str]| {
+                let out = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+                    .args(args)
+                    .arg(format!("--endpoints={endpoints}"))
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            assert!(cli(&["put", "cli/a", "1"]).starts_with("OK"));
+            assert!(cli(&["put", "cli/b", "2"]).starts_with("OK"));
+            assert_eq!(cli(&["get", "cli/", "--prefix"]), "cli/a\n1\ncli/b\n2\n");
+            assert_eq!(cli(&["del", "cli/", "--prefix"]).trim(), "2");
+            assert_eq!(cli(&["get", "cli/a"]), "");
+            let status = cli(&["status"]);
+            assert_eq!(status.lines().count(), 4, "{status}");
+        }
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(parent.id() as libc::pid_t, libc::SIGINT) };
         let status = parent.wait().unwrap();

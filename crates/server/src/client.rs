@@ -1,0 +1,156 @@
+//! `raftkv put/get/del/status`: a small command-line client over the etcd v3 API. Each
+//! request goes to the first endpoint that answers.
+
+use bytes::Bytes;
+use server::pb::etcdserverpb::{
+    kv_client::KvClient, maintenance_client::MaintenanceClient, DeleteRangeRequest, PutRequest,
+    RangeRequest, StatusRequest,
+};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+fn urls(endpoints: &str) -> Vec<String> {
+    endpoints
+        .split(',')
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            if e.starts_with("http://") {
+                e.to_string()
+            } else {
+                format!("http://{e}")
+            }
+        })
+        .collect()
+}
+
+async fn channel(url: &str) -> Result<Channel, String> {
+    Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("{url}: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| format!("{url}: {e}"))
+}
+
+/// Run `f` against each endpoint in turn until one answers.
+async fn first<T, F, Fut>(endpoints: &str, f: F) -> Result<T, String>
+where
+    F: Fn(Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut last = String::from("no endpoints given");
+    for url in urls(endpoints) {
+        match channel(&url).await {
+            Ok(ch) => match f(ch).await {
+                Ok(v) => return Ok(v),
+                Err(s) => last = format!("{url}: {}", s.message()),
+            },
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+fn range_end(key: &str, prefix: bool) -> Bytes {
+    if prefix {
+        kv::prefix_end(key.as_bytes())
+    } else {
+        Bytes::new()
+    }
+}
+
+pub async fn put(endpoints: &str, key: String, value: String) -> Result<(), String> {
+    let req = PutRequest {
+        key: key.into(),
+        value: value.into(),
+        ..Default::default()
+    };
+    let resp = first(endpoints, |ch| {
+        let req = req.clone();
+        async move { KvClient::new(ch).put(req).await }
+    })
+    .await?;
+    let rev = resp.into_inner().header.map_or(0, |h| h.revision);
+    println!("OK (revision {rev})");
+    Ok(())
+}
+
+pub async fn get(
+    endpoints: &str,
+    key: String,
+    prefix: bool,
+    serializable: bool,
+) -> Result<(), String> {
+    let req = RangeRequest {
+        range_end: range_end(&key, prefix),
+        key: key.into(),
+        serializable,
+        ..Default::default()
+    };
+    let resp = first(endpoints, |ch| {
+        let req = req.clone();
+        async move { KvClient::new(ch).range(req).await }
+    })
+    .await?
+    .into_inner();
+    for kv in resp.kvs {
+        println!("{}", String::from_utf8_lossy(&kv.key));
+        println!("{}", String::from_utf8_lossy(&kv.value));
+    }
+    Ok(())
+}
+
+pub async fn del(endpoints: &str, key: String, prefix: bool) -> Result<(), String> {
+    let req = DeleteRangeRequest {
+        range_end: range_end(&key, prefix),
+        key: key.into(),
+        ..Default::default()
+    };
+    let resp = first(endpoints, |ch| {
+        let req = req.clone();
+        async move { KvClient::new(ch).delete_range(req).await }
+    })
+    .await?;
+    println!("{}", resp.into_inner().deleted);
+    Ok(())
+}
+
+pub async fn status(endpoints: &str) -> Result<(), String> {
+    println!(
+        "{:<24} {:>16} {:>16} {:>6} {:>10} {:>10} {:>10}",
+        "ENDPOINT", "MEMBER", "LEADER", "TERM", "INDEX", "APPLIED", "DB SIZE"
+    );
+    let mut reached = 0;
+    for url in urls(endpoints) {
+        let result = match channel(&url).await {
+            Ok(ch) => MaintenanceClient::new(ch)
+                .status(StatusRequest {})
+                .await
+                .map_err(|s| s.message().to_string()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(s) => {
+                let s = s.into_inner();
+                let member = s.header.map_or(0, |h| h.member_id);
+                println!(
+                    "{:<24} {:>16x} {:>16x} {:>6} {:>10} {:>10} {:>10}",
+                    url,
+                    member,
+                    s.leader,
+                    s.raft_term,
+                    s.raft_index,
+                    s.raft_applied_index,
+                    s.db_size
+                );
+                reached += 1;
+            }
+            Err(e) => println!("{url:<24} unreachable: {e}"),
+        }
+    }
+    if reached == 0 {
+        return Err("no endpoint answered".into());
+    }
+    Ok(())
+}
