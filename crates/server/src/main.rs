@@ -66,6 +66,8 @@ enum Cmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Load generator over the etcd API (works against etcd too): ops/s and latency.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Parser, Debug)]
@@ -365,6 +367,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     Ok(())
 }
 
+mod bench;
 mod client;
 
 fn main() {
@@ -383,6 +386,7 @@ fn main() {
             } => client::get(&c.endpoints, key, prefix, serializable).await,
             Cmd::Del { key, prefix, c } => client::del(&c.endpoints, key, prefix).await,
             Cmd::Status { c } => client::status(&c.endpoints).await,
+            Cmd::Bench(a) => bench::run(a).await,
         }
     });
     if let Err(e) = result {

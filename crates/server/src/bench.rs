@@ -1,0 +1,186 @@
+//! `raftkv bench`: N clients over C connections issue puts or range reads as fast as they
+//! are answered, then report throughput and latency percentiles. It speaks only the etcd v3
+//! API, so the same command measures etcd and raftkv alike.
+
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use server::pb::etcdserverpb::{kv_client::KvClient, PutRequest, RangeRequest};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Op {
+    Put,
+    Get,
+}
+
+#[derive(Parser, Debug)]
+pub struct BenchArgs {
+    #[arg(value_enum, default_value = "put")]
+    op: Op,
+    /// Comma-separated host:port client endpoints; connections are spread over them.
+    #[arg(long, default_value = "127.0.0.1:2379,127.0.0.1:2389,127.0.0.1:2399")]
+    endpoints: String,
+    /// Concurrent clients (each has one request outstanding at a time).
+    #[arg(long, default_value_t = 256)]
+    clients: usize,
+    /// gRPC connections the clients share.
+    #[arg(long, default_value_t = 16)]
+    conns: usize,
+    /// Requests in all.
+    #[arg(long, default_value_t = 100_000)]
+    total: u64,
+    #[arg(long, default_value_t = 8)]
+    key_size: usize,
+    #[arg(long, default_value_t = 256)]
+    val_size: usize,
+    /// Distinct keys written or read.
+    #[arg(long, default_value_t = 100_000)]
+    key_space: u64,
+    /// Gets are linearizable unless this is set.
+    #[arg(long)]
+    serializable: bool,
+    /// Hide the progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn key(i: u64, size: usize) -> Bytes {
+    let mut k = format!("{i:0width$}", width = size).into_bytes();
+    k.truncate(size.max(1));
+    k.into()
+}
+
+pub async fn run(a: BenchArgs) -> Result<(), String> {
+    if a.clients == 0 || a.conns == 0 || a.total == 0 {
+        return Err("--clients, --conns and --total must be positive".into());
+    }
+    let urls: Vec<String> = a
+        .endpoints
+        .split(',')
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            if e.starts_with("http://") {
+                e.to_string()
+            } else {
+                format!("http://{e}")
+            }
+        })
+        .collect();
+    let mut channels = Vec::new();
+    for i in 0..a.conns {
+        let url = &urls[i % urls.len()];
+        let ch = Endpoint::from_shared(url.clone())
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        channels.push(ch);
+    }
+    if let Op::Get = a.op {
+        // Reads need something to read.
+        let mut c = KvClient::new(channels[0].clone());
+        for i in 0..a.key_space.min(1_000) {
+            let req = PutRequest {
+                key: key(i, a.key_size),
+                value: vec![b'v'; a.val_size].into(),
+                ..Default::default()
+            };
+            c.put(req).await.map_err(|s| s.message().to_string())?;
+        }
+    }
+    let issued = Arc::new(AtomicU64::new(0));
+    let bar = if a.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(a.total)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let value: Bytes = vec![b'v'; a.val_size].into();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..a.clients {
+        let ch: Channel = channels[c % channels.len()].clone();
+        let (issued, bar, value) = (issued.clone(), bar.clone(), value.clone());
+        let (op, total, key_size, key_space, serializable) =
+            (a.op, a.total, a.key_size, a.key_space, a.serializable);
+        let get_space = key_space.min(1_000);
+        tasks.push(tokio::spawn(async move {
+            let mut client = KvClient::new(ch);
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let mut errors = 0u64;
+            loop {
+                let n = issued.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    break;
+                }
+                let t = Instant::now();
+                let ok = match op {
+                    Op::Put => {
+                        let req = PutRequest {
+                            key: key(n % key_space, key_size),
+                            value: value.clone(),
+                            ..Default::default()
+                        };
+                        client.put(req).await.is_ok()
+                    }
+                    Op::Get => {
+                        let req = RangeRequest {
+                            key: key(n % get_space, key_size),
+                            serializable,
+                            ..Default::default()
+                        };
+                        client.range(req).await.is_ok()
+                    }
+                };
+                if ok {
+                    let _ = hist.record(t.elapsed().as_micros().max(1) as u64);
+                } else {
+                    errors += 1;
+                }
+                bar.inc(1);
+            }
+            (hist, errors)
+        }));
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut errors = 0;
+    for t in tasks {
+        let (h, e) = t.await.map_err(|e| e.to_string())?;
+        hist.add(h).map_err(|e| e.to_string())?;
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "{:?}: {} requests, {} clients, {} connections, {} s",
+        a.op,
+        a.total,
+        a.clients,
+        a.conns,
+        format_args!("{secs:.2}")
+    );
+    println!(
+        "  {:.0} ops/s   p50 {:.2} ms   p99 {:.2} ms   p99.9 {:.2} ms   errors {errors}",
+        hist.len() as f64 / secs,
+        ms(0.50),
+        ms(0.99),
+        ms(0.999)
+    );
+    // One line for scripts.
+    println!(
+        "RESULT ops_per_sec={:.0} p50_ms={:.3} p99_ms={:.3} p999_ms={:.3} errors={errors}",
+        hist.len() as f64 / secs,
+        ms(0.50),
+        ms(0.99),
+        ms(0.999)
+    );
+    Ok(())
+}
