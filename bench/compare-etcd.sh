@@ -73,6 +73,6 @@ printf '| %-30s | %12s | %12s | %7s | %14s | %14s |\n' workload "etcd ops/s" "ra
 printf '|%s|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..32})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..9})" "$(printf -- '-%.0s' {1..16})" "$(printf -- '-%.0s' {1..16})"
 for label in "put, 256 clients" "put, 1 client" "linearizable get, 64 clients"; do
   e=$(field "etcd,$label" ops_per_sec); r=$(field "raftkv,$label" ops_per_sec)
-  printf '| %-30s | %12s | %12s | %6.2fx | %6s/%-7s | %6s/%-7s |\n' "$label" "$e" "$r" "$(echo "$r / $e" | bc -l)" \
+  printf '| %-30s | %12s | %12s | %6.2fx | %6s/%-7s | %6s/%-7s |\n' "$label" "$e" "$r" "$(awk -v r="$r" -v e="$e" 'BEGIN { print r / e }')" \
     "$(field "etcd,$label" p50_ms)" "$(field "raftkv,$label" p50_ms)" "$(field "etcd,$label" p99_ms)" "$(field "raftkv,$label" p99_ms)"
 done
