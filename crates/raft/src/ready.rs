@@ -32,12 +32,22 @@ pub struct Ready {
     pub persisted_messages: Vec<Message>,
     pub committed_entries: Vec<Entry>,
     pub read_states: Vec<ReadState>,
+    /// The hard state's term or vote changed (not only its commit index).
+    term_or_vote_changed: bool,
 }
 
 impl Ready {
     /// Whether anything must be written before `persisted_messages` may leave.
     pub fn must_persist(&self) -> bool {
         self.hard_state.is_some() || !self.entries.is_empty() || self.snapshot.is_some()
+    }
+
+    /// Whether the write must reach stable storage (fsync) before `persisted_messages`
+    /// leave: entries, a snapshot, or a new term or vote. A hard state whose only change is
+    /// the commit index may be written lazily — a restarted node learns the commit index
+    /// again from the leader — which saves a second fsync per committed batch.
+    pub fn must_sync(&self) -> bool {
+        !self.entries.is_empty() || self.snapshot.is_some() || self.term_or_vote_changed
     }
 
     /// The (index, term) to pass to [`Raft::advance_persisted`] once `entries` are durable.
@@ -89,6 +99,8 @@ impl Raft {
             persisted_messages: std::mem::take(&mut self.msgs_after_persist),
             committed_entries: self.log.take_committed(self.cfg.max_apply_bytes),
             read_states: std::mem::take(&mut self.read_states),
+            term_or_vote_changed: (hard.term, hard.vote)
+                != (self.prev_hard_state.term, self.prev_hard_state.vote),
         };
         self.prev_soft_state = soft;
         self.prev_hard_state = hard;
@@ -139,5 +151,26 @@ impl Raft {
         if let Some(index) = rd.applied_to() {
             self.advance_applied(index);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Config, Raft, RestoreState};
+
+    #[test]
+    fn only_entries_snapshots_terms_and_votes_need_an_fsync() {
+        let mut r = Raft::new(Config::new(1, vec![1]), RestoreState::default()).unwrap();
+        r.campaign();
+        let rd = r.ready(); // new term, own vote, the no-op entry
+        assert!(rd.must_sync());
+        r.advance(&rd);
+        // The no-op committed: the only change is the commit index.
+        let rd = r.ready();
+        assert!(rd.hard_state.is_some() && rd.entries.is_empty());
+        assert!(rd.must_persist() && !rd.must_sync());
+        r.advance(&rd);
+        r.propose(b"x"[..].into()).unwrap();
+        assert!(r.ready().must_sync(), "new entries must be synced");
     }
 }

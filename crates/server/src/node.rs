@@ -354,6 +354,7 @@ impl Runtime {
                         snapshot: rd.snapshot.clone(),
                         hard_state: rd.hard_state,
                         entries: rd.entries.clone(),
+                        lazy: !rd.must_sync(),
                         ..Default::default()
                     },
                     rd.persist_to(),

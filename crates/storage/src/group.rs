@@ -21,6 +21,9 @@ pub struct Batch {
     pub entries: Vec<Entry>,
     /// The application compacted its log with this snapshot (after the rest is written).
     pub compact: Option<Snapshot>,
+    /// Written lazily: no fsync on this batch's account (a commit-index-only hard state).
+    /// It becomes durable with the next batch that does sync.
+    pub lazy: bool,
     /// Called on the storage thread once the batch is durable (or failed).
     pub on_durable: Option<OnDurable>,
 }
@@ -131,7 +134,7 @@ fn run(mut storage: Storage, rx: mpsc::Receiver<(u64, Batch)>, shared: Arc<Share
         let result = write_group(&mut storage, &group);
         let mut s = shared.state.lock().unwrap();
         s.stats.batches += group.len() as u64;
-        s.stats.syncs += 1;
+        s.stats.syncs += u64::from(!group.iter().all(|(_, b)| b.lazy));
         match &result {
             Ok(()) => {
                 s.durable_ticket = group.last().unwrap().0;
@@ -163,6 +166,9 @@ fn write_group(storage: &mut Storage, group: &[(u64, Batch)]) -> Result<()> {
         if let Some(s) = &b.compact {
             storage.compact(s)?;
         }
+    }
+    if group.iter().all(|(_, b)| b.lazy) {
+        return Ok(());
     }
     storage.sync()
 }
