@@ -58,18 +58,10 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
     if a.clients == 0 || a.conns == 0 || a.total == 0 {
         return Err("--clients, --conns and --total must be positive".into());
     }
-    let urls: Vec<String> = a
-        .endpoints
-        .split(',')
-        .filter(|e| !e.is_empty())
-        .map(|e| {
-            if e.starts_with("http://") {
-                e.to_string()
-            } else {
-                format!("http://{e}")
-            }
-        })
-        .collect();
+    let urls = crate::client::urls(&a.endpoints);
+    if urls.is_empty() {
+        return Err("--endpoints is empty".into());
+    }
     let mut channels = Vec::new();
     for i in 0..a.conns {
         let url = &urls[i % urls.len()];

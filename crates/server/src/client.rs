@@ -9,7 +9,8 @@ use server::pb::etcdserverpb::{
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
-fn urls(endpoints: &str) -> Vec<String> {
+/// `host:port` or `http://host:port`, comma separated, as URLs.
+pub fn urls(endpoints: &str) -> Vec<String> {
     endpoints
         .split(',')
         .filter(|e| !e.is_empty())
