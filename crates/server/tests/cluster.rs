@@ -376,6 +376,20 @@ async fn the_cluster_command_runs_a_local_cluster_that_keeps_its_data() {
             assert_eq!(cli(&["get", "cli/a"]), "");
             let status = cli(&["status"]);
             assert_eq!(status.lines().count(), 4, "{status}");
+            for op in ["put", "get"] {
+                let out = cli(&[
+                    "bench",
+                    op,
+                    "--clients=8",
+                    "--conns=2",
+                    "--total=200",
+                    "--quiet",
+                ]);
+                assert!(
+                    out.contains("RESULT ops_per_sec=") && out.contains("errors=0"),
+                    "{out}"
+                );
+            }
         }
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(parent.id() as libc::pid_t, libc::SIGINT) };
