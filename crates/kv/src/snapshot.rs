@@ -11,7 +11,7 @@
 //! length and invariant, and never panics on bad bytes.
 
 use crate::error::{Error, Result};
-use crate::store::{Store, Version};
+use crate::store::{cost, Store, Version};
 use crate::types::KeyValue;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -92,6 +92,7 @@ impl Store {
             if history.is_empty() {
                 return Err(Error::BadSnapshot("key without history"));
             }
+            store.size += history.iter().map(|v| cost(&key, v)).sum::<u64>();
             store.keys.insert(key.clone(), history);
             prev_key = Some(key);
         }

@@ -27,6 +27,14 @@ pub struct Store {
     pub(crate) keys: BTreeMap<Bytes, Vec<Version>>,
     pub(crate) revision: Revision,
     pub(crate) compact_revision: Revision,
+    /// Bytes of keys and values across all retained versions, kept up to date as versions
+    /// come and go (a restored store recounts, so equality checks the bookkeeping).
+    pub(crate) size: u64,
+}
+
+/// What one version of a key costs in [`Store::size_bytes`].
+pub(crate) fn cost(key: &[u8], v: &Version) -> u64 {
+    (key.len() + v.kv.as_ref().map_or(0, |kv| kv.value.len())) as u64
 }
 
 /// A request applied through the log.
@@ -95,19 +103,9 @@ impl Store {
     }
 
     /// Bytes of keys and values held, across all retained versions (what etcd reports as
-    /// its database size, roughly). Walks the store: for status calls, not hot paths.
+    /// its database size, roughly).
     pub fn size_bytes(&self) -> u64 {
-        self.keys
-            .iter()
-            .map(|(k, h)| {
-                let values: usize = h
-                    .iter()
-                    .filter_map(|v| v.kv.as_ref())
-                    .map(|kv| kv.value.len())
-                    .sum();
-                (k.len() * h.len() + values) as u64
-            })
-            .sum()
+        self.size
     }
 
     /// Apply one request. Reads change nothing; a failed request changes nothing.
@@ -287,7 +285,9 @@ impl Store {
         let history = self.keys.entry(key.clone()).or_default();
         // `check_txn` guarantees one write per key per transaction.
         debug_assert!(history.last().is_none_or(|v| v.rev < txn.rev));
-        history.push(Version { rev: txn.rev, kv });
+        let version = Version { rev: txn.rev, kv };
+        self.size += cost(&key, &version);
+        history.push(version);
         txn.undo.push(key);
         txn.wrote = true;
     }
@@ -295,7 +295,9 @@ impl Store {
     fn undo(&mut self, keys: Vec<Bytes>) {
         for key in keys.into_iter().rev() {
             let history = self.keys.get_mut(&key).expect("undo of a written key");
-            history.pop();
+            if let Some(v) = history.pop() {
+                self.size -= cost(&key, &v);
+            }
             if history.is_empty() {
                 self.keys.remove(&key);
             }
@@ -324,15 +326,20 @@ impl Store {
         if rev > self.revision {
             return Err(Error::FutureRevision);
         }
-        self.keys.retain(|_, history| {
+        let mut freed = 0;
+        self.keys.retain(|key, history| {
             // Keep the version in force at `rev` (unless it is a tombstone) and later ones.
             let keep_from = history.partition_point(|v| v.rev <= rev).saturating_sub(1);
-            history.drain(..keep_from);
+            freed += history
+                .drain(..keep_from)
+                .map(|v| cost(key, &v))
+                .sum::<u64>();
             if history[0].rev <= rev && history[0].kv.is_none() {
-                history.remove(0);
+                freed += cost(key, &history.remove(0));
             }
             !history.is_empty()
         });
+        self.size -= freed;
         self.compact_revision = rev;
         Ok(())
     }
