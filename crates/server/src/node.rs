@@ -346,18 +346,20 @@ impl Runtime {
                 }
                 self.last_snapshot = s.meta.index;
             }
-            // 3. Persist; votes and acknowledgements go out once durable.
-            let must_persist = rd.must_persist();
-            if must_persist || (!rd.persisted_messages.is_empty() && self.in_flight > 0) {
+            // 3. Persist; votes and acknowledgements go out once durable. The batch takes
+            // the entries and snapshot: nothing below needs them.
+            let snapshot_index = rd.snapshot.as_ref().map(|s| s.meta.index);
+            if rd.must_persist() || (!rd.persisted_messages.is_empty() && self.in_flight > 0) {
+                let (lazy, persist_to) = (!rd.must_sync(), rd.persist_to());
                 self.submit(
                     Batch {
-                        snapshot: rd.snapshot.clone(),
+                        snapshot: rd.snapshot.take(),
                         hard_state: rd.hard_state,
-                        entries: rd.entries.clone(),
-                        lazy: !rd.must_sync(),
+                        entries: std::mem::take(&mut rd.entries),
+                        lazy,
                         ..Default::default()
                     },
-                    rd.persist_to(),
+                    persist_to,
                     std::mem::take(&mut rd.persisted_messages),
                 );
             } else {
@@ -366,8 +368,8 @@ impl Runtime {
                     .send(std::mem::take(&mut rd.persisted_messages));
             }
             // 4. Apply.
-            if let Some(s) = &rd.snapshot {
-                self.raft.advance_applied(s.meta.index);
+            if let Some(index) = snapshot_index {
+                self.raft.advance_applied(index);
             }
             for e in &rd.committed_entries {
                 self.apply(e);
