@@ -93,6 +93,29 @@ impl Services {
         Some(client)
     }
 
+    /// Propose a write here; if this member is not the leader, forward the request to the
+    /// leader and relay its answer.
+    async fn write_or_forward<R, Fut>(
+        &self,
+        w: Write,
+        answer: impl FnOnce(kv::Response, &pb::ResponseHeader) -> Option<R>,
+        forward: impl FnOnce(KvClient<Channel>) -> Fut,
+    ) -> Result<Response<R>, Status>
+    where
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        match self.write(w).await {
+            Ok((resp, header)) => answer(resp, &header)
+                .map(Response::new)
+                .ok_or_else(|| Status::internal("the store answered a different request")),
+            Err(e) if Self::is_not_leader(&e) => match self.leader_client().await {
+                Some(client) => forward(client).await,
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
     fn is_not_leader(s: &Status) -> bool {
         s.code() == tonic::Code::Unavailable && s.message() == "etcdserver: not leader"
     }
@@ -125,17 +148,14 @@ impl kv_server::Kv for Services {
         let p = req.into_inner();
         too_large(&p)?;
         api::put_request(&p)?;
-        match self.write(Write::Put(p.clone())).await {
-            Ok((kv::Response::Put(resp), header)) => {
-                Ok(Response::new(api::put_response(resp, &header)))
-            }
-            Ok(_) => Err(Status::internal("a put answered with something else")),
-            Err(e) if Self::is_not_leader(&e) => match self.leader_client().await {
-                Some(mut c) => c.put(p).await,
-                None => Err(e),
-            },
-            Err(e) => Err(e),
-        }
+        let answer = |r, h: &_| match r {
+            kv::Response::Put(r) => Some(api::put_response(r, h)),
+            _ => None,
+        };
+        self.write_or_forward(Write::Put(p.clone()), answer, |mut c| async move {
+            c.put(p).await
+        })
+        .await
     }
 
     async fn delete_range(
@@ -145,34 +165,27 @@ impl kv_server::Kv for Services {
         let d = req.into_inner();
         too_large(&d)?;
         api::delete_request(&d)?;
-        match self.write(Write::DeleteRange(d.clone())).await {
-            Ok((kv::Response::DeleteRange(resp), header)) => {
-                Ok(Response::new(api::delete_response(resp, &header)))
-            }
-            Ok(_) => Err(Status::internal("a delete answered with something else")),
-            Err(e) if Self::is_not_leader(&e) => match self.leader_client().await {
-                Some(mut c) => c.delete_range(d).await,
-                None => Err(e),
-            },
-            Err(e) => Err(e),
-        }
+        let answer = |r, h: &_| match r {
+            kv::Response::DeleteRange(r) => Some(api::delete_response(r, h)),
+            _ => None,
+        };
+        let write = Write::DeleteRange(d.clone());
+        let forward = |mut c: KvClient<Channel>| async move { c.delete_range(d).await };
+        self.write_or_forward(write, answer, forward).await
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
         let t = req.into_inner();
         too_large(&t)?;
         api::txn_request(&t)?;
-        match self.write(Write::Txn(t.clone())).await {
-            Ok((kv::Response::Txn(resp), header)) => {
-                Ok(Response::new(api::txn_response(resp, &header)))
-            }
-            Ok(_) => Err(Status::internal("a txn answered with something else")),
-            Err(e) if Self::is_not_leader(&e) => match self.leader_client().await {
-                Some(mut c) => c.txn(t).await,
-                None => Err(e),
-            },
-            Err(e) => Err(e),
-        }
+        let answer = |r, h: &_| match r {
+            kv::Response::Txn(r) => Some(api::txn_response(r, h)),
+            _ => None,
+        };
+        self.write_or_forward(Write::Txn(t.clone()), answer, |mut c| async move {
+            c.txn(t).await
+        })
+        .await
     }
 
     async fn compact(
@@ -180,16 +193,10 @@ impl kv_server::Kv for Services {
         req: Request<pb::CompactionRequest>,
     ) -> Result<Response<pb::CompactionResponse>, Status> {
         let c = req.into_inner();
-        match self.write(Write::Compact(c)).await {
-            Ok((_, header)) => Ok(Response::new(pb::CompactionResponse {
-                header: Some(header),
-            })),
-            Err(e) if Self::is_not_leader(&e) => match self.leader_client().await {
-                Some(mut client) => client.compact(c).await,
-                None => Err(e),
-            },
-            Err(e) => Err(e),
-        }
+        let answer = |_, h: &pb::ResponseHeader| Some(pb::CompactionResponse { header: Some(*h) });
+        let forward = |mut client: KvClient<Channel>| async move { client.compact(c).await };
+        self.write_or_forward(Write::Compact(c), answer, forward)
+            .await
     }
 }
 
