@@ -4,13 +4,19 @@
 # speaks only the etcd API) with the same settings. Both fsync every write (etcd always
 # does; raftkv's group commit syncs before answering). Prints a table with the ratios.
 #
-#   bench/compare-etcd.sh            # defaults: 20,000 requests per run
-#   TOTAL=100000 bench/compare-etcd.sh
+# Each workload runs RUNS times (alternating systems, so a noisy spell on the shared machine
+# hits both) and the table shows medians: ops/s, p50 and p99 each the median of its runs.
+#
+#   bench/compare-etcd.sh                    # defaults: RUNS=3, 20,000 requests per run
+#   TOTAL=100000 RUNS=5 bench/compare-etcd.sh
+#   SYSTEMS=raftkv bench/compare-etcd.sh     # only one side (while tuning)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOTAL=${TOTAL:-20000}
+RUNS=${RUNS:-3}
+SYSTEMS=${SYSTEMS:-"etcd raftkv"}
 
-if ! command -v etcd >/dev/null 2>&1; then
+if [[ $SYSTEMS == *etcd* ]] && ! command -v etcd >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server
@@ -49,30 +55,52 @@ start() { # $1: etcd | raftkv
 
 stop() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); }
 
-declare -A R
-run() { # $1 system, $2 label, rest: bench args
-  local sys=$1 label=$2; shift 2
+declare -A R # "system,label" -> one RESULT line per run
+WORKLOADS=("put, 256 clients" "put, 1 client" "linearizable get, 64 clients")
+args_of() {
+  case $1 in
+    "put, 256 clients") echo put --clients 256 --conns 16 ;;
+    "put, 1 client") echo put --clients 1 --conns 1 ;;
+    "linearizable get, 64 clients") echo get --clients 64 --conns 16 ;;
+  esac
+}
+run() { # $1 system, $2 label
   local line
-  line=$("$RAFTKV" bench "$@" --endpoints "$ENDPOINTS" --total "$TOTAL" --quiet | grep '^RESULT')
-  R[$sys,$label]=$line
-  echo "$sys $label: ${line#RESULT }"
+  # shellcheck disable=SC2046
+  line=$("$RAFTKV" bench $(args_of "$2") --endpoints "$ENDPOINTS" --total "$TOTAL" --quiet | grep '^RESULT')
+  R[$1,$2]+="$line"$'\n'
+  echo "$1 $2: ${line#RESULT }"
 }
 
-field() { sed -E "s/.*$2=([0-9.]+).*/\1/" <<<"${R[$1]}"; }
+# The median of field $2 over the runs of "$1".
+median() {
+  sed -nE "s/.*$2=([0-9.]+).*/\1/p" <<<"${R[$1]}" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 
-for sys in etcd raftkv; do
-  start "$sys"
-  run "$sys" "put, 256 clients" put --clients 256 --conns 16
-  run "$sys" "put, 1 client" put --clients 1 --conns 1
-  run "$sys" "linearizable get, 64 clients" get --clients 64 --conns 16
-  stop
+for round in $(seq "$RUNS"); do
+  for sys in $SYSTEMS; do
+    echo "== $sys, round $round of $RUNS"
+    start "$sys"
+    for label in "${WORKLOADS[@]}"; do run "$sys" "$label"; done
+    stop
+  done
 done
 
 echo
-printf '| %-30s | %12s | %12s | %7s | %14s | %14s |\n' workload "etcd ops/s" "raftkv ops/s" ratio "p50 etcd/rkv" "p99 etcd/rkv"
-printf '|%s|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..32})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..9})" "$(printf -- '-%.0s' {1..16})" "$(printf -- '-%.0s' {1..16})"
-for label in "put, 256 clients" "put, 1 client" "linearizable get, 64 clients"; do
-  e=$(field "etcd,$label" ops_per_sec); r=$(field "raftkv,$label" ops_per_sec)
-  printf '| %-30s | %12s | %12s | %6.2fx | %6s/%-7s | %6s/%-7s |\n' "$label" "$e" "$r" "$(awk -v r="$r" -v e="$e" 'BEGIN { print r / e }')" \
-    "$(field "etcd,$label" p50_ms)" "$(field "raftkv,$label" p50_ms)" "$(field "etcd,$label" p99_ms)" "$(field "raftkv,$label" p99_ms)"
+echo "medians of $RUNS runs of $TOTAL requests each"
+if [[ $SYSTEMS != *etcd* || $SYSTEMS != *raftkv* ]]; then
+  for sys in $SYSTEMS; do
+    for label in "${WORKLOADS[@]}"; do
+      printf '%-8s %-30s %8s ops/s  p50 %7s ms  p99 %7s ms\n' "$sys" "$label" "$(median "$sys,$label" ops_per_sec)" \
+        "$(median "$sys,$label" p50_ms)" "$(median "$sys,$label" p99_ms)"
+    done
+  done
+  exit 0
+fi
+printf '| %-30s | %12s | %12s | %7s | %16s | %16s |\n' workload "etcd ops/s" "raftkv ops/s" ratio "p50 ms etcd/rkv" "p99 ms etcd/rkv"
+printf '|%s|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..32})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..14})" "$(printf -- '-%.0s' {1..9})" "$(printf -- '-%.0s' {1..18})" "$(printf -- '-%.0s' {1..18})"
+for label in "${WORKLOADS[@]}"; do
+  e=$(median "etcd,$label" ops_per_sec); r=$(median "raftkv,$label" ops_per_sec)
+  printf '| %-30s | %12s | %12s | %6.2fx | %7s/%-8s | %7s/%-8s |\n' "$label" "$e" "$r" "$(awk -v r="$r" -v e="$e" 'BEGIN { print r / e }')" \
+    "$(median "etcd,$label" p50_ms)" "$(median "raftkv,$label" p50_ms)" "$(median "etcd,$label" p99_ms)" "$(median "raftkv,$label" p99_ms)"
 done

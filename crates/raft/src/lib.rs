@@ -48,7 +48,7 @@ pub use config::{Config, ReadMode};
 pub use error::{Error, Result};
 pub use message::{Body, ConflictHint, Message, ReadCtx, MESSAGE_HEADER_BYTES};
 pub use progress::ProgressState;
-pub use raft::{Raft, RestoreState};
+pub use raft::{Proposal, Raft, RestoreState};
 pub use read_only::ReadState;
 pub use ready::Ready;
 pub use types::{

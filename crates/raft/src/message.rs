@@ -90,6 +90,19 @@ pub enum Body {
         ctx: ReadCtx,
         index: Index,
     },
+    /// A follower forwards commands proposed to it; the leader appends them as its own.
+    /// A node that is not (or no longer) the leader drops them: the proposer's client
+    /// times out, as with any lost request.
+    Propose {
+        data: Vec<Bytes>,
+    },
+    /// The commit index advanced and no append carried it to this follower. `commit` is at
+    /// most the follower's match index, so it never covers entries the follower lacks. No
+    /// reply: it exists so that a follower applies (and answers its forwarded writes and
+    /// reads) without waiting for the next heartbeat.
+    Commit {
+        commit: Index,
+    },
 }
 
 /// Approximate wire cost of a message's fixed part.
@@ -103,6 +116,7 @@ impl Message {
             Body::InstallSnapshot { meta, data, .. } => {
                 data.len() as u64 + 8 * meta.voters.len() as u64
             }
+            Body::Propose { data } => data.iter().map(|d| d.len() as u64 + 8).sum(),
             _ => 0,
         };
         MESSAGE_HEADER_BYTES + payload
@@ -118,6 +132,8 @@ impl Message {
                 | Body::TimeoutNow
                 | Body::InstallSnapshot { .. }
                 | Body::ReadIndex { .. }
+                | Body::Propose { .. }
+                | Body::Commit { .. }
         )
     }
 }

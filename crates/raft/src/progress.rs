@@ -128,6 +128,9 @@ pub(crate) struct Progress {
     pub(crate) read_ack: u64,
     /// In snapshot state: the transfer in progress.
     pub(crate) snapshot: Option<SnapshotTransfer>,
+    /// The highest commit index sent to this follower (in an append, heartbeat or commit
+    /// message), so that a commit advance reaches it once, not once per message.
+    pub(crate) commit_sent: Index,
 }
 
 impl Progress {
@@ -142,6 +145,7 @@ impl Progress {
             acked_since_heartbeat: true,
             read_ack: 0,
             snapshot: None,
+            commit_sent: 0,
         }
     }
 

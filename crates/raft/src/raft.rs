@@ -15,6 +15,15 @@ use crate::types::{Entry, EntryKind, HardState, Index, NodeId, Role, Snapshot, S
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 
+/// Where [`Raft::propose_or_forward`] sent a command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proposal {
+    /// Appended to this leader's log at this index.
+    Appended(Index),
+    /// Forwarded to this leader.
+    Forwarded(NodeId),
+}
+
 /// What a node finds on its disk at start: the hard state, the latest snapshot if any, and
 /// the log entries that follow it.
 #[derive(Clone, Debug, Default)]
@@ -193,6 +202,40 @@ impl Raft {
         self.propose_entry(EntryKind::Normal, data)
     }
 
+    /// Propose a command wherever this node stands: the leader appends it; a follower that
+    /// knows its leader forwards it there (batched with other forwarded commands into one
+    /// message per `ready`). A forwarded command has no index yet; the application learns
+    /// of it when it commits, like any entry, and must recognise it by its content.
+    pub fn propose_or_forward(&mut self, data: Bytes) -> Result<Proposal> {
+        match (self.role, self.leader) {
+            (Role::Leader, _) => self.propose(data).map(Proposal::Appended),
+            (Role::Follower, Some(leader)) => {
+                self.forward(leader, data);
+                Ok(Proposal::Forwarded(leader))
+            }
+            _ => Err(Error::NoLeader),
+        }
+    }
+
+    /// Add `data` to the `Propose` message for `leader` queued in this batch, or start one
+    /// when there is none or it is full (`max_size_per_msg`).
+    fn forward(&mut self, leader: NodeId, data: Bytes) {
+        let limit = self.cfg.max_size_per_msg;
+        let term = self.term;
+        let open = self.msgs.iter_mut().rev().find_map(|m| match &mut m.body {
+            Body::Propose { data } if m.to == leader && m.term == term => Some(data),
+            _ => None,
+        });
+        if let Some(batch) = open {
+            let bytes: u64 = batch.iter().map(|d| d.len() as u64).sum();
+            if bytes + data.len() as u64 <= limit {
+                batch.push(data);
+                return;
+            }
+        }
+        self.send(leader, term, Body::Propose { data: vec![data] });
+    }
+
     pub(crate) fn propose_entry(&mut self, kind: EntryKind, data: Bytes) -> Result<Index> {
         if self.role != Role::Leader {
             return Err(Error::NotLeader {
@@ -322,9 +365,10 @@ impl Raft {
                 pre_vote: true,
                 granted: true,
             } => {}
-            Body::Append { .. } | Body::Heartbeat { .. } | Body::InstallSnapshot { .. } => {
-                self.become_follower(m.term, Some(m.from))
-            }
+            Body::Append { .. }
+            | Body::Heartbeat { .. }
+            | Body::InstallSnapshot { .. }
+            | Body::Commit { .. } => self.become_follower(m.term, Some(m.from)),
             _ => self.become_follower(m.term, None),
         }
         true
@@ -334,7 +378,10 @@ impl Raft {
         match m.body {
             // A deposed leader that cannot reach us otherwise learns our term from this reply;
             // with PreVote or CheckQuorum it would never see a higher-term vote request.
-            Body::Append { .. } | Body::Heartbeat { .. } | Body::InstallSnapshot { .. }
+            Body::Append { .. }
+            | Body::Heartbeat { .. }
+            | Body::InstallSnapshot { .. }
+            | Body::Commit { .. }
                 if self.cfg.check_quorum || self.cfg.pre_vote =>
             {
                 let body = Body::AppendResponse {
@@ -366,6 +413,11 @@ impl Raft {
             Body::ReadIndexResponse { ctx, index } => {
                 self.read_states.push(ReadState { ctx, index })
             }
+            Body::Commit { commit } => {
+                self.election_elapsed = 0;
+                self.leader = Some(m.from);
+                self.log.commit_to(commit.min(self.log.last_index()));
+            }
             _ => {}
         }
     }
@@ -373,9 +425,12 @@ impl Raft {
     fn step_candidate(&mut self, m: Message) {
         match m.body {
             // A leader exists in our term: it won (§5.2).
-            Body::Append { .. } | Body::Heartbeat { .. } | Body::InstallSnapshot { .. } => {
+            Body::Append { .. }
+            | Body::Heartbeat { .. }
+            | Body::InstallSnapshot { .. }
+            | Body::Commit { .. } => {
                 self.become_follower(m.term, Some(m.from));
-                self.handle_append_or_heartbeat(m);
+                self.step_follower(m);
             }
             Body::VoteResponse { pre_vote, granted } => {
                 self.handle_vote_response(m.from, m.term, pre_vote, granted)
@@ -400,6 +455,13 @@ impl Raft {
             Body::ReadIndex { ctx } => {
                 // A full queue drops the read; the follower's client times out and retries.
                 let _ = self.leader_read(ctx, m.from);
+            }
+            Body::Propose { data } => {
+                // A refused command (transfer in progress, too much uncommitted) is dropped
+                // like a lost message; the follower's client times out.
+                for d in data {
+                    let _ = self.propose(d);
+                }
             }
             _ => {}
         }

@@ -82,7 +82,8 @@ impl Raft {
             || !self.msgs_after_persist.is_empty()
             || self.log.has_committed_to_apply()
             || !self.read_states.is_empty()
-            || (self.role == Role::Leader && (self.bcast_pending || self.read_only.need_round))
+            || (self.role == Role::Leader
+                && (self.bcast_pending || self.read_only.need_round || self.commit_unsent()))
     }
 
     /// Collect the work produced since the last call.
@@ -117,6 +118,7 @@ impl Raft {
         if std::mem::take(&mut self.bcast_pending) {
             self.bcast_append();
         }
+        self.bcast_commit();
         if self.read_only.need_round {
             self.bcast_heartbeat();
         }

@@ -36,7 +36,10 @@ impl Raft {
         }
         let bytes = entries.iter().map(|e| e.size()).sum();
         let last = prev_index + entries.len() as Index;
-        self.progress.get_mut(&to).unwrap().sent(last, bytes);
+        let pr = self.progress.get_mut(&to).unwrap();
+        pr.sent(last, bytes);
+        // The follower commits no further than what this append shows it.
+        pr.commit_sent = pr.commit_sent.max(self.log.committed.min(last));
         let body = Body::Append {
             prev_index,
             prev_term,
@@ -55,13 +58,40 @@ impl Raft {
         }
     }
 
+    /// Tell every follower that has not heard it the current commit index, as far as it
+    /// holds the entries. Called once per `ready`, after that batch's appends went out, so
+    /// it sends only where no append carried the news.
+    pub(crate) fn bcast_commit(&mut self) {
+        let committed = self.log.committed;
+        let mut to_tell = Vec::new();
+        for (&id, pr) in self.progress.iter_mut() {
+            let commit = pr.match_index.min(committed);
+            if id != self.id && commit > pr.commit_sent {
+                pr.commit_sent = commit;
+                to_tell.push((id, commit));
+            }
+        }
+        for (to, commit) in to_tell {
+            self.send(to, self.term, Body::Commit { commit });
+        }
+    }
+
+    pub(crate) fn commit_unsent(&self) -> bool {
+        let committed = self.log.committed;
+        self.progress
+            .iter()
+            .any(|(&id, pr)| id != self.id && pr.match_index.min(committed) > pr.commit_sent)
+    }
+
     /// One heartbeat round: liveness, commit propagation, and ReadIndex confirmation.
     pub(crate) fn bcast_heartbeat(&mut self) {
         let seq = self.read_only.start_round(self.ticks);
         let peers: Vec<NodeId> = self.peers().collect();
         for to in peers {
             // A follower may not hold entries past its match index yet.
-            let commit = self.progress[&to].match_index.min(self.log.committed);
+            let pr = self.progress.get_mut(&to).unwrap();
+            let commit = pr.match_index.min(self.log.committed);
+            pr.commit_sent = pr.commit_sent.max(commit);
             self.send(to, self.term, Body::Heartbeat { commit, seq });
         }
         // A single-voter cluster confirms its reads alone.

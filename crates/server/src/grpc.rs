@@ -1,19 +1,16 @@
 //! The etcd v3 gRPC services on top of a [`Node`]: KV, Maintenance.Status and
-//! Cluster.MemberList. A write sent to a follower is forwarded to the leader, so a client
-//! configured with every endpoint just works; linearizable reads on a follower are confirmed
-//! through the leader by ReadIndex and served locally.
+//! Cluster.MemberList. Any member serves any request, so a client configured with every
+//! endpoint just works: a follower forwards writes to the leader through raft and answers
+//! once it has applied them; linearizable reads on a follower are confirmed through the
+//! leader by ReadIndex and served locally.
 
 use crate::api;
 use crate::command::Write;
 use crate::node::{Node, WriteResult};
-use crate::pb::etcdserverpb::{
-    self as pb, cluster_server, kv_client::KvClient, kv_server, maintenance_server,
-};
+use crate::pb::etcdserverpb::{self as pb, cluster_server, kv_server, maintenance_server};
 use raft::NodeId;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// The version reported by Maintenance.Status: the etcd API level raftkv implements.
@@ -35,7 +32,6 @@ pub struct Services {
     members: Arc<Vec<Member>>,
     cluster_id: u64,
     member_id: NodeId,
-    leaders: Arc<Mutex<HashMap<NodeId, KvClient<Channel>>>>,
 }
 
 fn timed_out() -> Status {
@@ -49,7 +45,6 @@ impl Services {
             members: Arc::new(members),
             cluster_id,
             member_id,
-            leaders: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -68,56 +63,16 @@ impl Services {
             .map_err(|_| timed_out())?
     }
 
-    /// A client for the current leader's client URL, if the leader is another node.
-    async fn leader_client(&self) -> Option<KvClient<Channel>> {
-        let leader = self.node.status().await.ok()?.leader?;
-        if leader == self.member_id {
-            return None;
-        }
-        if let Some(c) = self.leaders.lock().unwrap().get(&leader) {
-            return Some(c.clone());
-        }
-        // The KV service is also served on the peer listener, whose URLs every node knows.
-        let url = self
-            .members
-            .iter()
-            .find(|m| m.id == leader)?
-            .peer_urls
-            .first()?
-            .clone();
-        let channel = tonic::transport::Endpoint::from_shared(url)
-            .ok()?
-            .connect_lazy();
-        let client = KvClient::new(channel);
-        self.leaders.lock().unwrap().insert(leader, client.clone());
-        Some(client)
-    }
-
-    /// Propose a write here; if this member is not the leader, forward the request to the
-    /// leader and relay its answer.
-    async fn write_or_forward<R, Fut>(
+    /// Propose a write and turn the store's answer into the RPC's response.
+    async fn write_as<R>(
         &self,
         w: Write,
         answer: impl FnOnce(kv::Response, &pb::ResponseHeader) -> Option<R>,
-        forward: impl FnOnce(KvClient<Channel>) -> Fut,
-    ) -> Result<Response<R>, Status>
-    where
-        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
-    {
-        match self.write(w).await {
-            Ok((resp, header)) => answer(resp, &header)
-                .map(Response::new)
-                .ok_or_else(|| Status::internal("the store answered a different request")),
-            Err(e) if Self::is_not_leader(&e) => match self.leader_client().await {
-                Some(client) => forward(client).await,
-                None => Err(e),
-            },
-            Err(e) => Err(e),
-        }
-    }
-
-    fn is_not_leader(s: &Status) -> bool {
-        s.code() == tonic::Code::Unavailable && s.message() == "etcdserver: not leader"
+    ) -> Result<Response<R>, Status> {
+        let (resp, header) = self.write(w).await?;
+        answer(resp, &header)
+            .map(Response::new)
+            .ok_or_else(|| Status::internal("the store answered a different request"))
     }
 }
 
@@ -152,10 +107,7 @@ impl kv_server::Kv for Services {
             kv::Response::Put(r) => Some(api::put_response(r, h)),
             _ => None,
         };
-        self.write_or_forward(Write::Put(p.clone()), answer, |mut c| async move {
-            c.put(p).await
-        })
-        .await
+        self.write_as(Write::Put(p), answer).await
     }
 
     async fn delete_range(
@@ -169,9 +121,7 @@ impl kv_server::Kv for Services {
             kv::Response::DeleteRange(r) => Some(api::delete_response(r, h)),
             _ => None,
         };
-        let write = Write::DeleteRange(d.clone());
-        let forward = |mut c: KvClient<Channel>| async move { c.delete_range(d).await };
-        self.write_or_forward(write, answer, forward).await
+        self.write_as(Write::DeleteRange(d), answer).await
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
@@ -182,10 +132,7 @@ impl kv_server::Kv for Services {
             kv::Response::Txn(r) => Some(api::txn_response(r, h)),
             _ => None,
         };
-        self.write_or_forward(Write::Txn(t.clone()), answer, |mut c| async move {
-            c.txn(t).await
-        })
-        .await
+        self.write_as(Write::Txn(t), answer).await
     }
 
     async fn compact(
@@ -194,9 +141,7 @@ impl kv_server::Kv for Services {
     ) -> Result<Response<pb::CompactionResponse>, Status> {
         let c = req.into_inner();
         let answer = |_, h: &pb::ResponseHeader| Some(pb::CompactionResponse { header: Some(*h) });
-        let forward = |mut client: KvClient<Channel>| async move { client.compact(c).await };
-        self.write_or_forward(Write::Compact(c), answer, forward)
-            .await
+        self.write_as(Write::Compact(c), answer).await
     }
 }
 

@@ -205,7 +205,7 @@ impl Runtime {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = ticker.tick() => self.raft.tick(),
+                _ = ticker.tick() => self.on_tick(),
                 input = rx.recv() => {
                     let Some(input) = input else { break };
                     if !self.handle(input) {
@@ -225,6 +225,14 @@ impl Runtime {
             }
             self.process_ready();
         }
+    }
+
+    fn on_tick(&mut self) {
+        self.raft.tick();
+        // A forwarded command or read the leader dropped is never answered; its client has
+        // given up (request timeout), so forget it.
+        self.waiters.retain(|_, reply| !reply.is_closed());
+        self.reads.retain(|_, (_, reply)| !reply.is_closed());
     }
 
     /// Returns false when the node must stop.
@@ -291,7 +299,9 @@ impl Runtime {
             let _ = reply.send(Err(api::request_too_large()));
             return;
         }
-        match self.raft.propose(data) {
+        // A follower forwards the command to its leader through the peer stream (batched
+        // with the others of this round) and answers once it has applied the entry itself.
+        match self.raft.propose_or_forward(data) {
             Ok(_) => {
                 self.waiters.insert(id, reply);
             }

@@ -105,6 +105,8 @@ pub fn to_pb(m: &Message) -> pb::Message {
             received: *received,
             reject: *reject,
         }),
+        Body::Propose { data } => B::Propose(pb::Propose { data: data.clone() }),
+        Body::Commit { commit } => B::Commit(pb::Commit { commit: *commit }),
     };
     pb::Message {
         from: m.from,
@@ -169,6 +171,8 @@ pub fn from_pb(m: pb::Message) -> Result<Message, &'static str> {
             received: s.received,
             reject: s.reject,
         },
+        B::Propose(p) => Body::Propose { data: p.data },
+        B::Commit(c) => Body::Commit { commit: c.commit },
     };
     Ok(Message {
         from: m.from,

@@ -213,6 +213,12 @@ fn raft_message() -> impl Strategy<Value = raft::Message> {
                 reject,
             }
         }),
+        prop::collection::vec(prop::collection::vec(any::<u8>(), 0..16), 0..4).prop_map(|data| {
+            Body::Propose {
+                data: data.into_iter().map(Into::into).collect(),
+            }
+        }),
+        any::<u64>().prop_map(|commit| Body::Commit { commit }),
     ];
     (any::<u64>(), any::<u64>(), any::<u64>(), body).prop_map(|(from, to, term, body)| {
         raft::Message {

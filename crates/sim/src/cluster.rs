@@ -604,6 +604,37 @@ impl Cluster {
         r
     }
 
+    /// Propose at `id` wherever it stands: a follower forwards to its leader.
+    pub fn propose_or_forward(
+        &mut self,
+        id: NodeId,
+        data: bytes::Bytes,
+    ) -> Result<raft::Proposal, Error> {
+        let Some(raft) = self.node_mut(id).raft.as_mut() else {
+            return Err(Error::NoLeader);
+        };
+        let r = raft.propose_or_forward(data);
+        self.process_ready(id);
+        r
+    }
+
+    /// Several commands arriving at `id` together (one `ready` for all of them).
+    pub fn propose_all_or_forward(
+        &mut self,
+        id: NodeId,
+        data: Vec<bytes::Bytes>,
+    ) -> Vec<Result<raft::Proposal, Error>> {
+        let Some(raft) = self.node_mut(id).raft.as_mut() else {
+            return vec![Err(Error::NoLeader); data.len()];
+        };
+        let r = data
+            .into_iter()
+            .map(|d| raft.propose_or_forward(d))
+            .collect();
+        self.process_ready(id);
+        r
+    }
+
     /// Issue a linearizable read at `id`; returns its ctx. The read is checked when served.
     pub fn read_index(&mut self, id: NodeId) -> Result<u64, Error> {
         self.next_ctx += 1;

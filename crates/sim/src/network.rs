@@ -74,6 +74,8 @@ pub fn kind_name(body: &Body) -> &'static str {
         Body::SnapshotResponse { .. } => "snapshot_response",
         Body::ReadIndex { .. } => "read_index",
         Body::ReadIndexResponse { .. } => "read_index_response",
+        Body::Propose { .. } => "propose",
+        Body::Commit { .. } => "commit",
     }
 }
 

@@ -105,6 +105,17 @@ pub fn run_with(seed: u64, opts: Options) -> Report {
         c.fail("liveness: the healed cluster took too long to commit new proposals");
     }
     r.recovery_ms = (c.now - healed) / MS;
+    // A command forwarded before the heal may have arrived and committed just now; every
+    // node must apply all that is committed within a heartbeat or so.
+    let settled = |c: &Cluster| {
+        let ids = c.ids();
+        let commit = ids.iter().map(|&id| c.node(id).raft().commit_index()).max();
+        ids.iter()
+            .all(|&id| Some(c.node(id).raft().applied()) == commit)
+    };
+    if !c.run_until(LIVENESS_BOUND, settled) {
+        c.fail("liveness: followers did not apply everything committed");
+    }
     c.check_acked_durable();
     r.virtual_ms = c.now / MS;
     r.events = c.events;
@@ -181,7 +192,11 @@ fn client_step(c: &mut Cluster, plan: &mut ChaCha8Rng, cmd: &mut u64, r: &mut Re
         }
         let size = plan.gen_range(8..300);
         r.proposals += 1;
-        if let Err(raft::Error::NotLeader { leader: Some(l) }) = c.propose(id, command(*cmd, size))
+        if plan.gen_ratio(1, 2) {
+            // The node forwards to its leader if it is a follower.
+            let _ = c.propose_or_forward(id, command(*cmd, size));
+        } else if let Err(raft::Error::NotLeader { leader: Some(l) }) =
+            c.propose(id, command(*cmd, size))
         {
             if c.is_up(l) {
                 let _ = c.propose(l, command(*cmd, size));

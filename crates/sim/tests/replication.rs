@@ -402,3 +402,46 @@ fn follower_commits_only_entries_the_leader_verified() {
         "committed stale entries past the verified prefix"
     );
 }
+
+#[test]
+fn a_command_proposed_at_a_follower_is_forwarded_and_applied_everywhere_before_a_heartbeat() {
+    let mut c = cluster(3, 21);
+    let leader = c.wait_leader(5_000 * MS);
+    c.one(1, 8, 3);
+    // Let the last heartbeat round settle so the next one is a whole interval away.
+    c.run_for(c.cfg.tick * c.cfg.heartbeat_tick / 2);
+    let follower = other_than(&c, &[leader])[0];
+    let before = c.net.total().by_kind.get("propose").copied().unwrap_or(0);
+    let commands = (10..15).map(|cmd| command(cmd, 8)).collect();
+    for p in c.propose_all_or_forward(follower, commands) {
+        assert_eq!(p, Ok(raft::Proposal::Forwarded(leader)));
+    }
+    let forwarded = c.net.total().by_kind.get("propose").copied().unwrap_or(0) - before;
+    assert_eq!(
+        forwarded, 1,
+        "five commands proposed together travel in one message"
+    );
+    let start = c.now;
+    let everywhere = |c: &Cluster| (10..15).all(|cmd| c.applied_count(cmd) == 3);
+    assert!(c.run_until(c.cfg.tick * c.cfg.heartbeat_tick, everywhere));
+    // Loopback delivery and disk writes take a few ms here; a heartbeat interval is 100 ms.
+    let took = c.now - start;
+    assert!(
+        took < c.cfg.tick * c.cfg.heartbeat_tick / 4,
+        "followers learned the commit only after {took} µs"
+    );
+}
+
+#[test]
+fn a_follower_without_a_leader_refuses_to_forward() {
+    let mut c = cluster(3, 22);
+    let leader = c.wait_leader(5_000 * MS);
+    let follower = other_than(&c, &[leader])[0];
+    c.disconnect(follower);
+    // Its election timer fires; as a (pre-)candidate it knows no leader.
+    c.run_for(3 * c.cfg.election_timeout());
+    assert_eq!(
+        c.propose_or_forward(follower, command(7, 8)),
+        Err(raft::Error::NoLeader)
+    );
+}

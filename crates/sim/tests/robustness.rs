@@ -77,7 +77,7 @@ fn entry(index: u64, term: u64) -> Entry {
 
 fn random_message(rng: &mut ChaCha8Rng) -> Message {
     let small = |rng: &mut ChaCha8Rng| rng.gen_range(0..20u64);
-    let body = match rng.gen_range(0..11) {
+    let body = match rng.gen_range(0..13) {
         0 => Body::Append {
             prev_index: small(rng),
             prev_term: small(rng),
@@ -128,6 +128,12 @@ fn random_message(rng: &mut ChaCha8Rng) -> Message {
                 data: vec![7; rng.gen_range(0..25)].into(),
             }
         }
+        10 => Body::Propose {
+            data: (0..rng.gen_range(0..3))
+                .map(|_| vec![7; rng.gen_range(0..9)].into())
+                .collect(),
+        },
+        11 => Body::Commit { commit: small(rng) },
         _ => Body::SnapshotResponse {
             index: small(rng),
             received: small(rng),
