@@ -8,6 +8,7 @@ use crate::api;
 use crate::command::Write;
 use crate::node::{Node, WriteResult};
 use crate::pb::etcdserverpb::{self as pb, cluster_server, kv_server, maintenance_server};
+use crate::transport::ClientUrls;
 use raft::NodeId;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +33,8 @@ pub struct Services {
     members: Arc<Vec<Member>>,
     cluster_id: u64,
     member_id: NodeId,
+    /// Other members' client URLs, as they announced them on their peer streams.
+    peer_client_urls: ClientUrls,
 }
 
 fn timed_out() -> Status {
@@ -39,12 +42,19 @@ fn timed_out() -> Status {
 }
 
 impl Services {
-    pub fn new(node: Node, members: Vec<Member>, cluster_id: u64, member_id: NodeId) -> Self {
+    pub fn new(
+        node: Node,
+        members: Vec<Member>,
+        cluster_id: u64,
+        member_id: NodeId,
+        peer_client_urls: ClientUrls,
+    ) -> Self {
         Services {
             node,
             members: Arc::new(members),
             cluster_id,
             member_id,
+            peer_client_urls,
         }
     }
 
@@ -174,6 +184,7 @@ impl cluster_server::Cluster for Services {
         _: Request<pb::MemberListRequest>,
     ) -> Result<Response<pb::MemberListResponse>, Status> {
         let s = self.node.status().await?;
+        let announced = self.peer_client_urls.lock().unwrap().clone();
         let members = self
             .members
             .iter()
@@ -181,7 +192,12 @@ impl cluster_server::Cluster for Services {
                 id: m.id,
                 name: m.name.clone(),
                 peer_ur_ls: m.peer_urls.clone(),
-                client_ur_ls: m.client_urls.clone(),
+                // A member that has not reached us yet shows none, as in etcd before a
+                // member publishes itself.
+                client_ur_ls: match announced.get(&m.id) {
+                    Some(urls) if m.id != self.member_id => urls.clone(),
+                    _ => m.client_urls.clone(),
+                },
                 is_learner: false,
             })
             .collect();

@@ -9,13 +9,14 @@ use server::node::{Node, NodeConfig};
 use server::pb::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
 };
-use server::pb::raftkvpb::raft_server::RaftServer;
-use server::transport::{PeerTransport, RaftService};
+use server::pb::raftkvpb::{self, raft_server::RaftServer};
+use server::transport::{ClientUrls, PeerTransport, RaftService};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tonic::transport::server::TcpIncoming;
 
 #[derive(Parser)]
 #[command(
@@ -306,6 +307,12 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     let cluster_id = fnv(&[&[token][..], &names[..]].concat());
     let id_of = |name: &str| fnv(&[token, name]);
     let me = id_of(&a.name);
+    let own_client_urls: Vec<String> = a
+        .advertise_client_urls
+        .split(',')
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect();
     let members: Vec<Member> = cluster
         .iter()
         .map(|(name, url)| Member {
@@ -313,10 +320,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
             name: name.clone(),
             peer_urls: vec![url.clone()],
             client_urls: if *name == a.name {
-                a.advertise_client_urls
-                    .split(',')
-                    .map(str::to_string)
-                    .collect()
+                own_client_urls.clone()
             } else {
                 Vec::new()
             },
@@ -329,6 +333,15 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         .collect();
     let client_addr = listen_addr(&a.listen_client_urls, "listen-client-urls")?;
     let peer_addr = listen_addr(&a.listen_peer_urls, "listen-peer-urls")?;
+    // Bind before touching the data directory, so a taken port is reported plainly and
+    // nothing is recovered or started for nothing.
+    let bind = |addr, flag: &str| {
+        TcpIncoming::bind(addr)
+            .map(|l| l.with_nodelay(Some(true)))
+            .map_err(|e| format!("--{flag}: cannot listen on {addr}: {e}"))
+    };
+    let client_listener = bind(client_addr, "listen-client-urls")?;
+    let peer_listener = bind(peer_addr, "listen-peer-urls")?;
     let data_dir = a
         .data_dir
         .clone()
@@ -343,18 +356,26 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         snapshot_count: a.snapshot_count.max(1),
     };
     let cell = Arc::new(OnceLock::new());
-    let transport = PeerTransport::start(peers);
+    let hello = raftkvpb::Hello {
+        cluster_id,
+        member_id: me,
+        client_urls: own_client_urls.clone(),
+    };
+    let transport = PeerTransport::start(peers, hello);
     let (node, task) = Node::start(cfg, Arc::new(transport))?;
     let _ = cell.set(node.clone());
-    let services = Services::new(node.clone(), members, cluster_id, me);
+    let client_urls = ClientUrls::default();
+    let ids = members.iter().map(|m| m.id).collect();
+    let raft_service = RaftService::new(cell, cluster_id, ids, client_urls.clone());
+    let services = Services::new(node.clone(), members, cluster_id, me, client_urls);
     let peer_server = tonic::transport::Server::builder()
-        .add_service(RaftServer::new(RaftService::new(cell)))
-        .serve(peer_addr);
+        .add_service(RaftServer::new(raft_service))
+        .serve_with_incoming(peer_listener);
     let client_server = tonic::transport::Server::builder()
         .add_service(KvServer::new(services.clone()))
         .add_service(MaintenanceServer::new(services.clone()))
         .add_service(ClusterServer::new(services))
-        .serve(client_addr);
+        .serve_with_incoming(client_listener);
     println!(
         "raftkv member {} ({me:016x}) of cluster {cluster_id:016x} serving clients on {} and peers on {}",
         a.name, a.listen_client_urls, a.listen_peer_urls
@@ -393,6 +414,13 @@ fn serve_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 
 fn main() {
     let cli = Cli::parse();
+    // Warnings and errors from the node (refused peers, unreadable snapshots, a failed disk)
+    // go to stderr; nothing per request.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .with_target(false)
+        .init();
     let rt = match &cli.cmd {
         Cmd::Serve(a) => serve_runtime(a.worker_threads),
         _ => tokio::runtime::Runtime::new(),

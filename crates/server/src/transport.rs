@@ -7,7 +7,7 @@ use crate::pb::raftkvpb::{self as pb, raft_client::RaftClient, raft_server};
 use crate::peer;
 use raft::{Message, NodeId};
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
@@ -21,14 +21,18 @@ pub struct PeerTransport {
     peers: HashMap<NodeId, mpsc::Sender<Message>>,
 }
 
+/// Peers' client URLs as they announced them when their stream opened.
+pub type ClientUrls = Arc<Mutex<HashMap<NodeId, Vec<String>>>>;
+
 impl PeerTransport {
-    /// Start one sender task per peer (`urls`: peer id → peer URL).
-    pub fn start(urls: HashMap<NodeId, String>) -> PeerTransport {
+    /// Start one sender task per peer (`urls`: peer id → peer URL). Each stream opens with
+    /// `hello`, which says who we are.
+    pub fn start(urls: HashMap<NodeId, String>, hello: pb::Hello) -> PeerTransport {
         let peers = urls
             .into_iter()
             .map(|(id, url)| {
                 let (tx, rx) = mpsc::channel(PEER_QUEUE);
-                tokio::spawn(run_peer(url, rx));
+                tokio::spawn(run_peer(url, hello.clone(), rx));
                 (id, tx)
             })
             .collect();
@@ -46,7 +50,7 @@ impl Transport for PeerTransport {
     }
 }
 
-async fn run_peer(url: String, mut rx: mpsc::Receiver<Message>) {
+async fn run_peer(url: String, hello: pb::Hello, mut rx: mpsc::Receiver<Message>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let client = match RaftClient::connect(url.clone()).await {
@@ -62,14 +66,38 @@ async fn run_peer(url: String, mut rx: mpsc::Receiver<Message>) {
         backoff = Duration::from_millis(50);
         let (frames_tx, frames_rx) = mpsc::channel::<pb::MessageBatch>(64);
         let mut client = client;
-        let call = tokio::spawn(async move {
+        let mut call = tokio::spawn(async move {
             client
                 .stream(tokio_stream::wrappers::ReceiverStream::new(frames_rx))
                 .await
         });
+        // Open with the hello at once, so that every member learns of every other even
+        // when raft has nothing to say to it (followers talk only to the leader).
+        let greeting = pb::MessageBatch {
+            messages: Vec::new(),
+            hello: Some(hello.clone()),
+        };
+        if frames_tx.send(greeting).await.is_err() {
+            call.abort();
+            continue;
+        }
         // Forward batches until the stream breaks or the node stops.
         loop {
-            let Some(first) = rx.recv().await else {
+            let first = tokio::select! {
+                m = rx.recv() => m,
+                ended = &mut call => {
+                    if let Ok(Err(status)) = ended {
+                        if status.code() == tonic::Code::FailedPrecondition {
+                            // Not a network hiccup: the peer will refuse us until someone
+                            // fixes the configuration. Say so, and do not hammer it.
+                            tracing::error!(peer = %url, "the peer refused us: {}", status.message());
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                    break; // reconnect
+                }
+            };
+            let Some(first) = first else {
                 return; // the node stopped
             };
             let mut batch = vec![peer::to_pb(&first)];
@@ -79,11 +107,11 @@ async fn run_peer(url: String, mut rx: mpsc::Receiver<Message>) {
                     Err(_) => break,
                 }
             }
-            if frames_tx
-                .send(pb::MessageBatch { messages: batch })
-                .await
-                .is_err()
-            {
+            let frame = pb::MessageBatch {
+                messages: batch,
+                hello: None,
+            };
+            if frames_tx.send(frame).await.is_err() {
                 break; // the stream ended: reconnect
             }
         }
@@ -91,14 +119,59 @@ async fn run_peer(url: String, mut rx: mpsc::Receiver<Message>) {
     }
 }
 
-/// The receiving side: steps every message of every frame into the local node.
+/// The receiving side: checks the stream's hello, then steps every message of every frame
+/// into the local node.
 pub struct RaftService {
     node: Arc<OnceLock<Node>>,
+    cluster_id: u64,
+    members: Vec<NodeId>,
+    client_urls: ClientUrls,
 }
 
 impl RaftService {
-    pub fn new(node: Arc<OnceLock<Node>>) -> Self {
-        RaftService { node }
+    pub fn new(
+        node: Arc<OnceLock<Node>>,
+        cluster_id: u64,
+        members: Vec<NodeId>,
+        client_urls: ClientUrls,
+    ) -> Self {
+        RaftService {
+            node,
+            cluster_id,
+            members,
+            client_urls,
+        }
+    }
+
+    fn admit(&self, hello: Option<pb::Hello>) -> Result<(), Status> {
+        let Some(h) = hello else {
+            return Err(Status::failed_precondition(
+                "a peer stream must open with a hello",
+            ));
+        };
+        if h.cluster_id != self.cluster_id {
+            tracing::warn!(
+                peer = format_args!("{:016x}", h.member_id),
+                "refused a peer of cluster {:016x} (this is {:016x})",
+                h.cluster_id,
+                self.cluster_id
+            );
+            return Err(Status::failed_precondition(format!(
+                "it belongs to cluster {:016x}, not to cluster {:016x}",
+                self.cluster_id, h.cluster_id
+            )));
+        }
+        if !self.members.contains(&h.member_id) {
+            return Err(Status::failed_precondition(format!(
+                "{:016x} is not a member of its cluster {:016x}",
+                h.member_id, self.cluster_id
+            )));
+        }
+        self.client_urls
+            .lock()
+            .unwrap()
+            .insert(h.member_id, h.client_urls);
+        Ok(())
     }
 }
 
@@ -109,7 +182,15 @@ impl raft_server::Raft for RaftService {
         request: Request<Streaming<pb::MessageBatch>>,
     ) -> Result<Response<pb::Empty>, Status> {
         let mut frames = request.into_inner();
-        while let Some(batch) = frames.message().await? {
+        let Some(first) = frames.message().await? else {
+            return Ok(Response::new(pb::Empty {}));
+        };
+        self.admit(first.hello.clone())?;
+        let mut next = Some(first);
+        while let Some(batch) = match next.take() {
+            Some(b) => Some(b),
+            None => frames.message().await?,
+        } {
             let Some(node) = self.node.get() else {
                 continue;
             };

@@ -3,131 +3,16 @@
 //! member, Maintenance.Status and Cluster.MemberList, and a kill -9 of the leader in the
 //! middle of a write load with no acknowledged write lost.
 
+mod common;
+
 use bytes::Bytes;
+use common::*;
 use server::pb::etcdserverpb::{
-    cluster_client::ClusterClient, kv_client::KvClient, maintenance_client::MaintenanceClient,
-    MemberListRequest, PutRequest, RangeRequest, StatusRequest,
+    cluster_client::ClusterClient, maintenance_client::MaintenanceClient, MemberListRequest,
+    PutRequest, StatusRequest,
 };
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc {
-    name: String,
-    client: String,
-    child: Option<Child>,
-    args: Vec<String>,
-}
-
-impl Proc {
-    fn spawn(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_raftkv"))
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start raftkv");
-        self.child = Some(child);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill(); // SIGKILL: nothing gets flushed
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn start(dir: &std::path::Path) -> Vec<Proc> {
-    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
-    let cluster = ports
-        .iter()
-        .enumerate()
-        .map(|(i, (_, p))| format!("n{i}=http://127.0.0.1:{p}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    ports
-        .iter()
-        .enumerate()
-        .map(|(i, (c, p))| {
-            let client = format!("http://127.0.0.1:{c}");
-            let peer = format!("http://127.0.0.1:{p}");
-            let args = vec![
-                "serve".into(),
-                format!("--name=n{i}"),
-                format!("--data-dir={}", dir.join(format!("n{i}")).display()),
-                format!("--listen-client-urls={client}"),
-                format!("--advertise-client-urls={client}"),
-                format!("--listen-peer-urls={peer}"),
-                format!("--initial-advertise-peer-urls={peer}"),
-                format!("--initial-cluster={cluster}"),
-                "--initial-cluster-token=test".into(),
-                "--heartbeat-interval=20".into(),
-                "--election-timeout=200".into(),
-                "--snapshot-count=50".into(),
-            ];
-            let mut p = Proc {
-                name: format!("n{i}"),
-                client,
-                child: None,
-                args,
-            };
-            p.spawn();
-            p
-        })
-        .collect()
-}
-
-async fn kv(url: &str) -> KvClient<Channel> {
-    KvClient::new(
-        tonic::transport::Endpoint::from_shared(url.to_string())
-            .unwrap()
-            .connect_lazy(),
-    )
-}
-
-/// Put with retries (a client with every endpoint just retries elsewhere); returns the
-/// member that acknowledged it.
-async fn put_any(procs: &[Proc], key: &str, value: &str) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        for (i, p) in procs.iter().enumerate().filter(|(_, p)| p.child.is_some()) {
-            let req = PutRequest {
-                key: Bytes::copy_from_slice(key.as_bytes()),
-                value: Bytes::copy_from_slice(value.as_bytes()),
-                ..Default::default()
-            };
-            if kv(&p.client).await.put(req).await.is_ok() {
-                return i;
-            }
-        }
-        assert!(Instant::now() < deadline, "no member accepted the write");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn get(url: &str, key: &str) -> Result<Option<Bytes>, tonic::Status> {
-    let req = RangeRequest {
-        key: Bytes::copy_from_slice(key.as_bytes()),
-        ..Default::default()
-    };
-    let r = kv(url).await.range(req).await?.into_inner();
-    Ok(r.kvs.into_iter().next().map(|kv| kv.value))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_three_process_cluster_serves_the_etcd_api_and_survives_kill_9() {
@@ -162,15 +47,32 @@ async fn a_real_three_process_cluster_serves_the_etcd_api_and_survives_kill_9() 
             .unwrap()
             .connect_lazy(),
     );
-    let members = c
-        .member_list(MemberListRequest {
-            linearizable: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .members;
-    assert_eq!(members.len(), 3);
+    // Every member's client URLs, as each announced them when it connected to the others
+    // (streams open at start; allow them a moment).
+    let mut expected: Vec<String> = procs.iter().map(|p| p.client.clone()).collect();
+    expected.sort();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let members = loop {
+        let members = c
+            .member_list(MemberListRequest {
+                linearizable: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .members;
+        assert_eq!(members.len(), 3);
+        let mut clients: Vec<String> = members
+            .iter()
+            .flat_map(|mm| mm.client_ur_ls.clone())
+            .collect();
+        clients.sort();
+        if clients == expected {
+            break members;
+        }
+        assert!(Instant::now() < deadline, "member list shows {clients:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     // A write load; the leader is killed -9 in the middle of it.
     let leader = members
         .iter()
@@ -208,17 +110,6 @@ async fn a_real_three_process_cluster_serves_the_etcd_api_and_survives_kill_9() 
     }
 }
 
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_raftkv"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn wrong_flags_are_explained() {
     let (code, err) = run(&[
@@ -234,6 +125,18 @@ fn wrong_flags_are_explained() {
     let (code, err) = run(&["serve", "--initial-cluster-state=maybe"]);
     assert_ne!(code, 0);
     assert!(err.contains("\"new\" or \"existing\""), "{err}");
+    // A port someone else holds is reported before anything starts.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (code, err) = run(&[
+        "serve",
+        &format!("--listen-client-urls=http://127.0.0.1:{port}"),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("cannot listen on") && err.contains("in use"),
+        "{err}"
+    );
     let (code, err) = run(&["serve", "--no-such-flag"]);
     assert_ne!(code, 0);
     assert!(err.contains("--no-such-flag"), "{err}");

@@ -1,0 +1,148 @@
+//! Helpers for tests that start real `raftkv` processes on free loopback ports.
+#![allow(dead_code)] // each test file uses its own subset
+
+use bytes::Bytes;
+use server::pb::etcdserverpb::{kv_client::KvClient, PutRequest, RangeRequest};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Proc {
+    pub name: String,
+    pub client: String,
+    pub child: Option<Child>,
+    pub args: Vec<String>,
+}
+
+impl Proc {
+    pub fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start raftkv");
+        self.child = Some(child);
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL: nothing gets flushed
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn start(dir: &std::path::Path) -> Vec<Proc> {
+    start_with(dir, |_, _, url| url.to_string())
+}
+
+/// Start three members; `peer_url(viewer, member, real_url)` is the URL member `viewer` is
+/// told to reach `member` at (a test may put a proxy in between).
+pub fn start_with(
+    dir: &std::path::Path,
+    peer_url: impl Fn(usize, usize, &str) -> String,
+) -> Vec<Proc> {
+    let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let peer = |i: usize| format!("http://127.0.0.1:{}", ports[i].1);
+    (0..3)
+        .map(|i| {
+            let client = format!("http://127.0.0.1:{}", ports[i].0);
+            let cluster = (0..3)
+                .map(|j| {
+                    let url = if i == j {
+                        peer(j)
+                    } else {
+                        peer_url(i, j, &peer(j))
+                    };
+                    format!("n{j}={url}")
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let args = vec![
+                "serve".into(),
+                format!("--name=n{i}"),
+                format!("--data-dir={}", dir.join(format!("n{i}")).display()),
+                format!("--listen-client-urls={client}"),
+                format!("--advertise-client-urls={client}"),
+                format!("--listen-peer-urls={}", peer(i)),
+                format!("--initial-advertise-peer-urls={}", peer(i)),
+                format!("--initial-cluster={cluster}"),
+                "--initial-cluster-token=test".into(),
+                "--heartbeat-interval=20".into(),
+                "--election-timeout=200".into(),
+                "--snapshot-count=50".into(),
+            ];
+            let mut p = Proc {
+                name: format!("n{i}"),
+                client,
+                child: None,
+                args,
+            };
+            p.spawn();
+            p
+        })
+        .collect()
+}
+
+pub async fn kv(url: &str) -> KvClient<Channel> {
+    KvClient::new(
+        tonic::transport::Endpoint::from_shared(url.to_string())
+            .unwrap()
+            .connect_lazy(),
+    )
+}
+
+/// Put with retries (a client with every endpoint just retries elsewhere); returns the
+/// member that acknowledged it.
+pub async fn put_any(procs: &[Proc], key: &str, value: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for (i, p) in procs.iter().enumerate().filter(|(_, p)| p.child.is_some()) {
+            let req = PutRequest {
+                key: Bytes::copy_from_slice(key.as_bytes()),
+                value: Bytes::copy_from_slice(value.as_bytes()),
+                ..Default::default()
+            };
+            if kv(&p.client).await.put(req).await.is_ok() {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no member accepted the write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn get(url: &str, key: &str) -> Result<Option<Bytes>, tonic::Status> {
+    let req = RangeRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        ..Default::default()
+    };
+    let r = kv(url).await.range(req).await?.into_inner();
+    Ok(r.kvs.into_iter().next().map(|kv| kv.value))
+}
+
+pub fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
