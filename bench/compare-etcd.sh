@@ -7,12 +7,12 @@
 # Each workload runs RUNS times (alternating systems, so a noisy spell on the shared machine
 # hits both) and the table shows medians: ops/s, p50 and p99 each the median of its runs.
 #
-#   bench/compare-etcd.sh                    # defaults: RUNS=3, 20,000 requests per run
+#   bench/compare-etcd.sh                    # defaults: RUNS=3, 50,000 requests per run
 #   TOTAL=100000 RUNS=5 bench/compare-etcd.sh
 #   SYSTEMS=raftkv bench/compare-etcd.sh     # only one side (while tuning)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TOTAL=${TOTAL:-20000}
+TOTAL=${TOTAL:-50000}
 RUNS=${RUNS:-3}
 SYSTEMS=${SYSTEMS:-"etcd raftkv"}
 
@@ -25,13 +25,24 @@ cargo build -q --release -p server --bin raftkv
 RAFTKV="$PWD/target/release/raftkv"
 WORK=$(mktemp -d)
 PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$WORK"; }
 trap cleanup EXIT
 
 ENDPOINTS=127.0.0.1:32379,127.0.0.1:32389,127.0.0.1:32399
 CLUSTER=m0=http://127.0.0.1:32380,m1=http://127.0.0.1:32390,m2=http://127.0.0.1:32400
 
+# A port still held (by a cluster left running, say) would make the next system fail to
+# start while the warm-up below succeeds against the squatter: refuse to measure that.
+ports_free() {
+  for port in 32379 32380 32389 32390 32399 32400; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "port $port is in use; stop whatever listens there first" >&2; exit 1
+    fi
+  done
+}
+
 start() { # $1: etcd | raftkv
+  ports_free
   PIDS=()
   for i in 0 1 2; do
     local c=$((32379 + 10 * i)) p=$((32380 + 10 * i))
@@ -47,13 +58,19 @@ start() { # $1: etcd | raftkv
     PIDS+=($!)
   done
   for _ in $(seq 100); do
-    "$RAFTKV" put warmup 1 --endpoints "$ENDPOINTS" >/dev/null 2>&1 && return 0
+    if "$RAFTKV" put warmup 1 --endpoints "$ENDPOINTS" >/dev/null 2>&1; then
+      for p in "${PIDS[@]}"; do
+        kill -0 "$p" 2>/dev/null || { echo "$1: a member exited; see $WORK/$1-m*.log" >&2; exit 1; }
+      done
+      return 0
+    fi
     sleep 0.2
   done
   echo "$1 did not start" >&2; exit 1
 }
 
-stop() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); }
+# Between systems, let the disk settle (one system's dirty pages must not slow the next).
+stop() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); sync; sleep 2; }
 
 declare -A R # "system,label" -> one RESULT line per run
 WORKLOADS=("put, 256 clients" "put, 1 client" "linearizable get, 64 clients")

@@ -2,14 +2,17 @@
 //! are answered, then report throughput and latency percentiles. It speaks only the etcd v3
 //! API, so the same command measures etcd and raftkv alike.
 
+use crate::h2call::Conn;
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use server::pb::etcdserverpb::{kv_client::KvClient, PutRequest, RangeRequest};
+use server::pb::etcdserverpb::{PutRequest, RangeRequest};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+
+const PUT: &str = "/etcdserverpb.KV/Put";
+const RANGE: &str = "/etcdserverpb.KV/Range";
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Op {
@@ -65,23 +68,18 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
     let mut channels = Vec::new();
     for i in 0..a.conns {
         let url = &urls[i % urls.len()];
-        let ch = Endpoint::from_shared(url.clone())
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| format!("{url}: {e}"))?;
-        channels.push(ch);
+        channels.push(Conn::connect(url).await?);
     }
     if let Op::Get = a.op {
         // Reads need something to read.
-        let mut c = KvClient::new(channels[0].clone());
+        let mut c = channels[0].clone();
         for i in 0..a.key_space.min(1_000) {
             let req = PutRequest {
                 key: key(i, a.key_size),
                 value: vec![b'v'; a.val_size].into(),
                 ..Default::default()
             };
-            c.put(req).await.map_err(|s| s.message().to_string())?;
+            c.unary(PUT, &req).await?;
         }
     }
     let issued = Arc::new(AtomicU64::new(0));
@@ -98,13 +96,12 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..a.clients {
-        let ch: Channel = channels[c % channels.len()].clone();
+        let mut client = channels[c % channels.len()].clone();
         let (issued, bar, value) = (issued.clone(), bar.clone(), value.clone());
         let (op, total, key_size, key_space, serializable) =
             (a.op, a.total, a.key_size, a.key_space, a.serializable);
         let get_space = key_space.min(1_000);
         tasks.push(tokio::spawn(async move {
-            let mut client = KvClient::new(ch);
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
             let mut errors = 0u64;
             loop {
@@ -120,7 +117,7 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
                             value: value.clone(),
                             ..Default::default()
                         };
-                        client.put(req).await.is_ok()
+                        client.unary(PUT, &req).await.is_ok()
                     }
                     Op::Get => {
                         let req = RangeRequest {
@@ -128,7 +125,7 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
                             serializable,
                             ..Default::default()
                         };
-                        client.range(req).await.is_ok()
+                        client.unary(RANGE, &req).await.is_ok()
                     }
                 };
                 if ok {

@@ -393,6 +393,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
 
 mod bench;
 mod client;
+mod h2call;
 
 /// A member's runtime. One thread by default: the raft loop is one task whatever the
 /// thread count, and on a small machine shared by several members (or with the clients),

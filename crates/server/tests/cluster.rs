@@ -293,6 +293,11 @@ async fn the_cluster_command_runs_a_local_cluster_that_keeps_its_data() {
                     "{out}"
                 );
             }
+            // The load generator's writes really happened (keys are zero-padded numbers).
+            assert_eq!(
+                cli(&["get", "00000199"]),
+                format!("00000199\n{}\n", "v".repeat(256))
+            );
         }
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(parent.id() as libc::pid_t, libc::SIGINT) };
