@@ -101,12 +101,28 @@ impl Storage {
         Ok(())
     }
 
+    /// A handle that writes snapshot files from another thread, so that a large snapshot
+    /// does not hold up log appends; [`Storage::compact`] then only records it.
+    pub fn snapshot_writer(&self) -> SnapshotWriter {
+        SnapshotWriter(self.snaps.clone())
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
     pub fn segment_count(&self) -> usize {
         self.wal.segment_count()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SnapshotWriter(snap::SnapStore);
+
+impl SnapshotWriter {
+    /// Write `s` durably. Older snapshots stay until [`Storage::compact`] records `s`.
+    pub fn write(&self, s: &Snapshot) -> Result<()> {
+        self.0.write(s)
     }
 }
 

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"RKVSNAP1";
 
+#[derive(Clone, Debug)]
 pub struct SnapStore {
     dir: PathBuf,
 }
@@ -79,7 +80,27 @@ impl SnapStore {
 
     /// Write `s` durably, then remove older snapshots.
     pub fn save(&self, s: &Snapshot) -> Result<()> {
-        let path = self.dir.join(file_name(&s.meta));
+        let path = self.path_of(&s.meta);
+        if !path.exists() {
+            self.write(s)?;
+        }
+        for old in self.snapshot_files()? {
+            if old != path && old < path {
+                fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn path_of(&self, meta: &SnapshotMeta) -> PathBuf {
+        self.dir.join(file_name(meta))
+    }
+
+    /// Write `s` durably under its final name, keeping older snapshots. Safe from any
+    /// thread: recovery ignores a snapshot newer than the log's last snapshot mark (a crash
+    /// before the mark), and `save` later finds the file already there.
+    pub fn write(&self, s: &Snapshot) -> Result<()> {
+        let path = self.path_of(&s.meta);
         let tmp = path.with_extension("tmp");
         let meta = encode_meta(&s.meta);
         let write = || -> std::io::Result<()> {
@@ -99,13 +120,7 @@ impl SnapStore {
         };
         write().map_err(|e| Error::io(&tmp, e))?;
         fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        crate::sync_dir(&self.dir)?;
-        for old in self.snapshot_files()? {
-            if old != path && old < path {
-                fs::remove_file(&old).map_err(|e| Error::io(&old, e))?;
-            }
-        }
-        Ok(())
+        crate::sync_dir(&self.dir)
     }
 
     /// The newest snapshot, verified. A damaged newest snapshot is an error, not a reason

@@ -257,11 +257,16 @@ impl Wal {
     /// Record that a snapshot at (index, term) now covers the log.
     pub fn mark_snapshot(&mut self, index: Index, term: Term) -> Result<()> {
         let at = index.checked_sub(self.terms_from).map(|i| i as usize);
-        let keep_suffix = at.and_then(|i| self.terms.get(i)) == Some(&term);
-        if keep_suffix {
-            self.terms.drain(..=at.unwrap());
-        } else {
-            self.terms.clear();
+        let keep_suffix = match at.and_then(|i| self.terms.get(i)) {
+            Some(&t) => t == term,
+            // Marking the point already marked (a snapshot recorded at recovery, say): the
+            // entries after it stay.
+            None => self.last_mark == Some((index, term)),
+        };
+        match at {
+            Some(i) if keep_suffix => drop(self.terms.drain(..=i)),
+            _ if keep_suffix => {}
+            _ => self.terms.clear(),
         }
         self.terms_from = index + 1;
         self.last_mark = Some((index, term));

@@ -419,3 +419,43 @@ fn a_crash_between_snapshot_file_and_mark_recovers_consistently() {
         assert_eq!(again.entries, want, "conflict={conflict}");
     }
 }
+
+#[test]
+fn a_snapshot_written_off_thread_counts_once_recorded_and_its_predecessor_goes_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = |index: u64| Snapshot {
+        meta: SnapshotMeta {
+            index,
+            term: 1,
+            voters: vec![1],
+        },
+        data: vec![index as u8; 100].into(),
+    };
+    let snap_files = |d: &Path| std::fs::read_dir(d.join("snap")).unwrap().count();
+    let (mut s, _) = open(dir.path()).unwrap();
+    s.save(None, Some(hs(1, 12)), &ents(1..=12, 1)).unwrap();
+    s.sync().unwrap();
+    s.compact(&snap(4)).unwrap();
+    // Written by another thread while the log keeps going; the process dies before the
+    // log records it. Recovery uses the newest complete snapshot and the entries after it.
+    let writer = s.snapshot_writer();
+    std::thread::spawn(move || writer.write(&snap(8)).unwrap())
+        .join()
+        .unwrap();
+    assert_eq!(
+        snap_files(dir.path()),
+        2,
+        "the older snapshot stays until recorded"
+    );
+    drop(s);
+    let (mut s, state) = open(dir.path()).unwrap();
+    assert_eq!(state.snapshot.as_ref().unwrap().data, snap(8).data);
+    assert_eq!(state.entries, ents(9..=12, 1));
+    // Recording it does not write it again, and removes the predecessor.
+    s.compact(&snap(8)).unwrap();
+    assert_eq!(snap_files(dir.path()), 1);
+    drop(s);
+    let (_, state) = open(dir.path()).unwrap();
+    assert_eq!(state.snapshot.unwrap().meta.index, 8);
+    assert_eq!(state.entries, ents(9..=12, 1));
+}
