@@ -63,6 +63,8 @@ enum Input {
         persist_to: Option<(Index, Term)>,
         messages: Vec<Message>,
     },
+    /// A background snapshot is written (or failed).
+    Snapshotted(Result<Snapshot, String>),
     Stop,
 }
 
@@ -105,6 +107,8 @@ impl Node {
         let rt = Runtime {
             raft,
             store,
+            snapshot_writer: storage.snapshot_writer(),
+            snapshotting: false,
             storage: GroupCommit::start(storage),
             transport,
             tx: tx.clone(),
@@ -183,6 +187,10 @@ struct Runtime {
     raft: Raft,
     store: kv::Store,
     storage: GroupCommit,
+    /// Writes snapshot files off the raft loop and off the log's thread.
+    snapshot_writer: storage::SnapshotWriter,
+    /// A snapshot is being taken in the background (at most one at a time).
+    snapshotting: bool,
     transport: Arc<dyn Transport>,
     tx: mpsc::UnboundedSender<Input>,
     /// Writes proposed here, by request id, waiting for their entry to apply.
@@ -262,6 +270,7 @@ impl Runtime {
                 }
                 self.transport.send(messages);
             }
+            Input::Snapshotted(result) => self.on_snapshot(result),
             Input::Stop => return false,
         }
         true
@@ -462,27 +471,58 @@ impl Runtime {
         }
     }
 
+    /// Every `snapshot_count` applied entries, snapshot the store and compact the log. The
+    /// store is cloned here (values are shared, not copied) and serialized and written on a
+    /// blocking thread, so neither the raft loop nor the log's appends wait for a large
+    /// snapshot; the log is compacted once the file is durable.
     fn maybe_compact(&mut self) {
         let applied = self.raft.applied();
-        if applied < self.last_snapshot + self.cfg.snapshot_count {
+        if self.snapshotting || applied < self.last_snapshot + self.cfg.snapshot_count {
             return;
         }
         let Some(term) = self.raft.term_at(applied) else {
             return;
         };
-        let snapshot = Snapshot {
-            meta: SnapshotMeta {
-                index: applied,
-                term,
-                voters: self.cfg.voters.clone(),
-            },
-            data: self.store.snapshot(),
+        let meta = SnapshotMeta {
+            index: applied,
+            term,
+            voters: self.cfg.voters.clone(),
         };
+        let (store, writer, tx) = (
+            self.store.clone(),
+            self.snapshot_writer.clone(),
+            self.tx.clone(),
+        );
+        self.snapshotting = true;
+        tokio::task::spawn_blocking(move || {
+            let snapshot = Snapshot {
+                meta,
+                data: store.snapshot(),
+            };
+            let result = writer.write(&snapshot).map(|_| snapshot);
+            let _ = tx.send(Input::Snapshotted(result.map_err(|e| e.to_string())));
+        });
+    }
+
+    fn on_snapshot(&mut self, result: Result<Snapshot, String>) {
+        self.snapshotting = false;
+        let snapshot = match result {
+            Ok(s) => s,
+            Err(e) => {
+                // Try again after another `snapshot_count` entries; the log keeps growing
+                // meanwhile, which is safe.
+                tracing::error!(error = %e, "writing a snapshot failed");
+                self.last_snapshot = self.raft.applied();
+                return;
+            }
+        };
+        let index = snapshot.meta.index;
+        // Refused if a newer snapshot arrived from the leader meanwhile.
         if let Err(e) = self.raft.compact(snapshot.clone()) {
             tracing::warn!(error = %e, "compaction refused");
             return;
         }
-        self.last_snapshot = applied;
+        self.last_snapshot = self.last_snapshot.max(index);
         self.storage.submit(Batch {
             compact: Some(snapshot),
             ..Default::default()
