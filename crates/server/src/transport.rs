@@ -64,59 +64,68 @@ async fn run_peer(url: String, hello: pb::Hello, mut rx: mpsc::Receiver<Message>
             }
         };
         backoff = Duration::from_millis(50);
-        let (frames_tx, frames_rx) = mpsc::channel::<pb::MessageBatch>(64);
-        let mut client = client;
-        let mut call = tokio::spawn(async move {
-            client
-                .stream(tokio_stream::wrappers::ReceiverStream::new(frames_rx))
-                .await
-        });
-        // Open with the hello at once, so that every member learns of every other even
-        // when raft has nothing to say to it (followers talk only to the leader).
-        let greeting = pb::MessageBatch {
-            messages: Vec::new(),
-            hello: Some(hello.clone()),
-        };
-        if frames_tx.send(greeting).await.is_err() {
-            call.abort();
-            continue;
+        if !stream_to(client, &url, &hello, &mut rx).await {
+            return; // the node stopped
         }
-        // Forward batches until the stream breaks or the node stops.
-        loop {
-            let first = tokio::select! {
-                m = rx.recv() => m,
-                ended = &mut call => {
-                    if let Ok(Err(status)) = ended {
-                        if status.code() == tonic::Code::FailedPrecondition {
-                            // Not a network hiccup: the peer will refuse us until someone
-                            // fixes the configuration. Say so, and do not hammer it.
-                            tracing::error!(peer = %url, "the peer refused us: {}", status.message());
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    }
-                    break; // reconnect
-                }
-            };
-            let Some(first) = first else {
-                return; // the node stopped
-            };
-            let mut batch = vec![peer::to_pb(&first)];
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(m) => batch.push(peer::to_pb(&m)),
-                    Err(_) => break,
-                }
-            }
-            let frame = pb::MessageBatch {
-                messages: batch,
-                hello: None,
-            };
-            if frames_tx.send(frame).await.is_err() {
-                break; // the stream ended: reconnect
-            }
-        }
-        call.abort();
     }
+}
+
+/// Run one stream to a peer: the hello, then batches of whatever queues up. Returns false
+/// when the node stopped, true when the stream ended and should be opened again.
+async fn stream_to(
+    mut client: RaftClient<tonic::transport::Channel>,
+    url: &str,
+    hello: &pb::Hello,
+    rx: &mut mpsc::Receiver<Message>,
+) -> bool {
+    let (frames_tx, frames_rx) = mpsc::channel::<pb::MessageBatch>(64);
+    let mut call = tokio::spawn(async move {
+        client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(frames_rx))
+            .await
+    });
+    // Open with the hello at once, so that every member learns of every other even when
+    // raft has nothing to say to it (followers talk only to the leader).
+    let mut frame = pb::MessageBatch {
+        messages: Vec::new(),
+        hello: Some(hello.clone()),
+    };
+    loop {
+        if frames_tx.send(frame).await.is_err() {
+            break;
+        }
+        let first = tokio::select! {
+            m = rx.recv() => m,
+            ended = &mut call => {
+                if let Ok(Err(status)) = ended {
+                    if status.code() == tonic::Code::FailedPrecondition {
+                        // Not a network hiccup: the peer will refuse us until someone fixes
+                        // the configuration. Say so, and do not hammer it.
+                        tracing::error!(peer = %url, "the peer refused us: {}", status.message());
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+                return true;
+            }
+        };
+        let Some(first) = first else {
+            call.abort();
+            return false;
+        };
+        let mut messages = vec![peer::to_pb(&first)];
+        while messages.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => messages.push(peer::to_pb(&m)),
+                Err(_) => break,
+            }
+        }
+        frame = pb::MessageBatch {
+            messages,
+            hello: None,
+        };
+    }
+    call.abort();
+    true
 }
 
 /// The receiving side: checks the stream's hello, then steps every message of every frame
