@@ -185,6 +185,10 @@ async fn etcdctl_works_unchanged() {
             );
             let members = etcdctl(e, &["member", "list"], None);
             assert_eq!(members.lines().count(), 3, "{members}");
+            // Every member's client URL, learned from the others' peer streams.
+            for endpoint in e.split(',') {
+                assert!(members.contains(&format!("http://{endpoint}")), "{members}");
+            }
         }
     })
     .await
