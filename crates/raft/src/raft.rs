@@ -81,6 +81,9 @@ pub struct Raft {
     /// Follower: a snapshot arriving in chunks.
     pub(crate) incoming: Option<IncomingSnapshot>,
     pub(crate) msgs: Vec<Message>,
+    /// The `Propose` in `msgs` that forwarded commands still join: (position, bytes).
+    /// Reset whenever `msgs` is handed out.
+    pub(crate) open_propose: Option<(usize, u64)>,
     pub(crate) msgs_after_persist: Vec<Message>,
     pub(crate) read_states: Vec<ReadState>,
     /// What the last `Ready` reported, to report only changes.
@@ -122,6 +125,7 @@ impl Raft {
             pending_snapshot: None,
             incoming: None,
             msgs: Vec::new(),
+            open_propose: None,
             msgs_after_persist: Vec::new(),
             read_states: Vec::new(),
             prev_hard_state: hs,
@@ -218,21 +222,24 @@ impl Raft {
     }
 
     /// Add `data` to the `Propose` message for `leader` queued in this batch, or start one
-    /// when there is none or it is full (`max_size_per_msg`).
+    /// when there is none or it is full (`max_size_per_msg`). O(1) per command: the open
+    /// message is remembered by position, not searched for.
     fn forward(&mut self, leader: NodeId, data: Bytes) {
-        let limit = self.cfg.max_size_per_msg;
-        let term = self.term;
-        let open = self.msgs.iter_mut().rev().find_map(|m| match &mut m.body {
-            Body::Propose { data } if m.to == leader && m.term == term => Some(data),
-            _ => None,
-        });
-        if let Some(batch) = open {
-            let bytes: u64 = batch.iter().map(|d| d.len() as u64).sum();
-            if bytes + data.len() as u64 <= limit {
-                batch.push(data);
-                return;
+        let (term, limit, len) = (self.term, self.cfg.max_size_per_msg, data.len() as u64);
+        if let Some((at, bytes)) = self.open_propose {
+            let m = self
+                .msgs
+                .get_mut(at)
+                .expect("open_propose points into msgs");
+            if let Body::Propose { data: batch } = &mut m.body {
+                if m.to == leader && m.term == term && bytes + len <= limit {
+                    batch.push(data);
+                    self.open_propose = Some((at, bytes + len));
+                    return;
+                }
             }
         }
+        self.open_propose = Some((self.msgs.len(), len));
         self.send(leader, term, Body::Propose { data: vec![data] });
     }
 

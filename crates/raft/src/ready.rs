@@ -91,6 +91,7 @@ impl Raft {
         self.flush_broadcasts();
         let soft = self.soft_state();
         let hard = self.hard_state();
+        self.open_propose = None; // `msgs` is handed out below
         let rd = Ready {
             soft_state: (soft != self.prev_soft_state).then_some(soft),
             snapshot: self.pending_snapshot.take(),

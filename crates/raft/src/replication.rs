@@ -58,29 +58,29 @@ impl Raft {
         }
     }
 
-    /// Tell every follower that has not heard it the current commit index, as far as it
-    /// holds the entries. Called once per `ready`, after that batch's appends went out, so
-    /// it sends only where no append carried the news.
-    pub(crate) fn bcast_commit(&mut self) {
+    /// Followers that have not heard the current commit index, as far as they hold the
+    /// entries: (follower, the commit index to tell it).
+    fn commit_news(&self) -> impl Iterator<Item = (NodeId, Index)> + '_ {
         let committed = self.log.committed;
-        let mut to_tell = Vec::new();
-        for (&id, pr) in self.progress.iter_mut() {
+        self.progress.iter().filter_map(move |(&id, pr)| {
             let commit = pr.match_index.min(committed);
-            if id != self.id && commit > pr.commit_sent {
-                pr.commit_sent = commit;
-                to_tell.push((id, commit));
-            }
-        }
-        for (to, commit) in to_tell {
-            self.send(to, self.term, Body::Commit { commit });
-        }
+            (id != self.id && commit > pr.commit_sent).then_some((id, commit))
+        })
     }
 
     pub(crate) fn commit_unsent(&self) -> bool {
-        let committed = self.log.committed;
-        self.progress
-            .iter()
-            .any(|(&id, pr)| id != self.id && pr.match_index.min(committed) > pr.commit_sent)
+        self.commit_news().next().is_some()
+    }
+
+    /// Tell every follower that has not heard it the current commit index. Called once per
+    /// `ready`, after that batch's appends went out, so it sends only where no append
+    /// carried the news.
+    pub(crate) fn bcast_commit(&mut self) {
+        let news: Vec<(NodeId, Index)> = self.commit_news().collect();
+        for (to, commit) in news {
+            self.progress.get_mut(&to).unwrap().commit_sent = commit;
+            self.send(to, self.term, Body::Commit { commit });
+        }
     }
 
     /// One heartbeat round: liveness, commit propagation, and ReadIndex confirmation.

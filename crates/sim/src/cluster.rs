@@ -610,12 +610,8 @@ impl Cluster {
         id: NodeId,
         data: bytes::Bytes,
     ) -> Result<raft::Proposal, Error> {
-        let Some(raft) = self.node_mut(id).raft.as_mut() else {
-            return Err(Error::NoLeader);
-        };
-        let r = raft.propose_or_forward(data);
-        self.process_ready(id);
-        r
+        let mut results = self.propose_all_or_forward(id, vec![data]);
+        results.pop().expect("one result per command")
     }
 
     /// Several commands arriving at `id` together (one `ready` for all of them).
