@@ -21,6 +21,8 @@ pub enum Error {
     InvalidSnapshot(String),
     /// The configuration is unusable; the string says why.
     InvalidConfig(String),
+    /// A peer's message breaks the protocol's rules (see `validate.rs`); it was refused.
+    InvalidMessage(&'static str),
 }
 
 impl fmt::Display for Error {
@@ -37,6 +39,7 @@ impl fmt::Display for Error {
             Error::UnknownNode(id) => write!(f, "node {id} is not a member"),
             Error::InvalidSnapshot(why) => write!(f, "invalid snapshot: {why}"),
             Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
+            Error::InvalidMessage(why) => write!(f, "invalid message refused: {why}"),
         }
     }
 }

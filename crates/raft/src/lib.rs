@@ -43,6 +43,7 @@ mod replication;
 mod rng;
 mod snapshot;
 mod types;
+mod validate;
 
 pub use config::{Config, ReadMode};
 pub use error::{Error, Result};

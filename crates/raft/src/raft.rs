@@ -89,6 +89,8 @@ pub struct Raft {
     /// What the last `Ready` reported, to report only changes.
     pub(crate) prev_hard_state: HardState,
     pub(crate) prev_soft_state: SoftState,
+    /// Messages refused by the entry checks (`validate.rs`) since this core started.
+    pub(crate) refused_messages: u64,
 }
 
 impl Raft {
@@ -134,6 +136,7 @@ impl Raft {
                 leader: None,
                 term: hs.term,
             },
+            refused_messages: 0,
             cfg,
         };
         raft.prev_hard_state.commit = raft.log.committed;
@@ -190,6 +193,11 @@ impl Raft {
             .iter()
             .map(|(&id, p)| (id, p.match_index, p.next_index))
             .collect()
+    }
+
+    /// Messages refused at the entry (strangers, broken rules) since this core started.
+    pub fn refused_messages(&self) -> u64 {
+        self.refused_messages
     }
 
     /// Advance logical time by one tick.
@@ -322,11 +330,17 @@ impl Raft {
         }
     }
 
-    /// The single entry point for messages from other nodes. Messages that are stale, from
-    /// strangers, or malformed are dropped; they never cause a panic.
+    /// The single entry point for messages from other nodes. Messages that are stale are
+    /// dropped; those from strangers or breaking the protocol's rules are refused with an
+    /// error and counted. None ever causes a panic.
     pub fn step(&mut self, m: Message) -> Result<()> {
         if m.to != self.id || !self.voters.contains(m.from) || m.from == self.id {
+            self.refused_messages += 1;
             return Err(Error::UnknownNode(m.from));
+        }
+        if let Err(e) = crate::validate::check(&m, self.voters.voters()) {
+            self.refused_messages += 1;
+            return Err(e);
         }
         if m.term > self.term && !self.step_higher_term(&m) {
             return Ok(());

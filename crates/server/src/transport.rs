@@ -152,7 +152,8 @@ impl RaftService {
         }
     }
 
-    fn admit(&self, hello: Option<pb::Hello>) -> Result<(), Status> {
+    /// Check a stream's hello; returns the member it says it comes from.
+    fn admit(&self, hello: Option<pb::Hello>) -> Result<NodeId, Status> {
         let Some(h) = hello else {
             return Err(Status::failed_precondition(
                 "a peer stream must open with a hello",
@@ -180,7 +181,7 @@ impl RaftService {
             .lock()
             .unwrap()
             .insert(h.member_id, h.client_urls);
-        Ok(())
+        Ok(h.member_id)
     }
 }
 
@@ -194,7 +195,7 @@ impl raft_server::Raft for RaftService {
         let Some(first) = frames.message().await? else {
             return Ok(Response::new(pb::Empty {}));
         };
-        self.admit(first.hello.clone())?;
+        let peer = self.admit(first.hello.clone())?;
         let mut next = Some(first);
         while let Some(batch) = match next.take() {
             Some(b) => Some(b),
@@ -204,10 +205,31 @@ impl raft_server::Raft for RaftService {
                 continue;
             };
             for m in batch.messages {
-                // A malformed message is dropped; the peer's raft will resend what matters.
-                if let Ok(m) = peer::from_pb(m) {
-                    node.step(m);
+                let m = match peer::from_pb(m) {
+                    Ok(m) => m,
+                    Err(why) => {
+                        // Dropped; the peer's raft resends whatever mattered.
+                        tracing::warn!(
+                            peer = format_args!("{peer:016x}"),
+                            "malformed raft message dropped: {why}"
+                        );
+                        continue;
+                    }
+                };
+                // A stream speaks for the member its hello named, and no other: a message
+                // claiming another sender is a bug or an impostor, and ends the stream.
+                if m.from != peer {
+                    tracing::warn!(
+                        peer = format_args!("{peer:016x}"),
+                        "closing a peer stream: it carried a message from {:016x}",
+                        m.from
+                    );
+                    return Err(Status::permission_denied(format!(
+                        "this stream belongs to member {peer:016x}, not to {:016x}",
+                        m.from
+                    )));
                 }
+                node.step(m);
             }
         }
         Ok(Response::new(pb::Empty {}))

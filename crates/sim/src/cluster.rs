@@ -297,8 +297,16 @@ impl Cluster {
                 if !self.node(to).is_up() || !self.net.connected(m.from, to) {
                     return;
                 }
-                // Misaddressed or stale messages are the core's to ignore.
-                let _ = self.node_mut(to).raft.as_mut().unwrap().step(m);
+                // Stale messages are the core's to ignore. One it refuses as malformed was
+                // sent by a correct core over the simulated network: a bug in one of them.
+                let shown = self.cfg.trace.then(|| format!("{m:?}"));
+                if let Err(Error::InvalidMessage(why)) =
+                    self.node_mut(to).raft.as_mut().unwrap().step(m)
+                {
+                    self.fail(&format!(
+                        "node {to} refused a peer's message: {why} {shown:?}"
+                    ));
+                }
                 self.process_ready(to);
             }
             Event::PersistDone(id, inc) => {
@@ -341,6 +349,22 @@ impl Cluster {
                 self.process_ready(id);
             }
         }
+    }
+
+    /// Hand `m` straight to its addressee, as if it had just arrived over the network (for
+    /// tests that forge messages); returns what the core said of it.
+    pub fn inject(&mut self, m: Message) -> Result<(), Error> {
+        let to = m.to;
+        let Some(raft) = self
+            .nodes
+            .get_mut((to as usize).wrapping_sub(1))
+            .and_then(|n| n.raft.as_mut())
+        else {
+            return Err(Error::UnknownNode(to));
+        };
+        let result = raft.step(m);
+        self.process_ready(to);
+        result
     }
 
     fn send(&mut self, m: Message) {

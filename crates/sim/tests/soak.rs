@@ -10,6 +10,12 @@ fn soak_200_random_schedules() {
     let mut worst_recovery = 0;
     for seed in start..start + 200 {
         let r = sim::soak::run(seed, false);
+        assert!(
+            r.checks > 0 && r.committed > 0,
+            "seed {seed}: {} safety checks, {} commits",
+            r.checks,
+            r.committed
+        );
         committed += r.committed;
         crashes += r.crashes;
         worst_recovery = worst_recovery.max(r.recovery_ms);
