@@ -5,6 +5,7 @@
 use crate::api;
 use crate::pb::etcdserverpb as pb;
 use crate::pb::raftkvpb::{log_command::Command, LogCommand};
+use driver::RequestId;
 use prost::Message;
 use tonic::Status;
 
@@ -17,7 +18,7 @@ pub enum Write {
     Compact(pb::CompactionRequest),
 }
 
-pub fn encode(request_id: u64, write: Write) -> bytes::Bytes {
+pub fn encode(id: RequestId, write: Write) -> bytes::Bytes {
     let command = match write {
         Write::Put(p) => Command::Put(p),
         Write::DeleteRange(d) => Command::DeleteRange(d),
@@ -25,7 +26,9 @@ pub fn encode(request_id: u64, write: Write) -> bytes::Bytes {
         Write::Compact(c) => Command::Compaction(c),
     };
     LogCommand {
-        request_id,
+        request_id: id.seq,
+        member: id.member,
+        boot: id.boot,
         command: Some(command),
     }
     .encode_to_vec()
@@ -35,7 +38,8 @@ pub fn encode(request_id: u64, write: Write) -> bytes::Bytes {
 /// Decode an entry into the request to apply. A command that decodes but does not convert
 /// (say, an unknown enum value) is still deterministic: every node gets the same error, which
 /// the proposer returns to its client.
-pub fn decode(data: &[u8]) -> Result<(u64, Result<kv::Request, Status>), prost::DecodeError> {
+#[allow(clippy::type_complexity)]
+pub fn decode(data: &[u8]) -> Result<(RequestId, Result<kv::Request, Status>), prost::DecodeError> {
     let cmd = LogCommand::decode(data)?;
     let request = match &cmd.command {
         Some(Command::Put(p)) => api::put_request(p).map(kv::Request::Put),
@@ -44,5 +48,10 @@ pub fn decode(data: &[u8]) -> Result<(u64, Result<kv::Request, Status>), prost::
         Some(Command::Compaction(c)) => Ok(kv::Request::Compact(c.revision)),
         None => Err(Status::invalid_argument("etcdserver: empty log command")),
     };
-    Ok((cmd.request_id, request))
+    let id = RequestId {
+        member: cmd.member,
+        boot: cmd.boot,
+        seq: cmd.request_id,
+    };
+    Ok((id, request))
 }

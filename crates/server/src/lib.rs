@@ -10,6 +10,7 @@
 pub mod api;
 pub mod command;
 pub mod grpc;
+pub mod machine;
 pub mod node;
 pub mod peer;
 pub mod transport;

@@ -385,7 +385,10 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         r = client_server => r.map_err(|e| format!("client listener {client_addr}: {e}"))?,
         _ = tokio::signal::ctrl_c() => {}
         _ = terminated() => {}
-        _ = task => return Err("the raft loop stopped (see the log above)".into()),
+        r = task => return Err(match r {
+            Ok(Err(why)) => format!("the member stopped: {why}"),
+            _ => "the raft loop stopped (see the log above)".into(),
+        }),
     }
     node.stop();
     Ok(())

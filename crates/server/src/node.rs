@@ -1,15 +1,16 @@
-//! The node runtime. One task owns the raft core and the kv store and runs the loop: tick on
-//! a timer; step messages from peers; send the leader's appends while its own disk write runs
-//! (the core marks which messages may go early); persist through the storage thread with
-//! group commit; send the messages that promise durable state only once it is durable; apply
-//! committed entries; answer writers only when their entry is committed *and* applied; serve
-//! linearizable reads through ReadIndex; compact every `snapshot_count` entries.
+//! A member's runtime on tokio: one task owns the [`driver::Driver`] (the raft core, the kv
+//! store, the clients waiting on them) and feeds it ticks, peer messages, client requests
+//! and storage completions. Everything the Ready contract asks — what to send before and
+//! after the disk write, applying, answering, reads, snapshots — is the driver's, the same
+//! code the simulator runs. This file adds only what is about tokio and the disk: channels,
+//! the group-commit log, background snapshot files, and etcd's response headers and errors.
 
 use crate::api;
 use crate::command::{self, Write};
+use crate::machine::{Applied, KvMachine, Served};
 use crate::pb::etcdserverpb::ResponseHeader;
-use raft::{EntryKind, Index, Message, NodeId, Raft, Role, Snapshot, SnapshotMeta, Term};
-use std::collections::HashMap;
+use driver::{Answered, DriverConfig, Ids, Refusal, Reply};
+use raft::{Index, Message, NodeId, Raft, Role, Snapshot, SnapshotMeta, Term};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,477 +54,330 @@ pub struct NodeStatus {
 pub type WriteResult = Result<(kv::Response, ResponseHeader), Status>;
 pub type ReadResult = Result<(kv::RangeResponse, ResponseHeader), Status>;
 
+/// Requests from clients and peers. The queue is bounded: when the loop falls behind,
+/// clients are told "too many requests" and peers' messages are dropped (raft resends),
+/// instead of memory growing without limit.
 enum Input {
     Step(Message),
-    Write(Write, oneshot::Sender<WriteResult>),
-    Read(kv::RangeRequest, bool, oneshot::Sender<ReadResult>),
+    Write(Write, Waiter<Applied>),
+    Read(kv::RangeRequest, bool, Waiter<Served>),
     Status(oneshot::Sender<NodeStatus>),
-    Durable {
-        result: Result<(), String>,
-        persist_to: Option<(Index, Term)>,
-        messages: Vec<Message>,
-    },
-    /// A background snapshot is written (or failed).
-    Snapshotted(Result<Snapshot, String>),
     Stop,
 }
+
+/// Completions from the node's own storage, on a queue of their own: they are bounded by
+/// the writes in flight and must never be dropped.
+enum Done {
+    Persisted(Result<(), String>),
+    Snapshotted(Result<Snapshot, String>),
+}
+
+/// Most requests queued for the loop; beyond it clients get "too many requests".
+pub const INPUT_QUEUE: usize = 16_384;
+/// Inputs handled before the loop looks at the core's output again: batching bound.
+const MAX_INPUTS_PER_ROUND: usize = 1024;
 
 /// A handle to a running node; cheap to clone.
 #[derive(Clone)]
 pub struct Node {
-    tx: mpsc::UnboundedSender<Input>,
+    tx: mpsc::Sender<Input>,
+    id: NodeId,
+    cluster_id: u64,
 }
 
 fn gone() -> Status {
     Status::unavailable("etcdserver: server stopped")
 }
 
+fn too_many_requests() -> Status {
+    Status::resource_exhausted("etcdserver: too many requests")
+}
+
+fn refused(r: Refusal) -> Status {
+    match r {
+        Refusal::NoLeader => Status::unavailable("etcdserver: no leader"),
+        Refusal::LeaderChanged => Status::unavailable("etcdserver: leader changed"),
+        Refusal::TooManyRequests => too_many_requests(),
+        Refusal::TooLarge => api::request_too_large(),
+        Refusal::Stopped => gone(),
+    }
+}
+
+/// A client waiting on the loop.
+pub struct Waiter<T>(oneshot::Sender<Result<Answered<T>, Refusal>>);
+
+impl<T> Reply<T> for Waiter<T> {
+    fn send(self, result: Result<Answered<T>, Refusal>) {
+        let _ = self.0.send(result);
+    }
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+type KvDriver = driver::Driver<KvMachine, Wal, Peers, Waiter<Applied>, Waiter<Served>>;
+
 impl Node {
-    /// Open the data directory, recover, and run the node on the current tokio runtime.
+    /// Open the data directory, recover, and run the node on the current tokio runtime. The
+    /// task ends with the reason if the member had to stop (a failed disk, say).
     pub fn start(
         cfg: NodeConfig,
         transport: Arc<dyn Transport>,
-    ) -> Result<(Node, tokio::task::JoinHandle<()>), String> {
+    ) -> Result<(Node, tokio::task::JoinHandle<Result<(), String>>), String> {
         let id = Identity {
             cluster_id: cfg.cluster_id,
             node_id: cfg.id,
         };
         let (storage, state) =
             Storage::open(&cfg.data_dir, id, Options::default()).map_err(|e| e.to_string())?;
-        let (store, snapshot_index) = match &state.snapshot {
-            Some(s) => (
-                kv::Store::restore(&s.data).map_err(|e| e.to_string())?,
-                s.meta.index,
-            ),
-            None => (kv::Store::new(), 0),
-        };
+        let mut machine = KvMachine::default();
         let mut rc = raft::Config::new(cfg.id, cfg.voters.clone());
+        if let Some(s) = &state.snapshot {
+            machine.restore_at_start(s)?;
+            rc.applied = s.meta.index;
+        }
         rc.heartbeat_tick = 1;
         rc.election_tick = cfg.election_ticks;
-        rc.applied = snapshot_index;
-        rc.seed = random_seed(cfg.id);
+        let boot = boot_nonce(cfg.id);
+        rc.seed = boot;
         let raft = Raft::new(rc, state).map_err(|e| e.to_string())?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let rt = Runtime {
-            raft,
-            store,
-            snapshot_writer: storage.snapshot_writer(),
-            snapshotting: false,
-            storage: GroupCommit::start(storage),
-            transport,
-            tx: tx.clone(),
-            waiters: HashMap::new(),
-            next_request: 1,
-            reads: HashMap::new(),
-            confirmed_reads: Vec::new(),
-            next_read: 1,
-            in_flight: 0,
-            last_snapshot: snapshot_index,
-            was_leader: None,
-            cfg,
+        let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let wal = Wal {
+            writer: storage.snapshot_writer(),
+            group: GroupCommit::start(storage),
+            done: done_tx,
         };
-        let task = tokio::spawn(rt.run(rx));
-        Ok((Node { tx }, task))
+        let dcfg = DriverConfig {
+            snapshot_count: cfg.snapshot_count,
+            max_command_bytes: api::MAX_REQUEST_BYTES,
+            ..DriverConfig::default()
+        };
+        let d = KvDriver::new(
+            raft,
+            machine,
+            wal,
+            Peers(transport),
+            Ids::new(cfg.id, boot),
+            dcfg,
+        );
+        let task = tokio::spawn(run(d, cfg.tick, rx, done_rx));
+        let node = Node {
+            tx,
+            id: cfg.id,
+            cluster_id: cfg.cluster_id,
+        };
+        Ok((node, task))
     }
 
-    /// A message from a peer.
+    /// A message from a peer. Dropped if the loop is that far behind; raft resends.
     pub fn step(&self, m: Message) {
-        let _ = self.tx.send(Input::Step(m));
+        let _ = self.tx.try_send(Input::Step(m));
+    }
+
+    fn submit(&self, input: Input) -> Result<(), Status> {
+        self.tx.try_send(input).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => too_many_requests(),
+            mpsc::error::TrySendError::Closed(_) => gone(),
+        })
+    }
+
+    fn header(&self, revision: i64, raft_term: Term) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.id,
+            revision,
+            raft_term,
+        }
     }
 
     /// Propose a write; answers once it is committed and applied here.
     pub async fn write(&self, w: Write) -> WriteResult {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Input::Write(w, reply)).map_err(|_| gone())?;
-        rx.await
-            .map_err(|_| Status::unavailable("etcdserver: leader changed"))?
+        self.submit(Input::Write(w, Waiter(reply)))?;
+        let answered = rx.await.map_err(|_| gone())?.map_err(refused)?;
+        let (resp, revision) = answered.value?;
+        Ok((resp, self.header(revision, answered.term)))
     }
 
     /// A range read: linearizable (ReadIndex) or serializable (local state).
     pub async fn read(&self, req: kv::RangeRequest, linearizable: bool) -> ReadResult {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Input::Read(req, linearizable, reply))
-            .map_err(|_| gone())?;
-        rx.await
-            .map_err(|_| Status::unavailable("etcdserver: leader changed"))?
+        self.submit(Input::Read(req, linearizable, Waiter(reply)))?;
+        let answered = rx.await.map_err(|_| gone())?.map_err(refused)?;
+        let (resp, revision) = answered.value?;
+        Ok((resp, self.header(revision, answered.term)))
     }
 
     pub async fn status(&self) -> Result<NodeStatus, Status> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Input::Status(reply)).map_err(|_| gone())?;
+        self.submit(Input::Status(reply))?;
         rx.await.map_err(|_| gone())
     }
 
     pub fn stop(&self) {
-        let _ = self.tx.send(Input::Stop);
+        // A full queue must not keep a member from stopping.
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(Input::Stop).await;
+        });
     }
 }
 
-fn random_seed(id: NodeId) -> u64 {
+impl KvMachine {
+    fn restore_at_start(&mut self, s: &Snapshot) -> Result<(), String> {
+        driver::StateMachine::restore(self, s)
+            .map_err(|e| format!("the snapshot at index {} is unreadable: {e}", s.meta.index))
+    }
+}
+
+/// A nonce for this life of the member: request ids and read contexts carry it, so answers
+/// meant for an earlier life never match a request of this one. From the OS's randomness
+/// (through std's hasher keys), mixed with the clock and process id.
+fn boot_nonce(id: NodeId) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ id.rotate_left(32)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    h.write_u64(id);
+    h.finish()
 }
 
-fn raft_status(e: raft::Error) -> Status {
-    match e {
-        raft::Error::NotLeader { .. } => Status::unavailable("etcdserver: not leader"),
-        raft::Error::NoLeader => Status::unavailable("etcdserver: no leader"),
-        raft::Error::TransferInProgress { .. } => Status::unavailable("etcdserver: leader changed"),
-        raft::Error::ProposalDropped { .. } | raft::Error::ReadQueueFull => {
-            Status::unavailable("etcdserver: too many requests")
-        }
-        other => Status::internal(other.to_string()),
-    }
-}
-
-/// Inputs handled before the loop looks at the core's output again: batching bound.
-const MAX_INPUTS_PER_ROUND: usize = 1024;
-
-struct Runtime {
-    cfg: NodeConfig,
-    raft: Raft,
-    store: kv::Store,
-    storage: GroupCommit,
-    /// Writes snapshot files off the raft loop and off the log's thread.
-    snapshot_writer: storage::SnapshotWriter,
-    /// A snapshot is being taken in the background (at most one at a time).
-    snapshotting: bool,
-    transport: Arc<dyn Transport>,
-    tx: mpsc::UnboundedSender<Input>,
-    /// Writes proposed here, by request id, waiting for their entry to apply.
-    waiters: HashMap<u64, oneshot::Sender<WriteResult>>,
-    next_request: u64,
-    /// Linearizable reads waiting for leadership confirmation, by read ctx.
-    reads: HashMap<u64, (kv::RangeRequest, oneshot::Sender<ReadResult>)>,
-    /// Confirmed reads waiting for their index to be applied.
-    confirmed_reads: Vec<(Index, kv::RangeRequest, oneshot::Sender<ReadResult>)>,
-    next_read: u64,
-    /// Disk batches submitted and not yet durable.
-    in_flight: usize,
-    last_snapshot: Index,
-    was_leader: Option<NodeId>,
-}
-
-impl Runtime {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
-        let mut ticker = tokio::time::interval(self.cfg.tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => self.on_tick(),
-                input = rx.recv() => {
-                    let Some(input) = input else { break };
-                    if !self.handle(input) {
+/// The loop. Returns the reason if the member had to stop.
+async fn run(
+    mut d: KvDriver,
+    tick: Duration,
+    mut rx: mpsc::Receiver<Input>,
+    mut done: mpsc::UnboundedReceiver<Done>,
+) -> Result<(), String> {
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => d.tick(),
+            Some(first) = done.recv() => {
+                on_done(&mut d, first);
+                while let Ok(next) = done.try_recv() {
+                    on_done(&mut d, next);
+                }
+            }
+            input = rx.recv() => {
+                let Some(input) = input else { break };
+                let mut stop = !handle(&mut d, input);
+                for _ in 0..MAX_INPUTS_PER_ROUND {
+                    if stop {
                         break;
                     }
-                    for _ in 0..MAX_INPUTS_PER_ROUND {
-                        match rx.try_recv() {
-                            Ok(input) => {
-                                if !self.handle(input) {
-                                    return;
-                                }
-                            }
-                            Err(_) => break,
-                        }
+                    match rx.try_recv() {
+                        Ok(input) => stop = !handle(&mut d, input),
+                        Err(_) => break,
                     }
                 }
-            }
-            self.process_ready();
-        }
-    }
-
-    fn on_tick(&mut self) {
-        self.raft.tick();
-        // A forwarded command or read the leader dropped is never answered; its client has
-        // given up (request timeout), so forget it.
-        self.waiters.retain(|_, reply| !reply.is_closed());
-        self.reads.retain(|_, (_, reply)| !reply.is_closed());
-    }
-
-    /// Returns false when the node must stop.
-    fn handle(&mut self, input: Input) -> bool {
-        match input {
-            Input::Step(m) => {
-                // Messages from strangers or for someone else are the core's to refuse.
-                let _ = self.raft.step(m);
-            }
-            Input::Write(w, reply) => self.propose(w, reply),
-            Input::Read(req, linearizable, reply) => self.read(req, linearizable, reply),
-            Input::Status(reply) => {
-                let _ = reply.send(self.status());
-            }
-            Input::Durable {
-                result,
-                persist_to,
-                messages,
-            } => {
-                self.in_flight -= 1;
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "the log could not be made durable; stopping");
-                    return false;
-                }
-                if let Some((index, term)) = persist_to {
-                    self.raft.advance_persisted(index, term);
-                }
-                self.transport.send(messages);
-            }
-            Input::Snapshotted(result) => self.on_snapshot(result),
-            Input::Stop => return false,
-        }
-        true
-    }
-
-    fn header(&self) -> ResponseHeader {
-        ResponseHeader {
-            cluster_id: self.cfg.cluster_id,
-            member_id: self.cfg.id,
-            revision: self.store.revision(),
-            raft_term: self.raft.term(),
-        }
-    }
-
-    fn status(&self) -> NodeStatus {
-        NodeStatus {
-            id: self.cfg.id,
-            role: self.raft.role(),
-            leader: self.raft.leader(),
-            term: self.raft.term(),
-            commit: self.raft.commit_index(),
-            applied: self.raft.applied(),
-            revision: self.store.revision(),
-            snapshot_index: self.raft.snapshot_index(),
-            db_size: self.store.size_bytes(),
-        }
-    }
-
-    fn propose(&mut self, w: Write, reply: oneshot::Sender<WriteResult>) {
-        // Request ids are unique per node; the node id keeps them apart across nodes.
-        let id = (self.cfg.id << 40) | self.next_request;
-        self.next_request += 1;
-        let data = command::encode(id, w);
-        if data.len() > api::MAX_REQUEST_BYTES {
-            let _ = reply.send(Err(api::request_too_large()));
-            return;
-        }
-        // A follower forwards the command to its leader through the peer stream (batched
-        // with the others of this round) and answers once it has applied the entry itself.
-        match self.raft.propose_or_forward(data) {
-            Ok(_) => {
-                self.waiters.insert(id, reply);
-            }
-            Err(e) => {
-                let _ = reply.send(Err(raft_status(e)));
-            }
-        }
-    }
-
-    fn read(
-        &mut self,
-        req: kv::RangeRequest,
-        linearizable: bool,
-        reply: oneshot::Sender<ReadResult>,
-    ) {
-        if !linearizable {
-            let _ = reply.send(self.range(&req));
-            return;
-        }
-        let ctx = self.next_read;
-        self.next_read += 1;
-        match self.raft.read_index(ctx) {
-            Ok(()) => {
-                self.reads.insert(ctx, (req, reply));
-            }
-            Err(e) => {
-                let _ = reply.send(Err(raft_status(e)));
-            }
-        }
-    }
-
-    fn range(&self, req: &kv::RangeRequest) -> ReadResult {
-        self.store
-            .range(req, self.store.revision())
-            .map(|r| (r, self.header()))
-            .map_err(|e| api::status(&e))
-    }
-
-    fn process_ready(&mut self) {
-        while self.raft.has_ready() {
-            let mut rd = self.raft.ready();
-            // 1. What may leave before the disk write: the leader's appends among them.
-            self.transport.send(std::mem::take(&mut rd.messages));
-            // 2. A snapshot from the leader replaces the state machine.
-            if let Some(s) = &rd.snapshot {
-                match kv::Store::restore(&s.data) {
-                    Ok(store) => self.store = store,
-                    Err(e) => {
-                        tracing::error!(error = %e, "leader sent an unreadable snapshot");
-                        return;
-                    }
-                }
-                self.last_snapshot = s.meta.index;
-            }
-            // 3. Persist; votes and acknowledgements go out once durable. The batch takes
-            // the entries and snapshot: nothing below needs them.
-            let snapshot_index = rd.snapshot.as_ref().map(|s| s.meta.index);
-            if rd.must_persist() || (!rd.persisted_messages.is_empty() && self.in_flight > 0) {
-                let (lazy, persist_to) = (!rd.must_sync(), rd.persist_to());
-                self.submit(
-                    Batch {
-                        snapshot: rd.snapshot.take(),
-                        hard_state: rd.hard_state,
-                        entries: std::mem::take(&mut rd.entries),
-                        lazy,
-                        ..Default::default()
-                    },
-                    persist_to,
-                    std::mem::take(&mut rd.persisted_messages),
-                );
-            } else {
-                // Everything before is durable and this batch writes nothing.
-                self.transport
-                    .send(std::mem::take(&mut rd.persisted_messages));
-            }
-            // 4. Apply.
-            if let Some(index) = snapshot_index {
-                self.raft.advance_applied(index);
-            }
-            for e in &rd.committed_entries {
-                self.apply(e);
-            }
-            if let Some(last) = rd.committed_entries.last() {
-                self.raft.advance_applied(last.index);
-            }
-            // 5. Reads.
-            for rs in rd.read_states {
-                if let Some((req, reply)) = self.reads.remove(&rs.ctx) {
-                    self.confirmed_reads.push((rs.index, req, reply));
+                if stop {
+                    d.shutdown("the member is stopping");
+                    return Ok(());
                 }
             }
-            self.serve_reads();
-            if rd.soft_state.is_some() {
-                self.on_leader_change();
-            }
-            self.maybe_compact();
+        }
+        d.process_ready();
+        if let Some(why) = d.failure() {
+            return Err(why.to_string());
         }
     }
+    d.shutdown("the member is stopping");
+    Ok(())
+}
 
-    fn submit(
-        &mut self,
-        mut batch: Batch,
-        persist_to: Option<(Index, Term)>,
-        messages: Vec<Message>,
-    ) {
-        let tx = self.tx.clone();
-        batch.on_durable = Some(Box::new(move |result| {
-            let _ = tx.send(Input::Durable {
-                result,
-                persist_to,
-                messages,
+fn on_done(d: &mut KvDriver, done: Done) {
+    match done {
+        Done::Persisted(result) => d.on_persisted(result),
+        Done::Snapshotted(result) => d.on_snapshot(result),
+    }
+}
+
+/// Returns false when the node must stop.
+fn handle(d: &mut KvDriver, input: Input) -> bool {
+    match input {
+        // Messages from strangers, or that break the protocol's rules, are the core's to
+        // refuse (and count).
+        Input::Step(m) => {
+            let _ = d.step(m);
+        }
+        Input::Write(w, reply) => d.propose(|id| command::encode(id, w), reply),
+        Input::Read(req, linearizable, reply) => d.read(req, linearizable, reply),
+        Input::Status(reply) => {
+            let s = d.status();
+            let store = &d.machine().store;
+            let _ = reply.send(NodeStatus {
+                id: s.id,
+                role: s.role,
+                leader: s.leader,
+                term: s.term,
+                commit: s.commit,
+                applied: s.applied,
+                revision: store.revision(),
+                snapshot_index: s.snapshot_index,
+                db_size: store.size_bytes(),
             });
-        }));
-        self.in_flight += 1;
-        self.storage.submit(batch);
-    }
-
-    fn apply(&mut self, e: &raft::Entry) {
-        if e.kind == EntryKind::Noop || e.data.is_empty() {
-            return;
         }
-        let (id, request) = match command::decode(&e.data) {
-            Ok(decoded) => decoded,
-            Err(err) => {
-                // Every node sees the same bytes and skips them the same way.
-                tracing::error!(index = e.index, error = %err, "undecodable log entry skipped");
-                return;
-            }
-        };
-        let result = request.and_then(|r| self.store.apply(&r).map_err(|e| api::status(&e)));
-        if let Some(reply) = self.waiters.remove(&id) {
-            let _ = reply.send(result.map(|resp| (resp, self.header())));
+        Input::Stop => return false,
+    }
+    true
+}
+
+/// The peer transport, as the driver sees it.
+struct Peers(Arc<dyn Transport>);
+
+impl driver::Transport for Peers {
+    fn send(&mut self, msgs: Vec<Message>) {
+        if !msgs.is_empty() {
+            self.0.send(msgs);
         }
     }
+}
 
-    fn serve_reads(&mut self) {
-        let applied = self.raft.applied();
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.confirmed_reads)
-            .into_iter()
-            .partition(|(index, _, _)| *index <= applied);
-        self.confirmed_reads = waiting;
-        for (_, req, reply) in ready {
-            let _ = reply.send(self.range(&req));
-        }
+/// The write-ahead log behind group commit, and snapshot files written off the loop.
+struct Wal {
+    group: GroupCommit,
+    /// Writes snapshot files off the raft loop and off the log's thread.
+    writer: storage::SnapshotWriter,
+    done: mpsc::UnboundedSender<Done>,
+}
+
+impl driver::Storage<kv::Store> for Wal {
+    fn persist(&mut self, w: driver::Write) {
+        let done = self.done.clone();
+        self.group.submit(Batch {
+            snapshot: w.snapshot,
+            hard_state: w.hard_state,
+            entries: w.entries,
+            lazy: w.lazy,
+            on_durable: Some(Box::new(move |result| {
+                let _ = done.send(Done::Persisted(result));
+            })),
+            ..Default::default()
+        });
     }
 
-    /// A new leader (or none): requests this node was waiting on may never be answered.
-    /// Dropping their replies tells each client "leader changed"; a write may still commit,
-    /// the ambiguity every client of a replicated store must handle.
-    fn on_leader_change(&mut self) {
-        let leader = self.raft.leader();
-        if leader != self.was_leader {
-            if self.was_leader.is_some() {
-                self.waiters.clear();
-                self.reads.clear();
-            }
-            self.was_leader = leader;
-        }
-    }
-
-    /// Every `snapshot_count` applied entries, snapshot the store and compact the log. The
-    /// store is cloned here (values are shared, not copied) and serialized and written on a
-    /// blocking thread, so neither the raft loop nor the log's appends wait for a large
-    /// snapshot; the log is compacted once the file is durable.
-    fn maybe_compact(&mut self) {
-        let applied = self.raft.applied();
-        if self.snapshotting || applied < self.last_snapshot + self.cfg.snapshot_count {
-            return;
-        }
-        let Some(term) = self.raft.term_at(applied) else {
-            return;
-        };
-        let meta = SnapshotMeta {
-            index: applied,
-            term,
-            voters: self.cfg.voters.clone(),
-        };
-        let (store, writer, tx) = (
-            self.store.clone(),
-            self.snapshot_writer.clone(),
-            self.tx.clone(),
-        );
-        self.snapshotting = true;
+    /// Serialized and written on a blocking thread, so neither the loop nor the log's
+    /// appends wait for a large snapshot.
+    fn snapshot(&mut self, meta: SnapshotMeta, store: kv::Store) {
+        let (writer, done) = (self.writer.clone(), self.done.clone());
         tokio::task::spawn_blocking(move || {
             let snapshot = Snapshot {
                 meta,
                 data: store.snapshot(),
             };
             let result = writer.write(&snapshot).map(|_| snapshot);
-            let _ = tx.send(Input::Snapshotted(result.map_err(|e| e.to_string())));
+            let _ = done.send(Done::Snapshotted(result.map_err(|e| e.to_string())));
         });
     }
 
-    fn on_snapshot(&mut self, result: Result<Snapshot, String>) {
-        self.snapshotting = false;
-        let snapshot = match result {
-            Ok(s) => s,
-            Err(e) => {
-                // Try again after another `snapshot_count` entries; the log keeps growing
-                // meanwhile, which is safe.
-                tracing::error!(error = %e, "writing a snapshot failed");
-                self.last_snapshot = self.raft.applied();
-                return;
-            }
-        };
-        let index = snapshot.meta.index;
-        // Refused if a newer snapshot arrived from the leader meanwhile.
-        if let Err(e) = self.raft.compact(snapshot.clone()) {
-            tracing::warn!(error = %e, "compaction refused");
-            return;
-        }
-        self.last_snapshot = self.last_snapshot.max(index);
-        self.storage.submit(Batch {
+    fn compact(&mut self, snapshot: Snapshot) {
+        self.group.submit(Batch {
             compact: Some(snapshot),
             ..Default::default()
         });

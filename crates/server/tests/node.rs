@@ -40,7 +40,7 @@ struct Cluster {
     net: Arc<Net>,
     dir: tempfile::TempDir,
     snapshot_count: u64,
-    tasks: HashMap<u64, tokio::task::JoinHandle<()>>,
+    tasks: HashMap<u64, tokio::task::JoinHandle<Result<(), String>>>,
 }
 
 fn config(dir: &Path, id: u64, snapshot_count: u64) -> NodeConfig {
@@ -79,7 +79,7 @@ impl Cluster {
     async fn stop_node(&mut self, id: u64) {
         let node = self.net.nodes.lock().unwrap().remove(&id).unwrap();
         node.stop();
-        self.tasks.remove(&id).unwrap().await.unwrap();
+        self.tasks.remove(&id).unwrap().await.unwrap().unwrap();
     }
 
     fn node(&self, id: u64) -> Node {

@@ -20,6 +20,15 @@ fn header(rev: i64) -> pb::ResponseHeader {
     }
 }
 
+/// A request id with every part set, so a lost part shows.
+fn rid(seq: u64) -> driver::RequestId {
+    driver::RequestId {
+        member: 0xfeed_0000_0000_0001,
+        boot: 0x0123_4567_89ab_cdef,
+        seq,
+    }
+}
+
 fn apply(store: &mut kv::Store, data: &[u8]) -> Result<kv::Response, tonic::Status> {
     let (_, req) = command::decode(data).expect("decodes");
     store.apply(&req?).map_err(|e| api::status(&e))
@@ -35,7 +44,7 @@ fn an_etcd_txn_travels_through_the_log_and_applies_with_etcd_semantics() {
         value: Bytes::from_static(b"v1"),
         ..Default::default()
     };
-    apply(&mut store, &command::encode(7, Write::Put(put))).unwrap();
+    apply(&mut store, &command::encode(rid(7), Write::Put(put))).unwrap();
     // "if k == v1 then put k=v2 and read it, else delete k"
     let txn = pb::TxnRequest {
         compare: vec![pb::Compare {
@@ -68,9 +77,9 @@ fn an_etcd_txn_travels_through_the_log_and_applies_with_etcd_semantics() {
             })),
         }],
     };
-    let entry = command::encode(8, Write::Txn(txn));
+    let entry = command::encode(rid(8), Write::Txn(txn));
     let (id, _) = command::decode(&entry).unwrap();
-    assert_eq!(id, 8);
+    assert_eq!(id, rid(8));
     let kv::Response::Txn(resp) = apply(&mut store, &entry).unwrap() else {
         panic!("a txn answers with a txn")
     };
@@ -119,7 +128,7 @@ fn bad_requests_get_etcds_codes_and_messages() {
     );
     // A write that converts badly still decodes, so every node fails it the same way.
     let mut store = kv::Store::new();
-    let bad = command::encode(1, Write::Put(pb::PutRequest::default()));
+    let bad = command::encode(rid(1), Write::Put(pb::PutRequest::default()));
     assert_eq!(
         apply(&mut store, &bad).unwrap_err().code(),
         Code::InvalidArgument

@@ -1,0 +1,463 @@
+//! The driver loop's body: everything between the raft core and the outside world.
+
+use crate::ids::{Ids, RequestId};
+use crate::{Answered, Refusal, Reply, StateMachine, Storage, Transport, Write};
+use bytes::Bytes;
+use raft::{Entry, Index, Message, NodeId, Raft, ReadCtx, Role, Snapshot, SnapshotMeta, Term};
+use std::collections::{HashMap, VecDeque};
+
+/// Bounds and policies of one driver. Every queue it keeps has a bound here.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// Snapshot and compact the log every this many applied entries (0: never).
+    pub snapshot_count: u64,
+    /// Most writes waiting for their entry to apply; more are refused (`TooManyRequests`).
+    pub max_pending_writes: usize,
+    /// Most linearizable reads waiting for confirmation or for their index to apply.
+    pub max_pending_reads: usize,
+    /// Largest encoded command accepted.
+    pub max_command_bytes: usize,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            snapshot_count: 100_000,
+            max_pending_writes: 32_768,
+            max_pending_reads: 32_768,
+            max_command_bytes: 1536 * 1024,
+        }
+    }
+}
+
+/// A write whose completion the driver awaits: writes complete in submission order.
+struct InFlight {
+    persist_to: Option<(Index, Term)>,
+    /// Messages that promise what this write makes durable (votes, acknowledgements).
+    messages: Vec<Message>,
+}
+
+/// What a member reports about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub id: NodeId,
+    pub role: Role,
+    pub leader: Option<NodeId>,
+    pub term: Term,
+    pub commit: Index,
+    pub applied: Index,
+    pub last_index: Index,
+    pub snapshot_index: Index,
+    pub pending_writes: usize,
+    pub pending_reads: usize,
+    pub refused_messages: u64,
+}
+
+/// A raft core with its state machine, storage and transport, and the clients waiting on it.
+pub struct Driver<M, S, T, W, R>
+where
+    M: StateMachine,
+    S: Storage<M::Frozen>,
+    T: Transport,
+    W: Reply<M::Output>,
+    R: Reply<M::Answer>,
+{
+    raft: Raft,
+    machine: M,
+    storage: S,
+    transport: T,
+    cfg: DriverConfig,
+    ids: Ids,
+    /// Writes proposed here, waiting for their entry to apply (bounded).
+    waiters: HashMap<RequestId, W>,
+    /// Linearizable reads waiting for leadership confirmation (bounded, with `confirmed`).
+    reads: HashMap<ReadCtx, (M::Query, R)>,
+    /// Confirmed reads waiting for their index to apply.
+    confirmed: Vec<(Index, M::Query, R)>,
+    /// Writes submitted and not yet durable, oldest first.
+    in_flight: VecDeque<InFlight>,
+    last_snapshot: Index,
+    /// A snapshot is being taken in the background (at most one at a time).
+    snapshotting: bool,
+    leader: Option<NodeId>,
+    /// Set once the member must stop; nothing is done after.
+    failure: Option<String>,
+}
+
+impl<M, S, T, W, R> Driver<M, S, T, W, R>
+where
+    M: StateMachine,
+    S: Storage<M::Frozen>,
+    T: Transport,
+    W: Reply<M::Output>,
+    R: Reply<M::Answer>,
+{
+    /// `machine` holds the state of `raft`'s snapshot (if any): the owner restored it.
+    pub fn new(
+        raft: Raft,
+        machine: M,
+        storage: S,
+        transport: T,
+        ids: Ids,
+        cfg: DriverConfig,
+    ) -> Self {
+        let last_snapshot = raft.snapshot_index();
+        let mut d = Driver {
+            raft,
+            machine,
+            storage,
+            transport,
+            cfg,
+            ids,
+            waiters: HashMap::new(),
+            reads: HashMap::new(),
+            confirmed: Vec::new(),
+            in_flight: VecDeque::new(),
+            last_snapshot,
+            snapshotting: false,
+            leader: None,
+            failure: None,
+        };
+        d.process_ready();
+        d
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+    /// For tests and tools that drive the core directly (campaign, transfer).
+    pub fn raft_mut(&mut self) -> &mut Raft {
+        &mut self.raft
+    }
+    pub fn machine(&self) -> &M {
+        &self.machine
+    }
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.storage
+    }
+    pub fn transport_mut(&mut self) -> &mut T {
+        &mut self.transport
+    }
+    /// Why the member stopped, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+    /// Writes submitted to storage and not yet reported durable.
+    pub fn writes_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn status(&self) -> Status {
+        let r = &self.raft;
+        Status {
+            id: r.id(),
+            role: r.role(),
+            leader: r.leader(),
+            term: r.term(),
+            commit: r.commit_index(),
+            applied: r.applied(),
+            last_index: r.last_index(),
+            snapshot_index: r.snapshot_index(),
+            pending_writes: self.waiters.len(),
+            pending_reads: self.reads.len() + self.confirmed.len(),
+            refused_messages: r.refused_messages(),
+        }
+    }
+
+    /// One tick of logical time. Clients that gave up are forgotten here.
+    pub fn tick(&mut self) {
+        if self.failure.is_some() {
+            return;
+        }
+        self.raft.tick();
+        self.waiters.retain(|_, w| !w.is_closed());
+        self.reads.retain(|_, (_, r)| !r.is_closed());
+        self.confirmed.retain(|(_, _, r)| !r.is_closed());
+    }
+
+    /// A message from a peer. Refused messages (strangers, broken rules) are counted by the
+    /// core and reported here; they change nothing.
+    pub fn step(&mut self, m: Message) -> Result<(), raft::Error> {
+        if self.failure.is_some() {
+            return Ok(());
+        }
+        self.raft.step(m)
+    }
+
+    /// Propose a write. `encode` turns the request id the driver assigns into the command's
+    /// bytes; `reply` is answered once the entry is applied here, or refused.
+    pub fn propose(&mut self, encode: impl FnOnce(RequestId) -> Bytes, reply: W) {
+        if self.failure.is_some() {
+            return reply.send(Err(Refusal::Stopped));
+        }
+        if self.waiters.len() >= self.cfg.max_pending_writes {
+            return reply.send(Err(Refusal::TooManyRequests));
+        }
+        let id = self.ids.next_request();
+        let data = encode(id);
+        if data.len() > self.cfg.max_command_bytes {
+            return reply.send(Err(Refusal::TooLarge));
+        }
+        // A follower forwards the command to its leader (batched with the others of this
+        // round) and answers once it has applied the entry itself.
+        match self.raft.propose_or_forward(data) {
+            Ok(_) => {
+                self.waiters.insert(id, reply);
+            }
+            Err(e) => reply.send(Err(refusal(e))),
+        }
+    }
+
+    /// A read: linearizable (confirmed by ReadIndex, then served once applied that far) or
+    /// serializable (served from local state at once).
+    pub fn read(&mut self, query: M::Query, linearizable: bool, reply: R) {
+        if self.failure.is_some() {
+            return reply.send(Err(Refusal::Stopped));
+        }
+        if !linearizable {
+            return reply.send(Ok(self.answer(&query)));
+        }
+        if self.reads.len() + self.confirmed.len() >= self.cfg.max_pending_reads {
+            return reply.send(Err(Refusal::TooManyRequests));
+        }
+        let ctx = self.ids.next_read();
+        match self.raft.read_index(ctx) {
+            Ok(()) => {
+                self.reads.insert(ctx, (query, reply));
+            }
+            Err(e) => reply.send(Err(refusal(e))),
+        }
+    }
+
+    /// The oldest write in flight completed. A failed write stops the member: what it
+    /// promised can no longer be kept, and nothing that depends on it may be sent.
+    pub fn on_persisted(&mut self, result: Result<(), String>) {
+        if self.failure.is_some() {
+            return;
+        }
+        let Some(done) = self.in_flight.pop_front() else {
+            return self.fail("storage reported a write that was never submitted".into());
+        };
+        if let Err(e) = result {
+            return self.fail(format!("the log could not be made durable: {e}"));
+        }
+        if let Some((index, term)) = done.persist_to {
+            self.raft.advance_persisted(index, term);
+        }
+        self.transport.send(done.messages);
+    }
+
+    /// A background snapshot is durable (or failed: the log just keeps growing until the
+    /// next attempt, which is safe).
+    pub fn on_snapshot(&mut self, result: Result<Snapshot, String>) {
+        self.snapshotting = false;
+        if self.failure.is_some() {
+            return;
+        }
+        let snapshot = match result {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "writing a snapshot failed");
+                self.last_snapshot = self.raft.applied();
+                return;
+            }
+        };
+        let index = snapshot.meta.index;
+        // Refused if a newer snapshot arrived from the leader meanwhile.
+        if let Err(e) = self.raft.compact(snapshot.clone()) {
+            tracing::warn!(error = %e, "compaction refused");
+            return;
+        }
+        self.last_snapshot = self.last_snapshot.max(index);
+        self.storage.compact(snapshot);
+    }
+
+    /// Stop: every waiting client is told, and the driver does nothing more.
+    pub fn shutdown(&mut self, why: &str) {
+        if self.failure.is_none() {
+            self.failure = Some(why.to_string());
+            self.refuse_everyone(Refusal::Stopped);
+        }
+    }
+
+    /// Carry out everything the core decided, in the order the Ready contract requires.
+    pub fn process_ready(&mut self) {
+        while self.failure.is_none() && self.raft.has_ready() {
+            let mut rd = self.raft.ready();
+            // 1. What may leave before the disk write: the leader's appends among them.
+            self.transport.send(std::mem::take(&mut rd.messages));
+            // 2. A snapshot from the leader replaces the state machine. If it cannot, the
+            // member stops here: the core counts this Ready as handed out, so going on would
+            // acknowledge entries that were never written.
+            if let Some(s) = &rd.snapshot {
+                if let Err(e) = self.machine.restore(s) {
+                    let index = s.meta.index;
+                    return self.fail(format!("cannot restore the snapshot at {index}: {e}"));
+                }
+                self.last_snapshot = s.meta.index;
+            }
+            let snapshot_index = rd.snapshot.as_ref().map(|s| s.meta.index);
+            // 3. Persist; votes and acknowledgements leave once durable. A batch that writes
+            // nothing still waits for the writes before it, if any are in flight.
+            let persisted_messages = std::mem::take(&mut rd.persisted_messages);
+            if rd.must_persist() || (!persisted_messages.is_empty() && !self.in_flight.is_empty()) {
+                let prev_term = rd
+                    .entries
+                    .first()
+                    .and_then(|e| self.raft.term_at(e.index - 1))
+                    .unwrap_or(0);
+                self.in_flight.push_back(InFlight {
+                    persist_to: rd.persist_to(),
+                    messages: persisted_messages,
+                });
+                let write = Write {
+                    lazy: !rd.must_sync(),
+                    snapshot: rd.snapshot.take(),
+                    hard_state: rd.hard_state,
+                    entries: std::mem::take(&mut rd.entries),
+                    prev_term,
+                };
+                self.storage.persist(write);
+            } else {
+                self.transport.send(persisted_messages);
+            }
+            // 4. Apply, answering the clients whose entries these are.
+            if let Some(index) = snapshot_index {
+                self.raft.advance_applied(index);
+            }
+            for e in &rd.committed_entries {
+                if !self.apply(e) {
+                    return;
+                }
+            }
+            if let Some(last) = rd.committed_entries.last() {
+                self.raft.advance_applied(last.index);
+            }
+            // 5. Reads.
+            for rs in rd.read_states {
+                if let Some((query, reply)) = self.reads.remove(&rs.ctx) {
+                    self.confirmed.push((rs.index, query, reply));
+                }
+            }
+            self.serve_reads();
+            if rd.soft_state.is_some() {
+                self.on_leader_change();
+            }
+            self.maybe_snapshot();
+        }
+    }
+
+    fn apply(&mut self, e: &Entry) -> bool {
+        match self.machine.apply(e) {
+            Ok(Some((id, value))) => {
+                if let Some(reply) = self.waiters.remove(&id) {
+                    let term = self.raft.term();
+                    reply.send(Ok(Answered {
+                        value,
+                        term,
+                        applied: e.index,
+                    }));
+                }
+                true
+            }
+            Ok(None) => true,
+            Err(why) => {
+                self.fail(format!("cannot apply entry {}: {why}", e.index));
+                false
+            }
+        }
+    }
+
+    fn answer(&self, query: &M::Query) -> Answered<M::Answer> {
+        Answered {
+            value: self.machine.query(query),
+            term: self.raft.term(),
+            applied: self.raft.applied(),
+        }
+    }
+
+    fn serve_reads(&mut self) {
+        if self.confirmed.is_empty() {
+            return;
+        }
+        let applied = self.raft.applied();
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.confirmed)
+            .into_iter()
+            .partition(|(index, _, _)| *index <= applied);
+        self.confirmed = waiting;
+        for (_, query, reply) in ready {
+            reply.send(Ok(self.answer(&query)));
+        }
+    }
+
+    /// A new leader (or none): requests this member was waiting on may never be answered.
+    /// Their clients are told "leader changed"; a write may still commit — the ambiguity
+    /// every client of a replicated store must handle.
+    fn on_leader_change(&mut self) {
+        let leader = self.raft.leader();
+        if leader != self.leader {
+            if self.leader.is_some() {
+                for (_, w) in self.waiters.drain() {
+                    w.send(Err(Refusal::LeaderChanged));
+                }
+                for (_, (_, r)) in self.reads.drain() {
+                    r.send(Err(Refusal::LeaderChanged));
+                }
+            }
+            self.leader = leader;
+        }
+    }
+
+    /// Every `snapshot_count` applied entries, freeze the state machine and let storage
+    /// serialize and write it in the background; the log is compacted once it is durable.
+    fn maybe_snapshot(&mut self) {
+        let applied = self.raft.applied();
+        let due =
+            self.cfg.snapshot_count > 0 && applied >= self.last_snapshot + self.cfg.snapshot_count;
+        if self.snapshotting || !due {
+            return;
+        }
+        let Some(term) = self.raft.term_at(applied) else {
+            return;
+        };
+        let meta = SnapshotMeta {
+            index: applied,
+            term,
+            voters: self.raft.voters().to_vec(),
+        };
+        self.snapshotting = true;
+        let frozen = self.machine.freeze();
+        self.storage.snapshot(meta, frozen);
+    }
+
+    fn fail(&mut self, why: String) {
+        tracing::error!("{why}; stopping");
+        self.failure = Some(why);
+        self.refuse_everyone(Refusal::Stopped);
+    }
+
+    fn refuse_everyone(&mut self, why: Refusal) {
+        for (_, w) in self.waiters.drain() {
+            w.send(Err(why.clone()));
+        }
+        for (_, (_, r)) in self.reads.drain() {
+            r.send(Err(why.clone()));
+        }
+        for (_, _, r) in self.confirmed.drain(..) {
+            r.send(Err(why.clone()));
+        }
+    }
+}
+
+fn refusal(e: raft::Error) -> Refusal {
+    match e {
+        raft::Error::TransferInProgress { .. } => Refusal::LeaderChanged,
+        raft::Error::ProposalDropped { .. } | raft::Error::ReadQueueFull => {
+            Refusal::TooManyRequests
+        }
+        _ => Refusal::NoLeader,
+    }
+}

@@ -1,0 +1,129 @@
+//! # driver — the Ready contract, implemented once
+//!
+//! The raft core (`crates/raft`) decides; it does no IO. Something must carry out its
+//! decisions in the right order: send what may leave before the disk write, persist, send
+//! what promises durable state only once it is durable, apply what is committed and durable,
+//! answer the clients waiting on those entries, serve confirmed reads, take snapshots and
+//! compact. That is this crate's [`Driver`], and it is the only implementation: the server
+//! runs it on tokio with the real write-ahead log and gRPC peers, and the simulator runs the
+//! very same code with a simulated disk, network and clock. What the simulator proves about
+//! the driver holds for production.
+//!
+//! The driver knows nothing of etcd, tokio or files. It is generic over:
+//! - a [`StateMachine`] (the kv store in production; a register or the kv store in tests),
+//! - [`Storage`] (asynchronous writes that complete in submission order),
+//! - a [`Transport`] (fire and forget; raft retransmits),
+//! - [`Reply`] handles for the clients waiting on writes and reads,
+//!
+//! and time moves only when its owner calls [`Driver::tick`].
+//!
+//! Failures are fail-stop: a write the disk refused, a snapshot that cannot be restored or
+//! an entry that cannot be applied stops the driver at once ([`Driver::failure`]); every
+//! waiting client is told, and nothing is acknowledged afterwards.
+
+mod driver;
+mod ids;
+
+pub use driver::{Driver, DriverConfig, Status};
+pub use ids::{Ids, RequestId};
+
+use bytes::Bytes;
+use raft::{Entry, HardState, Index, Message, Snapshot, SnapshotMeta, Term};
+
+/// The replicated state machine. Every member applies the same entries in the same order and
+/// must reach the same state: `apply` is deterministic.
+pub trait StateMachine {
+    /// What a write's client is told once its entry is applied.
+    type Output;
+    /// A read, and its answer.
+    type Query;
+    type Answer;
+    /// A frozen copy of the state for a background snapshot; serialized off the loop.
+    type Frozen: Send + 'static;
+
+    /// Apply one committed entry (no-ops included). Returns the id of the request the entry
+    /// carries, if any, with the output for its client. An error means this member cannot
+    /// go on (its state would diverge): the driver stops.
+    fn apply(&mut self, entry: &Entry) -> Result<Option<(RequestId, Self::Output)>, String>;
+    /// Answer a read from the current state.
+    fn query(&self, query: &Self::Query) -> Self::Answer;
+    /// Freeze the current state, cheaply, for a snapshot taken in the background.
+    fn freeze(&self) -> Self::Frozen;
+    /// Replace the whole state with a snapshot's. An error stops the driver.
+    fn restore(&mut self, snapshot: &Snapshot) -> Result<(), String>;
+}
+
+/// One write for the log, in the order the Ready contract gives: snapshot, hard state, then
+/// entries, which replace any stored entries from their first index on.
+#[derive(Debug, Default)]
+pub struct Write {
+    pub snapshot: Option<Snapshot>,
+    pub hard_state: Option<HardState>,
+    pub entries: Vec<Entry>,
+    /// The term of the entry just before `entries` (for checkers; 0 if none).
+    pub prev_term: Term,
+    /// Nothing here needs an fsync of its own (only a commit index moved): the write may
+    /// ride on the next synced one.
+    pub lazy: bool,
+}
+
+impl Write {
+    /// A write with nothing in it: it completes when every write before it has.
+    pub fn is_empty(&self) -> bool {
+        self.snapshot.is_none() && self.hard_state.is_none() && self.entries.is_empty()
+    }
+}
+
+/// Durable storage, driven asynchronously. Writes complete in the order they were
+/// submitted; the owner reports each completion with [`Driver::on_persisted`].
+pub trait Storage<F> {
+    fn persist(&mut self, write: Write);
+    /// Serialize `frozen` into a snapshot for `meta` and make it durable, off the loop; the
+    /// owner reports it with [`Driver::on_snapshot`].
+    fn snapshot(&mut self, meta: SnapshotMeta, frozen: F);
+    /// The log may now drop what `snapshot` (already durable) covers.
+    fn compact(&mut self, snapshot: Snapshot);
+}
+
+/// How raft messages leave. Never blocks; a transport that cannot deliver drops.
+pub trait Transport {
+    fn send(&mut self, msgs: Vec<Message>);
+}
+
+/// Why a request was not carried out (or may not have been).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No leader is known, so nothing can be proposed or confirmed.
+    NoLeader,
+    /// The leader changed while the request waited: a write may or may not have committed.
+    LeaderChanged,
+    /// A bound was reached (pending writes or reads, uncommitted bytes): try again later.
+    TooManyRequests,
+    /// The encoded command is larger than the configured limit.
+    TooLarge,
+    /// The member stopped (shut down or failed) before answering.
+    Stopped,
+}
+
+/// A client waiting for an answer. Implemented by a oneshot sender in the server and by a
+/// history recorder in the simulator.
+pub trait Reply<T> {
+    fn send(self, result: Result<Answered<T>, Refusal>);
+    /// The client gave up (its request timed out); the driver may forget it.
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+/// An answer with the facts a response header needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answered<T> {
+    pub value: T,
+    /// The member's term when it answered.
+    pub term: Term,
+    /// The applied index the answer reflects.
+    pub applied: Index,
+}
+
+/// Encoded command bytes, as proposed.
+pub type Command = Bytes;
