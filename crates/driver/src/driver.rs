@@ -132,6 +132,10 @@ where
     pub fn machine(&self) -> &M {
         &self.machine
     }
+    /// For tests and tools that prepare the state machine (e.g. inject a fault).
+    pub fn machine_mut(&mut self) -> &mut M {
+        &mut self.machine
+    }
     pub fn storage(&self) -> &S {
         &self.storage
     }

@@ -272,3 +272,72 @@ async fn malformed_and_oversized_requests_get_clear_errors_and_change_nothing() 
     }
     put_any(&procs, "k", "still works").await;
 }
+
+/// FNV-1a 64 over each part and a zero byte: how `raftkv serve` derives member and cluster
+/// ids from the token and names (pinned in its own unit test).
+fn fnv(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain([0u8]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h.max(1)
+}
+
+/// A peer stream speaks for the member its hello names: a message on it claiming another
+/// sender closes the stream (PermissionDenied), while one from the named member is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_stream_carrying_another_members_message_is_closed() {
+    use server::pb::raftkvpb::{self as rpb, raft_client::RaftClient};
+    let dir = tempfile::tempdir().unwrap();
+    let procs = common::start(dir.path());
+    let peer_url = procs[0]
+        .args
+        .iter()
+        .find_map(|a| a.strip_prefix("--listen-peer-urls="))
+        .unwrap()
+        .to_string();
+    let cluster_id = fnv(&["test", "n0", "n1", "n2"]);
+    let (n0, n1, n2) = (
+        fnv(&["test", "n0"]),
+        fnv(&["test", "n1"]),
+        fnv(&["test", "n2"]),
+    );
+    let frame = |from: u64| rpb::MessageBatch {
+        messages: vec![rpb::Message {
+            from,
+            to: n0,
+            term: 0,
+            body: Some(rpb::message::Body::HeartbeatResponse(
+                rpb::HeartbeatResponse { seq: 0 },
+            )),
+        }],
+        hello: Some(rpb::Hello {
+            cluster_id,
+            member_id: n1,
+            client_urls: vec![],
+        }),
+    };
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok(c) = RaftClient::connect(peer_url.clone()).await {
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut client = client.expect("the member's peer port answers");
+    let honest = client.stream(tokio_stream::iter(vec![frame(n1)])).await;
+    assert!(
+        honest.is_ok(),
+        "a stream that keeps to its member is taken: {honest:?}"
+    );
+    let forged = client.stream(tokio_stream::iter(vec![frame(n2)])).await;
+    let err = forged.expect_err("a message from another member closes the stream");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("belongs to member"), "{err:?}");
+    // The member is unharmed.
+    common::put_any(&procs, "after", "impostor").await;
+}
