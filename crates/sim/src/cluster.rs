@@ -3,9 +3,11 @@
 //! whole run; any violation panics with the seed and a command that replays it.
 
 use crate::checker::Checker;
+use crate::io::{Mailbox, ReadReply, SimIo};
 use crate::network::{Counters, Faults, Micros, Network, MS};
-use crate::node::{command_id, PersistJob, ReadResult, SimNode};
-use raft::{Config, Error, Index, Message, NodeId, Raft, ReadMode, Role};
+use crate::node::{command_id, ReadResult, Register, RegisterDriver, RegisterEvent, SimNode};
+use driver::{Answered, DriverConfig, Ids, Refusal, Write};
+use raft::{Config, Error, Index, Message, NodeId, Raft, ReadMode, Role, Snapshot};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::cmp::Reverse;
@@ -210,18 +212,21 @@ impl Cluster {
     pub fn describe(&self) -> String {
         let mut out = String::new();
         for n in &self.nodes {
-            let line = match &n.raft {
+            let line = match &n.driver {
                 None => format!("  node {}: down\n", n.id),
-                Some(r) => format!(
-                    "  node {}: {:?} term {} leader {:?} last {} commit {} applied {}\n",
-                    n.id,
-                    r.role(),
-                    r.term(),
-                    r.leader(),
-                    r.last_index(),
-                    r.commit_index(),
-                    n.applied_index
-                ),
+                Some(d) => {
+                    let r = d.raft();
+                    format!(
+                        "  node {}: {:?} term {} leader {:?} last {} commit {} applied {}\n",
+                        n.id,
+                        r.role(),
+                        r.term(),
+                        r.leader(),
+                        r.last_index(),
+                        r.commit_index(),
+                        n.applied_index()
+                    )
+                }
             };
             out.push_str(&line);
         }
@@ -243,22 +248,36 @@ impl Cluster {
         c
     }
 
-    /// Boot `id` from its disk.
+    /// Boot `id` from its disk: the production driver around a fresh core and register.
     fn start(&mut self, id: NodeId) {
         let inc = self.node(id).incarnation;
         let mut cfg = self.raft_config(id, inc);
         // The state machine comes back from the snapshot; the log replays the rest.
-        if let Some(s) = self.node(id).disk.snapshot.clone() {
-            self.node_mut(id).restore(&s);
+        let mut register = Register::default();
+        if let Some(s) = &self.node(id).disk.snapshot {
+            driver::StateMachine::restore(&mut register, s).expect("registers restore");
+            register.events.clear();
             cfg.applied = s.meta.index;
         }
+        let boot = cfg.seed.rotate_left(17) ^ 0x6a09_e667_f3bc_c909;
         let state = self.node(id).disk.restore_state();
         let raft = Raft::new(cfg, state)
             .unwrap_or_else(|e| self.fail(&format!("node {id} cannot restart: {e}")));
-        self.node_mut(id).raft = Some(raft);
+        let dcfg = DriverConfig {
+            snapshot_count: self.cfg.snapshot_threshold.unwrap_or(0),
+            ..DriverConfig::default()
+        };
+        // A fresh boot nonce per life, as a restarted server draws one (derived, not drawn
+        // from the run's generator, so the schedule of a seed does not depend on it).
+        let ids = Ids::new(id, boot);
+        let io: Mailbox<Register> = Default::default();
+        let node = self.node_mut(id);
+        node.io = io.clone();
+        let d = RegisterDriver::new(raft, register, SimIo(io.clone()), SimIo(io), ids, dcfg);
+        node.driver = Some(d);
         let phase = self.rng.gen_range(0..self.cfg.tick);
         self.schedule(self.now + phase + 1, Event::Tick(id, inc));
-        self.process_ready(id);
+        self.drain(id);
     }
 
     fn schedule(&mut self, at: Micros, event: Event) {
@@ -283,14 +302,13 @@ impl Cluster {
         }
         match s.event {
             Event::Tick(id, inc) => {
-                let node = self.node_mut(id);
+                let node = self.node(id);
                 if node.incarnation != inc || !node.is_up() {
                     return;
                 }
-                node.raft.as_mut().unwrap().tick();
                 let next = self.now + self.cfg.tick;
                 self.schedule(next, Event::Tick(id, inc));
-                self.process_ready(id);
+                self.with(id, |d| d.tick());
             }
             Event::Deliver(m) => {
                 let to = m.to;
@@ -300,53 +318,30 @@ impl Cluster {
                 // Stale messages are the core's to ignore. One it refuses as malformed was
                 // sent by a correct core over the simulated network: a bug in one of them.
                 let shown = self.cfg.trace.then(|| format!("{m:?}"));
-                if let Err(Error::InvalidMessage(why)) =
-                    self.node_mut(to).raft.as_mut().unwrap().step(m)
-                {
+                if let Err(Error::InvalidMessage(why)) = self.with(to, |d| d.step(m)) {
                     self.fail(&format!(
                         "node {to} refused a peer's message: {why} {shown:?}"
                     ));
                 }
-                self.process_ready(to);
             }
             Event::PersistDone(id, inc) => {
-                if self.node(id).incarnation != inc {
-                    return;
-                }
-                let Some(job) = self.node_mut(id).complete_job() else {
-                    return;
-                };
-                for m in job.messages {
-                    self.send(m);
-                }
-                if let Some((index, term)) = job.persist_to {
-                    self.node_mut(id)
-                        .raft
-                        .as_mut()
-                        .unwrap()
-                        .advance_persisted(index, term);
-                }
-                self.note_log_size(id);
-                self.process_ready(id);
-            }
-            Event::SnapshotTaken(id, inc, snapshot) => {
                 let node = self.node_mut(id);
                 if node.incarnation != inc {
                     return;
                 }
-                node.snapshot_in_progress = false;
-                let raft = node.raft.as_mut().unwrap();
-                if let Err(e) = raft.compact(snapshot.clone()) {
-                    self.fail(&format!("node {id}: compaction refused: {e}"));
-                }
-                // Entries up to the snapshot are applied, hence durable: the disk can drop them.
-                if snapshot.meta.index > node.disk.snapshot_index()
-                    && raft.snapshot_index() == snapshot.meta.index
-                {
-                    node.disk.install(snapshot);
-                }
+                let Some(w) = node.writes.pop_front() else {
+                    return;
+                };
+                node.disk.write(w.snapshot, w.hard_state, &w.entries);
                 self.note_log_size(id);
-                self.process_ready(id);
+                self.with(id, |d| d.on_persisted(Ok(())));
+            }
+            Event::SnapshotTaken(id, inc, snapshot) => {
+                if self.node(id).incarnation != inc {
+                    return;
+                }
+                self.with(id, |d| d.on_snapshot(Ok(snapshot)));
+                self.note_log_size(id);
             }
         }
     }
@@ -355,16 +350,11 @@ impl Cluster {
     /// tests that forge messages); returns what the core said of it.
     pub fn inject(&mut self, m: Message) -> Result<(), Error> {
         let to = m.to;
-        let Some(raft) = self
-            .nodes
-            .get_mut((to as usize).wrapping_sub(1))
-            .and_then(|n| n.raft.as_mut())
-        else {
+        let up = (1..=self.cfg.nodes as NodeId).contains(&to) && self.node(to).is_up();
+        if !up {
             return Err(Error::UnknownNode(to));
-        };
-        let result = raft.step(m);
-        self.process_ready(to);
-        result
+        }
+        self.with(to, |d| d.step(m))
     }
 
     fn send(&mut self, m: Message) {
@@ -373,55 +363,71 @@ impl Cluster {
         }
     }
 
-    /// Drain the node's output: send, queue disk writes, apply, serve reads, check invariants.
-    fn process_ready(&mut self, id: NodeId) {
-        loop {
-            let node = self.node_mut(id);
-            let Some(raft) = node.raft.as_mut() else {
-                return;
-            };
-            if !raft.has_ready() {
-                break;
-            }
-            let rd = raft.ready();
-            if let Some(first) = rd.entries.first() {
-                let prev_term = raft.term_at(first.index - 1).unwrap_or(0);
-                if let Err(v) = self.checker.on_append(id, prev_term, &rd.entries) {
+    /// Call into `id`'s driver, let it carry out what the core decided, then drain what it
+    /// asked of the world and check everything.
+    fn with<T>(&mut self, id: NodeId, f: impl FnOnce(&mut RegisterDriver) -> T) -> T {
+        let d = self.node_mut(id).driver.as_mut().expect("node is up");
+        let out = f(d);
+        d.process_ready();
+        self.drain(id);
+        out
+    }
+
+    /// Move the node's outbox into the world: messages onto the network, writes onto the
+    /// disk queue, snapshots into background jobs; check what the register applied and the
+    /// reads it served; check the core's invariants.
+    fn drain(&mut self, id: NodeId) {
+        let io = self.node(id).io.clone();
+        let mut out = std::mem::take(&mut *io.borrow_mut());
+        for m in out.msgs.drain(..) {
+            self.send(m);
+        }
+        for w in out.writes.drain(..) {
+            if !w.entries.is_empty() {
+                if let Err(v) = self.checker.on_append(id, w.prev_term, &w.entries) {
                     self.fail(&v);
                 }
             }
-            let write = rd.must_persist() || !rd.persisted_messages.is_empty();
-            for m in rd.messages {
-                self.send(m);
-            }
-            if let Some(s) = &rd.snapshot {
-                self.install_snapshot(id, s);
-            }
-            if write {
-                let job = PersistJob {
-                    snapshot: rd.snapshot,
-                    hard_state: rd.hard_state,
-                    persist_to: rd.entries.last().map(|e| (e.index, e.term)),
-                    entries: rd.entries,
-                    messages: rd.persisted_messages,
-                };
-                self.queue_write(id, job);
-            }
-            self.apply(id, &rd.committed_entries);
-            self.node_mut(id).waiting_reads.extend(rd.read_states);
-            self.serve_reads(id);
+            self.queue_write(id, w);
         }
-        let raft = self.nodes[id as usize - 1].raft.as_ref().unwrap();
-        if let Err(v) = self.checker.on_state(raft) {
+        for (meta, data) in out.snapshots.drain(..) {
+            let (lo, hi) = self.cfg.snapshot_delay;
+            let at = self.now + self.rng.gen_range(lo..=hi);
+            let inc = self.node(id).incarnation;
+            self.schedule(at, Event::SnapshotTaken(id, inc, Snapshot { meta, data }));
+        }
+        for s in out.compactions.drain(..) {
+            // The snapshot is durable and covers only applied (hence durable) entries.
+            let disk = &mut self.node_mut(id).disk;
+            if s.meta.index > disk.snapshot_index() {
+                disk.install(s);
+            }
+        }
+        let events = match self.node_mut(id).driver.as_mut() {
+            Some(d) => std::mem::take(&mut d.machine_mut().events),
+            None => Vec::new(),
+        };
+        for e in events {
+            self.check_register(id, e);
+        }
+        for (ctx, r) in out.reads.drain(..) {
+            self.served(id, ctx as u64, r);
+        }
+        let Some(d) = self.nodes[id as usize - 1].driver.as_ref() else {
+            return;
+        };
+        if let Some(why) = d.failure() {
+            self.fail(&format!("node {id} stopped: {why}"));
+        }
+        if let Err(v) = self.checker.on_state(d.raft()) {
             self.fail(&v);
         }
     }
 
-    fn queue_write(&mut self, id: NodeId, job: PersistJob) {
+    fn queue_write(&mut self, id: NodeId, w: Write) {
         let (lo, hi) = self.cfg.disk_latency;
-        let empty = job.snapshot.is_none() && job.hard_state.is_none() && job.entries.is_empty();
         // A batch with nothing to write only waits for the writes before it.
-        let latency = if empty {
+        let latency = if w.is_empty() {
             0
         } else {
             self.rng.gen_range(lo..=hi)
@@ -430,117 +436,76 @@ impl Cluster {
         let node = self.node_mut(id);
         let done = node.disk_busy_until.max(now) + latency;
         node.disk_busy_until = done;
-        node.jobs.push_back(job);
+        node.writes.push_back(w);
         let inc = node.incarnation;
         self.schedule(done, Event::PersistDone(id, inc));
     }
 
-    /// A snapshot from the leader replaces the state machine, in order with the entries.
-    fn install_snapshot(&mut self, id: NodeId, s: &raft::Snapshot) {
-        let applied = self.node(id).applied_index;
-        if s.meta.index <= applied {
-            self.fail(&format!(
-                "node {id} was handed a snapshot at {} after applying {applied}",
-                s.meta.index
-            ));
-        }
-        let commands = crate::node::decode_snapshot(&s.data);
-        if let Err(v) = self.checker.on_snapshot(id, s.meta.index, &commands) {
-            self.fail(&v);
-        }
-        let node = self.node_mut(id);
-        node.restore(s);
-        node.raft.as_mut().unwrap().advance_applied(s.meta.index);
-    }
-
-    fn apply(&mut self, id: NodeId, entries: &[raft::Entry]) {
-        let Some(last) = entries.last().map(|e| e.index) else {
-            return;
-        };
-        for e in entries {
-            let expected = self.node(id).applied_index + 1;
-            if e.index != expected {
-                self.fail(&format!(
-                    "node {id} was handed entry {} to apply, expected {expected}",
-                    e.index
-                ));
+    /// Entries apply in order, one by one, and agree with every other node's; a snapshot
+    /// from the leader only ever moves the state machine forward.
+    fn check_register(&mut self, id: NodeId, e: RegisterEvent) {
+        match e {
+            RegisterEvent::Applied { expected, entry } => {
+                if entry.index != expected {
+                    self.fail(&format!(
+                        "node {id} was handed entry {} to apply, expected {expected}",
+                        entry.index
+                    ));
+                }
+                if let Err(v) = self.checker.on_apply(id, &entry) {
+                    self.fail(&v);
+                }
+                if entry.kind == raft::EntryKind::Normal {
+                    self.acked
+                        .entry(command_id(&entry.data))
+                        .or_insert(entry.index);
+                    self.max_acked = self.max_acked.max(entry.index);
+                }
             }
-            if let Err(v) = self.checker.on_apply(id, e) {
-                self.fail(&v);
+            RegisterEvent::Restored {
+                before,
+                index,
+                commands,
+            } => {
+                if index <= before {
+                    self.fail(&format!(
+                        "node {id} was handed a snapshot at {index} after applying {before}"
+                    ));
+                }
+                if let Err(v) = self.checker.on_snapshot(id, index, &commands) {
+                    self.fail(&v);
+                }
             }
-            if e.kind == raft::EntryKind::Normal {
-                self.acked.entry(command_id(&e.data)).or_insert(e.index);
-                self.max_acked = self.max_acked.max(e.index);
-            }
-            self.node_mut(id).apply(e);
         }
-        let node = self.node_mut(id);
-        node.raft.as_mut().unwrap().advance_applied(last);
-        self.maybe_snapshot(id);
-    }
-
-    /// Start a background snapshot once enough entries were applied since the last one.
-    fn maybe_snapshot(&mut self, id: NodeId) {
-        let Some(threshold) = self.cfg.snapshot_threshold else {
-            return;
-        };
-        let node = self.node(id);
-        let raft = node.raft();
-        if node.snapshot_in_progress || node.applied_index < raft.snapshot_index() + threshold {
-            return;
-        }
-        // A consistent view: the state machine exactly as of `applied_index`.
-        let index = node.applied_index;
-        let meta = raft::SnapshotMeta {
-            index,
-            term: raft.term_at(index).expect("applied entries are in the log"),
-            voters: raft.voters().to_vec(),
-        };
-        let snapshot = raft::Snapshot {
-            meta,
-            data: node.snapshot_data(),
-        };
-        let inc = node.incarnation;
-        self.node_mut(id).snapshot_in_progress = true;
-        let (lo, hi) = self.cfg.snapshot_delay;
-        let at = self.now + self.rng.gen_range(lo..=hi);
-        self.schedule(at, Event::SnapshotTaken(id, inc, snapshot));
     }
 
     fn note_log_size(&mut self, id: NodeId) {
         self.max_log_bytes = self.max_log_bytes.max(self.node(id).disk.log_bytes());
     }
 
-    fn serve_reads(&mut self, id: NodeId) {
-        let node = self.node_mut(id);
-        let applied = node.applied_index;
-        let value = node.value();
-        let (ready, waiting) = node
-            .waiting_reads
-            .drain(..)
-            .partition(|r| r.index <= applied);
-        node.waiting_reads = waiting;
-        let ready: Vec<raft::ReadState> = ready;
-        for r in ready {
-            // Linearizability of reads: the value reflects every write acknowledged before
-            // the read was issued.
-            if let Some(min) = self.pending_reads.remove(&r.ctx) {
-                let seen = value.map_or(0, |v| v.0);
-                if seen < min {
-                    self.fail(&format!(
-                        "stale read: node {id} served read {} with the write at index {seen}, \
-                         but the write at index {min} was acknowledged before the read began",
-                        r.ctx
-                    ));
-                }
+    /// A linearizable read was answered: its value must reflect every write acknowledged
+    /// before the read was issued.
+    fn served(&mut self, id: NodeId, ctx: u64, r: Result<Answered<Option<(Index, u64)>>, Refusal>) {
+        let min = self.pending_reads.remove(&ctx);
+        let Ok(answer) = r else {
+            return; // refused or dropped (leader change): the client retries
+        };
+        let value = answer.value;
+        if let Some(min) = min {
+            let seen = value.map_or(0, |v| v.0);
+            if seen < min {
+                self.fail(&format!(
+                    "stale read: node {id} served read {ctx} with the write at index {seen}, \
+                     but the write at index {min} was acknowledged before the read began"
+                ));
             }
-            self.reads.push(ReadResult {
-                node: id,
-                ctx: r.ctx,
-                index: r.index,
-                value,
-            });
         }
+        self.reads.push(ReadResult {
+            node: id,
+            ctx,
+            index: answer.applied,
+            value,
+        });
     }
 
     // ---- driving the cluster -------------------------------------------------------------
@@ -576,7 +541,7 @@ impl Cluster {
     pub fn leader(&self) -> Option<NodeId> {
         self.nodes
             .iter()
-            .filter_map(|n| n.raft.as_ref())
+            .filter_map(|n| n.driver.as_ref().map(|d| d.raft()))
             .filter(|r| r.role() == Role::Leader)
             .max_by_key(|r| r.term())
             .map(|r| r.id())
@@ -587,14 +552,14 @@ impl Cluster {
     pub fn stable_leader(&self) -> Option<NodeId> {
         self.nodes
             .iter()
-            .filter_map(|n| n.raft.as_ref())
+            .filter_map(|n| n.driver.as_ref().map(|d| d.raft()))
             .filter(|r| r.role() == Role::Leader)
             .find(|l| {
                 let (id, term) = (l.id(), l.term());
                 let followers = self
                     .nodes
                     .iter()
-                    .filter_map(|n| n.raft.as_ref())
+                    .filter_map(|n| n.driver.as_ref().map(|d| d.raft()))
                     .filter(|r| r.term() == term && r.leader() == Some(id))
                     .filter(|r| {
                         r.id() == id
@@ -618,14 +583,13 @@ impl Cluster {
         self.node(id).raft().term()
     }
 
+    /// Propose at `id` straight to the core (as a library user would), then let the driver
+    /// carry out the result.
     pub fn propose(&mut self, id: NodeId, data: bytes::Bytes) -> Result<Index, Error> {
-        let node = self.node_mut(id);
-        let Some(raft) = node.raft.as_mut() else {
+        if !self.is_up(id) {
             return Err(Error::NotLeader { leader: None });
-        };
-        let r = raft.propose(data);
-        self.process_ready(id);
-        r
+        }
+        self.with(id, |d| d.raft_mut().propose(data))
     }
 
     /// Propose at `id` wherever it stands: a follower forwards to its leader.
@@ -644,54 +608,66 @@ impl Cluster {
         id: NodeId,
         data: Vec<bytes::Bytes>,
     ) -> Vec<Result<raft::Proposal, Error>> {
-        let Some(raft) = self.node_mut(id).raft.as_mut() else {
+        if !self.is_up(id) {
             return vec![Err(Error::NoLeader); data.len()];
-        };
-        let r = data
-            .into_iter()
-            .map(|d| raft.propose_or_forward(d))
-            .collect();
-        self.process_ready(id);
-        r
+        }
+        self.with(id, |d| {
+            data.into_iter()
+                .map(|x| d.raft_mut().propose_or_forward(x))
+                .collect()
+        })
     }
 
-    /// Issue a linearizable read at `id`; returns its ctx. The read is checked when served.
+    /// Issue a linearizable read at `id` through the driver, as a server's client would;
+    /// returns a number naming it in `reads`. The read is checked when served.
     pub fn read_index(&mut self, id: NodeId) -> Result<u64, Error> {
         self.next_ctx += 1;
         let ctx = self.next_ctx;
-        let Some(raft) = self.node_mut(id).raft.as_mut() else {
+        if !self.is_up(id) {
             return Err(Error::NoLeader);
-        };
-        let r = raft.read_index(ctx);
-        if r.is_ok() {
-            self.pending_reads.insert(ctx, self.max_acked);
         }
-        self.process_ready(id);
-        r.map(|_| ctx)
+        self.pending_reads.insert(ctx, self.max_acked);
+        let io = self.node(id).io.clone();
+        let d = self.node_mut(id).driver.as_mut().unwrap();
+        d.read((), true, ReadReply(ctx as usize, io.clone()));
+        // Refused at once (no leader, too many reads): say so, as the core's API did.
+        let refused = {
+            let mut out = io.borrow_mut();
+            let at = out
+                .reads
+                .iter()
+                .position(|(c, r)| *c == ctx as usize && r.is_err());
+            at.map(|i| out.reads.remove(i).1)
+        };
+        if let Some(Err(why)) = refused {
+            self.pending_reads.remove(&ctx);
+            self.with(id, |_| ());
+            return Err(match why {
+                Refusal::TooManyRequests => Error::ReadQueueFull,
+                _ => Error::NoLeader,
+            });
+        }
+        self.with(id, |_| ());
+        Ok(ctx)
     }
 
     /// Make `id` start an election now.
     pub fn campaign(&mut self, id: NodeId) {
-        self.node_mut(id).raft.as_mut().unwrap().campaign();
-        self.process_ready(id);
+        self.with(id, |d| d.raft_mut().campaign());
     }
 
     pub fn transfer_leader(&mut self, from: NodeId, to: NodeId) -> Result<(), Error> {
-        let r = self
-            .node_mut(from)
-            .raft
-            .as_mut()
-            .unwrap()
-            .transfer_leader(to);
-        self.process_ready(from);
-        r
+        self.with(from, |d| d.raft_mut().transfer_leader(to))
     }
 
     /// How many live nodes have applied command `cmd`.
     pub fn applied_count(&self, cmd: u64) -> usize {
         self.nodes
             .iter()
-            .filter(|n| n.is_up() && n.applied.iter().rev().any(|&(_, c)| c == cmd))
+            .filter(|n| {
+                n.register()
+                    .is_some_and(|r| r.applied.iter().rev().any(|&(_, c)| c == cmd))
+            })
             .count()
     }
 
@@ -795,7 +771,7 @@ impl Cluster {
         for n in self.nodes.iter().filter(|n| n.is_up()) {
             // A retried command may commit twice; what was acknowledged is its first copy.
             let mut have: HashMap<u64, Index> = HashMap::new();
-            for &(i, c) in &n.applied {
+            for (i, c) in n.applied() {
                 have.entry(c).or_insert(i);
             }
             for (cmd, index) in &self.acked {

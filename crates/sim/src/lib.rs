@@ -8,9 +8,12 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod io;
+pub mod linearizability;
 pub mod network;
 pub mod node;
 pub mod soak;
+pub mod system;
 
 pub use cluster::{Cluster, SimConfig};
 pub use network::{Faults, Micros, MS};

@@ -2,7 +2,9 @@
 //!
 //! - `sim demo`: a 5-node cluster under faults, with a summary of what happened;
 //! - `sim soak --seeds N`: N random schedules, in parallel, stopping at the first failure;
-//! - `sim replay --seed S`: one soak seed again, printing every event.
+//! - `sim replay --seed S`: one soak seed again, printing every event;
+//! - `sim system --seeds N`: the whole system (driver + kv store) under faults, with every
+//!   client history checked for linearizability; `--seed S --trace` replays one.
 
 use clap::{Parser, Subcommand};
 use sim::soak;
@@ -35,6 +37,21 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         start: u64,
         /// Worker threads (default: available cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// The whole system: production driver and kv store, clients, linearizability.
+    System {
+        #[arg(long, default_value_t = 1_000)]
+        seeds: u64,
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        /// Run only this seed and print its summary.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// With --seed: print every event.
+        #[arg(long)]
+        trace: bool,
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -74,7 +91,25 @@ fn main() {
             seeds,
             start,
             threads,
-        } => soak_many(start, seeds, threads),
+        } => soak_many(start, seeds, threads, |seed| {
+            soak::run(seed, false);
+        }),
+        Cmd::System {
+            seed: Some(seed),
+            trace,
+            ..
+        } => println!("{:?}", sim::system::soak(seed, trace)),
+        Cmd::System {
+            seeds,
+            start,
+            threads,
+            ..
+        } => soak_many(start, seeds, threads, |seed| {
+            let r = sim::system::soak(seed, false);
+            if r.inconclusive {
+                eprintln!("seed {seed}: linearizability search inconclusive (budget)");
+            }
+        }),
     }
 }
 
@@ -103,7 +138,12 @@ fn print_report(r: &soak::Report) {
     );
 }
 
-fn soak_many(start: u64, seeds: u64, threads: Option<usize>) {
+fn soak_many(
+    start: u64,
+    seeds: u64,
+    threads: Option<usize>,
+    run: impl Fn(u64) + Sync + std::panic::RefUnwindSafe,
+) {
     let threads =
         threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let next = AtomicU64::new(start);
@@ -118,7 +158,7 @@ fn soak_many(start: u64, seeds: u64, threads: Option<usize>) {
                 if seed >= start + seeds || failed.load(Ordering::Relaxed) {
                     break;
                 }
-                let ok = std::panic::catch_unwind(|| soak::run(seed, false)).is_ok();
+                let ok = std::panic::catch_unwind(|| run(seed)).is_ok();
                 if !ok {
                     failed.store(true, Ordering::Relaxed);
                     break;

@@ -1,9 +1,8 @@
-//! A simulated node: the core, its disk, its in-flight disk writes, and a tiny state machine.
+//! A simulated node: the production driver around the core and a tiny state machine (a
+//! register), its disk, and its in-flight disk writes.
 
-use raft::{
-    Entry, EntryKind, HardState, Index, Message, NodeId, Raft, ReadState, RestoreState, Snapshot,
-    Term,
-};
+use driver::Write;
+use raft::{Entry, EntryKind, HardState, Index, NodeId, Raft, RestoreState, Snapshot};
 use std::collections::VecDeque;
 
 /// What survives a crash.
@@ -22,7 +21,7 @@ impl Disk {
 
     /// Write a batch in the order the Ready contract gives: snapshot, hard state, entries
     /// (which overwrite the stored log from their first index on).
-    fn write(&mut self, snapshot: Option<Snapshot>, hs: Option<HardState>, entries: &[Entry]) {
+    pub fn write(&mut self, snapshot: Option<Snapshot>, hs: Option<HardState>, entries: &[Entry]) {
         if let Some(s) = snapshot {
             self.install(s);
         }
@@ -67,94 +66,44 @@ impl Disk {
     }
 }
 
-/// A disk write in progress; writes complete in order.
-#[derive(Debug)]
-pub struct PersistJob {
-    pub snapshot: Option<Snapshot>,
-    pub hard_state: Option<HardState>,
-    pub entries: Vec<Entry>,
-    pub persist_to: Option<(Index, Term)>,
-    /// Messages that may leave only once this write and all before it are durable.
-    pub messages: Vec<Message>,
-}
-
 /// A read answered by a node: the register's value when the read was served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadResult {
     pub node: NodeId,
     pub ctx: u64,
+    /// The applied index the read was served at (at least its read index).
     pub index: Index,
     /// The register's value: (index, command id) of the last command applied.
     pub value: Option<(Index, u64)>,
 }
 
-pub struct SimNode {
-    pub id: NodeId,
-    /// `None` while crashed.
-    pub raft: Option<Raft>,
-    /// Bumped at every crash, so events meant for an earlier life are ignored.
-    pub incarnation: u64,
-    pub disk: Disk,
-    pub jobs: VecDeque<PersistJob>,
-    /// When the disk finishes its queued writes.
-    pub disk_busy_until: u64,
-    /// The state machine: every command applied, in order.
-    pub applied: Vec<(Index, u64)>,
-    pub applied_index: Index,
-    /// Reads confirmed by the core, waiting for their index to be applied.
-    pub waiting_reads: Vec<ReadState>,
-    /// Not cut off by `Cluster::disconnect` (partitions and one-way cuts are separate).
-    pub connected: bool,
-    /// A background snapshot is being taken.
-    pub snapshot_in_progress: bool,
+/// What the register saw, for the simulator to check after each call into the driver.
+#[derive(Debug)]
+pub enum RegisterEvent {
+    /// `entry` was applied when `expected` was the next index due.
+    Applied { expected: Index, entry: Entry },
+    /// A snapshot replaced the state after `before` had been applied.
+    Restored {
+        before: Index,
+        index: Index,
+        commands: Vec<(Index, u64)>,
+    },
 }
 
-impl SimNode {
-    pub fn new(id: NodeId) -> Self {
-        SimNode {
-            id,
-            raft: None,
-            incarnation: 0,
-            disk: Disk::default(),
-            jobs: VecDeque::new(),
-            disk_busy_until: 0,
-            applied: Vec::new(),
-            applied_index: 0,
-            waiting_reads: Vec::new(),
-            connected: true,
-            snapshot_in_progress: false,
-        }
-    }
+/// The state machine of the core-level tests: a register holding the last command applied,
+/// with the whole sequence kept so tests can compare nodes.
+#[derive(Default)]
+pub struct Register {
+    /// Every command applied, in order: (index, command id).
+    pub applied: Vec<(Index, u64)>,
+    pub applied_index: Index,
+    pub events: Vec<RegisterEvent>,
+}
 
-    pub fn is_up(&self) -> bool {
-        self.raft.is_some()
-    }
-
-    pub fn raft(&self) -> &Raft {
-        self.raft.as_ref().expect("node is up")
-    }
-
-    /// The register the state machine implements: the last command applied.
+impl Register {
+    /// The register's value: the last command applied.
     pub fn value(&self) -> Option<(Index, u64)> {
         self.applied.last().copied()
-    }
-
-    /// Lose everything not yet durable.
-    pub fn crash(&mut self) {
-        self.raft = None;
-        self.incarnation += 1;
-        self.jobs.clear();
-        self.applied.clear();
-        self.applied_index = 0;
-        self.waiting_reads.clear();
-        self.snapshot_in_progress = false;
-    }
-
-    pub fn complete_job(&mut self) -> Option<PersistJob> {
-        let mut job = self.jobs.pop_front()?;
-        self.disk
-            .write(job.snapshot.take(), job.hard_state, &job.entries);
-        Some(job)
     }
 
     /// The state machine as snapshot bytes: every applied command as (index, id).
@@ -167,18 +116,120 @@ impl SimNode {
         out.into()
     }
 
-    /// Replace the state machine with a snapshot's.
-    pub fn restore(&mut self, s: &Snapshot) {
+    fn restore_from(&mut self, s: &Snapshot) {
         self.applied = decode_snapshot(&s.data);
         self.applied_index = s.meta.index;
     }
+}
 
-    /// Apply a committed entry to the register.
-    pub fn apply(&mut self, e: &Entry) {
+impl driver::StateMachine for Register {
+    type Output = ();
+    type Query = ();
+    type Answer = Option<(Index, u64)>;
+    type Frozen = bytes::Bytes;
+
+    fn apply(&mut self, e: &Entry) -> Result<Option<(driver::RequestId, ())>, String> {
+        self.events.push(RegisterEvent::Applied {
+            expected: self.applied_index + 1,
+            entry: e.clone(),
+        });
         self.applied_index = e.index;
         if e.kind == EntryKind::Normal {
             self.applied.push((e.index, command_id(&e.data)));
         }
+        // Core-level tests propose raw commands, with no client waiting through the driver.
+        Ok(None)
+    }
+
+    fn query(&self, _: &()) -> Option<(Index, u64)> {
+        self.value()
+    }
+
+    fn freeze(&self) -> bytes::Bytes {
+        self.snapshot_data()
+    }
+
+    fn restore(&mut self, s: &Snapshot) -> Result<(), String> {
+        let before = self.applied_index;
+        self.restore_from(s);
+        self.events.push(RegisterEvent::Restored {
+            before,
+            index: s.meta.index,
+            commands: self.applied.clone(),
+        });
+        Ok(())
+    }
+}
+
+/// The production driver around a register, wired to the simulated world.
+pub type RegisterDriver = crate::io::SimDriver<Register>;
+
+pub struct SimNode {
+    pub id: NodeId,
+    /// `None` while crashed.
+    pub driver: Option<RegisterDriver>,
+    /// Bumped at every crash, so events meant for an earlier life are ignored.
+    pub incarnation: u64,
+    pub disk: Disk,
+    /// Disk writes in flight, oldest first; they complete in order.
+    pub writes: VecDeque<Write>,
+    /// When the disk finishes its queued writes.
+    pub disk_busy_until: u64,
+    /// What the driver asked of the world since the simulator last looked.
+    pub io: crate::io::Mailbox<Register>,
+    /// Not cut off by `Cluster::disconnect` (partitions and one-way cuts are separate).
+    pub connected: bool,
+}
+
+impl SimNode {
+    pub fn new(id: NodeId) -> Self {
+        SimNode {
+            id,
+            driver: None,
+            incarnation: 0,
+            disk: Disk::default(),
+            writes: VecDeque::new(),
+            disk_busy_until: 0,
+            io: Default::default(),
+            connected: true,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.driver.is_some()
+    }
+
+    pub fn raft(&self) -> &Raft {
+        self.driver.as_ref().expect("node is up").raft()
+    }
+
+    /// The register (empty while the node is down).
+    pub fn register(&self) -> Option<&Register> {
+        self.driver.as_ref().map(|d| d.machine())
+    }
+
+    /// Every command applied, in order (empty while down).
+    pub fn applied(&self) -> Vec<(Index, u64)> {
+        self.register()
+            .map(|r| r.applied.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn applied_index(&self) -> Index {
+        self.register().map_or(0, |r| r.applied_index)
+    }
+
+    /// The register's value: the last command applied.
+    pub fn value(&self) -> Option<(Index, u64)> {
+        self.register().and_then(Register::value)
+    }
+
+    /// Lose everything not yet durable.
+    pub fn crash(&mut self) {
+        self.driver = None;
+        self.incarnation += 1;
+        self.writes.clear();
+        self.io = Default::default();
     }
 }
 

@@ -176,7 +176,7 @@ fn leadership_transfer_to_a_lagging_follower_catches_it_up_first() {
     assert!(c.now - start <= 2 * c.cfg.election_timeout());
     for i in 0..20 {
         assert_eq!(
-            c.node(target).applied.iter().filter(|a| a.1 == i).count(),
+            c.node(target).applied().iter().filter(|a| a.1 == i).count(),
             1
         );
     }

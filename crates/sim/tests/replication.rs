@@ -239,7 +239,7 @@ fn message_counts_stay_low() {
     for cmd in 1..=12 {
         c.propose(leader, command(cmd, 8)).unwrap();
         let ok = c.run_until(1_000 * MS, |c| {
-            c.node(leader).applied.iter().any(|a| a.1 == cmd)
+            c.node(leader).applied().iter().any(|a| a.1 == cmd)
         });
         assert!(ok);
     }

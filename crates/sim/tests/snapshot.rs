@@ -155,7 +155,7 @@ fn restart_twice_in_a_row_from_a_snapshot() {
     }
     c.run_for(200 * MS); // let background snapshots finish and commits reach everyone
     for _ in 0..2 {
-        let before: Vec<_> = c.nodes.iter().map(|n| n.applied.clone()).collect();
+        let before: Vec<_> = c.nodes.iter().map(|n| n.applied()).collect();
         for id in c.ids() {
             c.crash(id);
         }
@@ -167,11 +167,11 @@ fn restart_twice_in_a_row_from_a_snapshot() {
                 "node {id} restarted without a snapshot"
             );
             // The state machine came back from the snapshot, not from replaying index 1.
-            assert!(node.applied_index >= node.disk.snapshot_index());
+            assert!(node.applied_index() >= node.disk.snapshot_index());
         }
         // Snapshot plus log suffix gives exactly the state before the crash.
         c.run_for(200 * MS);
-        let after: Vec<_> = c.nodes.iter().map(|n| n.applied.clone()).collect();
+        let after: Vec<_> = c.nodes.iter().map(|n| n.applied()).collect();
         assert_eq!(before, after, "restart changed a state machine");
     }
     c.one(1_000, 16, 3);
@@ -239,7 +239,7 @@ fn a_snapshot_in_flight_does_not_stall_the_others() {
     for cmd in 1_000..1_020 {
         c.one(cmd, 16, 4);
     }
-    assert!(c.node(victim).applied_index < c.node(leader).applied_index);
+    assert!(c.node(victim).applied_index() < c.node(leader).applied_index());
     assert!(
         c.now - start < 3_000 * MS,
         "commits slowed to a crawl during the transfer"
