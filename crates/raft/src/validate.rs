@@ -12,9 +12,16 @@ use crate::error::{Error, Result};
 use crate::message::{Body, Message};
 use crate::types::{Index, NodeId, Term};
 
+/// Terms grow by one per election; no cluster gets near this. A term above it is forged or
+/// corrupt, and adopting it would leave no room to campaign (`term + 1` would overflow).
+pub(crate) const MAX_TERM: Term = 1 << 62;
+
 /// Check `m`'s body against the protocol's rules. `voters` is this node's configuration:
 /// a snapshot must describe the same membership (membership is fixed for a core's life).
 pub(crate) fn check(m: &Message, voters: &[NodeId]) -> Result<()> {
+    if m.term > MAX_TERM {
+        return bad("a term beyond any a cluster can reach");
+    }
     match &m.body {
         Body::Append {
             prev_index,
@@ -131,6 +138,9 @@ mod tests {
         assert!(check(&append(2, (1, 1), &[(2, 3)]), &voters).is_err());
         assert!(check(&append(1, (0, 1), &[]), &voters).is_err());
         assert!(check(&append(5, (u64::MAX, 1), &[(0, 1)]), &voters).is_err());
+        // Found by the fuzzer: adopting term u64::MAX made the next campaign overflow.
+        assert!(check(&append(u64::MAX, (0, 0), &[]), &voters).is_err());
+        assert!(check(&append(MAX_TERM, (0, 0), &[]), &voters).is_ok());
     }
 
     #[test]
