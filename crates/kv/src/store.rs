@@ -1,13 +1,17 @@
 //! The MVCC store. Every key keeps its history — one version per write, a tombstone per
 //! delete — ordered by revision, so a read at any revision since the last compaction is a
 //! binary search. Writes only ever append to a history, which makes a failed transaction
-//! cheap to undo. Everything is a `BTreeMap` or a `Vec`: the same log applied anywhere
+//! cheap to undo. Everything is an ordered map or a `Vec`: the same log applied anywhere
 //! gives the same state and the same answers.
+//!
+//! The key index is a persistent B-tree (`imbl::OrdMap`): cloning the store shares every
+//! node, and later writes copy only the path they change. A snapshot therefore freezes the
+//! store in O(1) on the raft loop and serializes the frozen copy on another thread.
 
 use crate::error::{Error, Result};
 use crate::types::*;
 use bytes::Bytes;
-use std::collections::BTreeMap;
+use imbl::OrdMap;
 use std::ops::Bound;
 
 /// etcd's default `--max-txn-ops`.
@@ -24,7 +28,7 @@ pub(crate) struct Version {
 pub struct Store {
     /// Invariant: each history is non-empty, its revisions strictly increase, and at most
     /// its first version is at or below `compact_revision` (and that one is live).
-    pub(crate) keys: BTreeMap<Bytes, Vec<Version>>,
+    pub(crate) keys: OrdMap<Bytes, Vec<Version>>,
     pub(crate) revision: Revision,
     pub(crate) compact_revision: Revision,
     /// Bytes of keys and values across all retained versions, kept up to date as versions
@@ -327,18 +331,31 @@ impl Store {
             return Err(Error::FutureRevision);
         }
         let mut freed = 0;
-        self.keys.retain(|key, history| {
+        // Collect the changes first and touch only the keys that lose versions: a shared
+        // (snapshotted) index is then copied along those paths alone.
+        let mut changed = Vec::new();
+        for (key, history) in self.keys.iter() {
             // Keep the version in force at `rev` (unless it is a tombstone) and later ones.
-            let keep_from = history.partition_point(|v| v.rev <= rev).saturating_sub(1);
-            freed += history
-                .drain(..keep_from)
-                .map(|v| cost(key, &v))
-                .sum::<u64>();
-            if history[0].rev <= rev && history[0].kv.is_none() {
-                freed += cost(key, &history.remove(0));
+            let mut keep_from = history.partition_point(|v| v.rev <= rev).saturating_sub(1);
+            if history[keep_from].rev <= rev && history[keep_from].kv.is_none() {
+                keep_from += 1;
             }
-            !history.is_empty()
-        });
+            if keep_from == 0 {
+                continue;
+            }
+            freed += history[..keep_from]
+                .iter()
+                .map(|v| cost(key, v))
+                .sum::<u64>();
+            changed.push((key.clone(), history[keep_from..].to_vec()));
+        }
+        for (key, history) in changed {
+            if history.is_empty() {
+                self.keys.remove(&key);
+            } else {
+                self.keys.insert(key, history);
+            }
+        }
         self.size -= freed;
         self.compact_revision = rev;
         Ok(())
