@@ -362,7 +362,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         client_urls: own_client_urls.clone(),
     };
     let transport = PeerTransport::start(peers, hello);
-    let (node, task) = Node::start(cfg, Arc::new(transport))?;
+    let (node, task) = Node::start(cfg, Arc::new(transport)).await?;
     let _ = cell.set(node.clone());
     let client_urls = ClientUrls::default();
     let ids = members.iter().map(|m| m.id).collect();

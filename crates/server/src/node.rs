@@ -119,28 +119,19 @@ type KvDriver = driver::Driver<KvMachine, Wal, Peers, Waiter<Applied>, Waiter<Se
 
 impl Node {
     /// Open the data directory, recover, and run the node on the current tokio runtime. The
-    /// task ends with the reason if the member had to stop (a failed disk, say).
-    pub fn start(
+    /// task ends with the reason if the member had to stop (a failed disk, say). Reading the
+    /// log and decoding the snapshot happen on a blocking thread, not on the runtime's loop.
+    pub async fn start(
         cfg: NodeConfig,
         transport: Arc<dyn Transport>,
     ) -> Result<(Node, tokio::task::JoinHandle<Result<(), String>>), String> {
-        let id = Identity {
-            cluster_id: cfg.cluster_id,
-            node_id: cfg.id,
+        let recover = {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || recover(&cfg))
         };
-        let (storage, state) =
-            Storage::open(&cfg.data_dir, id, Options::default()).map_err(|e| e.to_string())?;
-        let mut machine = KvMachine::default();
-        let mut rc = raft::Config::new(cfg.id, cfg.voters.clone());
-        if let Some(s) = &state.snapshot {
-            machine.restore_at_start(s)?;
-            rc.applied = s.meta.index;
-        }
-        rc.heartbeat_tick = 1;
-        rc.election_tick = cfg.election_ticks;
-        let boot = boot_nonce(cfg.id);
-        rc.seed = boot;
-        let raft = Raft::new(rc, state).map_err(|e| e.to_string())?;
+        let (storage, raft, machine, boot) = recover
+            .await
+            .map_err(|e| format!("recovery stopped: {e}"))??;
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let wal = Wal {
@@ -222,6 +213,29 @@ impl Node {
             let _ = tx.send(Input::Stop).await;
         });
     }
+}
+
+/// What a member finds on its disk: the log, the core restored from it, and the store
+/// restored from the latest snapshot.
+fn recover(cfg: &NodeConfig) -> Result<(Storage, Raft, KvMachine, u64), String> {
+    let id = Identity {
+        cluster_id: cfg.cluster_id,
+        node_id: cfg.id,
+    };
+    let (storage, state) =
+        Storage::open(&cfg.data_dir, id, Options::default()).map_err(|e| e.to_string())?;
+    let mut machine = KvMachine::default();
+    let mut rc = raft::Config::new(cfg.id, cfg.voters.clone());
+    if let Some(s) = &state.snapshot {
+        machine.restore_at_start(s)?;
+        rc.applied = s.meta.index;
+    }
+    rc.heartbeat_tick = 1;
+    rc.election_tick = cfg.election_ticks;
+    let boot = boot_nonce(cfg.id);
+    rc.seed = boot;
+    let raft = Raft::new(rc, state).map_err(|e| e.to_string())?;
+    Ok((storage, raft, machine, boot))
 }
 
 impl KvMachine {

@@ -56,7 +56,7 @@ fn config(dir: &Path, id: u64, snapshot_count: u64) -> NodeConfig {
 }
 
 impl Cluster {
-    fn start(snapshot_count: u64) -> Cluster {
+    async fn start(snapshot_count: u64) -> Cluster {
         let mut c = Cluster {
             net: Arc::new(Net::default()),
             dir: tempfile::tempdir().unwrap(),
@@ -64,14 +64,16 @@ impl Cluster {
             tasks: HashMap::new(),
         };
         for id in 1..=3 {
-            c.start_node(id);
+            c.start_node(id).await;
         }
         c
     }
 
-    fn start_node(&mut self, id: u64) {
+    async fn start_node(&mut self, id: u64) {
         let cfg = config(self.dir.path(), id, self.snapshot_count);
-        let (node, task) = Node::start(cfg, Arc::new(Link(self.net.clone()))).unwrap();
+        let (node, task) = Node::start(cfg, Arc::new(Link(self.net.clone())))
+            .await
+            .unwrap();
         self.net.nodes.lock().unwrap().insert(id, node);
         self.tasks.insert(id, task);
     }
@@ -137,7 +139,7 @@ async fn value(n: &Node, k: &str, linearizable: bool) -> Option<Bytes> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_commit_everywhere_and_reads_are_linearizable_on_every_node() {
-    let c = Cluster::start(1_000);
+    let c = Cluster::start(1_000).await;
     let l = c.leader().await;
     for i in 0..20 {
         let (_, h) = c
@@ -171,7 +173,7 @@ async fn writes_commit_everywhere_and_reads_are_linearizable_on_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_cluster_comes_back_with_its_data() {
-    let mut c = Cluster::start(1_000);
+    let mut c = Cluster::start(1_000).await;
     let l = c.leader().await;
     for i in 0..10 {
         c.node(l).write(put(&format!("k{i}"), "v")).await.unwrap();
@@ -180,7 +182,7 @@ async fn a_restarted_cluster_comes_back_with_its_data() {
         c.stop_node(id).await;
     }
     for id in 1..=3 {
-        c.start_node(id);
+        c.start_node(id).await;
     }
     let l = c.leader().await;
     assert_eq!(value(&c.node(l), "k9", true).await, Some(Bytes::from("v")));
@@ -190,7 +192,7 @@ async fn a_restarted_cluster_comes_back_with_its_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_missed_a_compacted_log_catches_up_by_snapshot() {
-    let mut c = Cluster::start(10);
+    let mut c = Cluster::start(10).await;
     let l = c.leader().await;
     let f = (1..=3).find(|&i| i != l).unwrap();
     c.stop_node(f).await;
@@ -204,7 +206,7 @@ async fn a_node_that_missed_a_compacted_log_catches_up_by_snapshot() {
         c.node(l).status().await.unwrap().snapshot_index >= 50,
         "the leader compacted"
     );
-    c.start_node(f);
+    c.start_node(f).await;
     let mut caught_up = false;
     for _ in 0..300 {
         let s = c.node(f).status().await.unwrap();
@@ -222,7 +224,7 @@ async fn a_node_that_missed_a_compacted_log_catches_up_by_snapshot() {
     );
     // And it survives its own restart from the installed snapshot.
     c.stop_node(f).await;
-    c.start_node(f);
+    c.start_node(f).await;
     assert_eq!(
         value(&c.node(f), "k0", false).await,
         Some(Bytes::from("v0"))
@@ -231,7 +233,7 @@ async fn a_node_that_missed_a_compacted_log_catches_up_by_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_leader_can_neither_write_nor_serve_stale_reads() {
-    let c = Cluster::start(1_000);
+    let c = Cluster::start(1_000).await;
     let old = c.leader().await;
     c.node(old).write(put("k", "old")).await.unwrap();
     c.net.isolated.lock().unwrap().insert(old);
@@ -263,7 +265,7 @@ async fn a_cut_off_leader_can_neither_write_nor_serve_stale_reads() {
 /// commit, and the member serves normally right after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_writes_is_refused_beyond_the_bounds_and_the_member_keeps_serving() {
-    let c = Cluster::start(1_000_000);
+    let c = Cluster::start(1_000_000).await;
     let leader = c.leader().await;
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     let n = c.node(follower);
