@@ -3,7 +3,9 @@
 use crate::ids::{Ids, RequestId};
 use crate::{Answered, Refusal, Reply, StateMachine, Storage, Transport, Write};
 use bytes::Bytes;
-use raft::{Entry, Index, Message, NodeId, Raft, ReadCtx, Role, Snapshot, SnapshotMeta, Term};
+use raft::{
+    Entry, Index, Message, NodeId, Raft, ReadCtx, Ready, Role, Snapshot, SnapshotMeta, Term,
+};
 use std::collections::{HashMap, VecDeque};
 
 /// Bounds and policies of one driver. Every queue it keeps has a bound here.
@@ -57,7 +59,7 @@ pub struct Status {
 pub struct Driver<M, S, T, W, R>
 where
     M: StateMachine,
-    S: Storage<M::Frozen>,
+    S: Storage<M>,
     T: Transport,
     W: Reply<M::Output>,
     R: Reply<M::Answer>,
@@ -82,12 +84,15 @@ where
     leader: Option<NodeId>,
     /// Set once the member must stop; nothing is done after.
     failure: Option<String>,
+    /// A Ready whose snapshot storage is restoring off the loop; the rest of it, and every
+    /// later Ready, waits for `on_restored`.
+    paused: Option<Ready>,
 }
 
 impl<M, S, T, W, R> Driver<M, S, T, W, R>
 where
     M: StateMachine,
-    S: Storage<M::Frozen>,
+    S: Storage<M>,
     T: Transport,
     W: Reply<M::Output>,
     R: Reply<M::Answer>,
@@ -117,6 +122,7 @@ where
             snapshotting: false,
             leader: None,
             failure: None,
+            paused: None,
         };
         d.process_ready();
         d
@@ -270,13 +276,41 @@ where
             }
         };
         let index = snapshot.meta.index;
-        // Refused if a newer snapshot arrived from the leader meanwhile.
+        // Refused, or moot, if a newer snapshot arrived from the leader meanwhile.
         if let Err(e) = self.raft.compact(snapshot.clone()) {
             tracing::warn!(error = %e, "compaction refused");
             return;
         }
         self.last_snapshot = self.last_snapshot.max(index);
-        self.storage.compact(snapshot);
+        if self.raft.snapshot_index() == index {
+            self.storage.compact(snapshot);
+        }
+    }
+
+    /// Storage built the state machine from the leader's snapshot (or could not: the member
+    /// stops, since its state machine no longer matches its log). The Ready that carried the
+    /// snapshot is then carried out.
+    pub fn on_restored(&mut self, result: Result<M, String>) {
+        if self.failure.is_some() {
+            return;
+        }
+        let Some(rd) = self.paused.take() else {
+            return self.fail("storage restored a snapshot nobody asked for".into());
+        };
+        let index = rd.snapshot.as_ref().map_or(0, |s| s.meta.index);
+        match result {
+            Ok(machine) => self.machine = machine,
+            Err(e) => return self.fail(format!("cannot restore the snapshot at {index}: {e}")),
+        }
+        self.last_snapshot = index;
+        if self.finish(rd) {
+            self.process_ready();
+        }
+    }
+
+    /// A leader's snapshot is being restored off the loop.
+    pub fn restoring(&self) -> bool {
+        self.paused.is_some()
     }
 
     /// Stop: every waiting client is told, and the driver does nothing more.
@@ -289,69 +323,75 @@ where
 
     /// Carry out everything the core decided, in the order the Ready contract requires.
     pub fn process_ready(&mut self) {
-        while self.failure.is_none() && self.raft.has_ready() {
+        while self.failure.is_none() && self.paused.is_none() && self.raft.has_ready() {
             let mut rd = self.raft.ready();
             // 1. What may leave before the disk write: the leader's appends among them.
             self.transport.send(std::mem::take(&mut rd.messages));
-            // 2. A snapshot from the leader replaces the state machine. If it cannot, the
-            // member stops here: the core counts this Ready as handed out, so going on would
-            // acknowledge entries that were never written.
+            // 2. A snapshot from the leader replaces the state machine: storage builds the
+            // new one off the loop, and the rest of this Ready waits for it (`on_restored`).
             if let Some(s) = &rd.snapshot {
-                if let Err(e) = self.machine.restore(s) {
-                    let index = s.meta.index;
-                    return self.fail(format!("cannot restore the snapshot at {index}: {e}"));
-                }
-                self.last_snapshot = s.meta.index;
+                self.storage.restore(s.clone());
+                self.paused = Some(rd);
+                return;
             }
-            let snapshot_index = rd.snapshot.as_ref().map(|s| s.meta.index);
-            // 3. Persist; votes and acknowledgements leave once durable. A batch that writes
-            // nothing still waits for the writes before it, if any are in flight.
-            let persisted_messages = std::mem::take(&mut rd.persisted_messages);
-            if rd.must_persist() || (!persisted_messages.is_empty() && !self.in_flight.is_empty()) {
-                let prev_term = rd
-                    .entries
-                    .first()
-                    .and_then(|e| self.raft.term_at(e.index - 1))
-                    .unwrap_or(0);
-                self.in_flight.push_back(InFlight {
-                    persist_to: rd.persist_to(),
-                    messages: persisted_messages,
-                });
-                let write = Write {
-                    lazy: !rd.must_sync(),
-                    snapshot: rd.snapshot.take(),
-                    hard_state: rd.hard_state,
-                    entries: std::mem::take(&mut rd.entries),
-                    prev_term,
-                };
-                self.storage.persist(write);
-            } else {
-                self.transport.send(persisted_messages);
+            if !self.finish(rd) {
+                return;
             }
-            // 4. Apply, answering the clients whose entries these are.
-            if let Some(index) = snapshot_index {
-                self.raft.advance_applied(index);
-            }
-            for e in &rd.committed_entries {
-                if !self.apply(e) {
-                    return;
-                }
-            }
-            if let Some(last) = rd.committed_entries.last() {
-                self.raft.advance_applied(last.index);
-            }
-            // 5. Reads.
-            for rs in rd.read_states {
-                if let Some((query, reply)) = self.reads.remove(&rs.ctx) {
-                    self.confirmed.push((rs.index, query, reply));
-                }
-            }
-            self.serve_reads();
-            if rd.soft_state.is_some() {
-                self.on_leader_change();
-            }
-            self.maybe_snapshot();
         }
+    }
+
+    /// Steps 3 to 6 of a Ready. Returns false if the member had to stop.
+    fn finish(&mut self, mut rd: Ready) -> bool {
+        let snapshot_index = rd.snapshot.as_ref().map(|s| s.meta.index);
+        // 3. Persist; votes and acknowledgements leave once durable. A batch that writes
+        // nothing still waits for the writes before it, if any are in flight.
+        let persisted_messages = std::mem::take(&mut rd.persisted_messages);
+        if rd.must_persist() || (!persisted_messages.is_empty() && !self.in_flight.is_empty()) {
+            let prev_term = rd
+                .entries
+                .first()
+                .and_then(|e| self.raft.term_at(e.index - 1))
+                .unwrap_or(0);
+            self.in_flight.push_back(InFlight {
+                persist_to: rd.persist_to(),
+                messages: persisted_messages,
+            });
+            let write = Write {
+                lazy: !rd.must_sync(),
+                snapshot: rd.snapshot.take(),
+                hard_state: rd.hard_state,
+                entries: std::mem::take(&mut rd.entries),
+                prev_term,
+            };
+            self.storage.persist(write);
+        } else {
+            self.transport.send(persisted_messages);
+        }
+        // 4. Apply, answering the clients whose entries these are.
+        if let Some(index) = snapshot_index {
+            self.raft.advance_applied(index);
+        }
+        for e in &rd.committed_entries {
+            if !self.apply(e) {
+                return false;
+            }
+        }
+        if let Some(last) = rd.committed_entries.last() {
+            self.raft.advance_applied(last.index);
+        }
+        // 5. Reads.
+        for rs in rd.read_states {
+            if let Some((query, reply)) = self.reads.remove(&rs.ctx) {
+                self.confirmed.push((rs.index, query, reply));
+            }
+        }
+        self.serve_reads();
+        if rd.soft_state.is_some() {
+            self.on_leader_change();
+        }
+        // 6. Snapshot now and then.
+        self.maybe_snapshot();
+        true
     }
 
     fn apply(&mut self, e: &Entry) -> bool {

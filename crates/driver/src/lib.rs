@@ -11,7 +11,8 @@
 //!
 //! The driver knows nothing of etcd, tokio or files. It is generic over:
 //! - a [`StateMachine`] (the kv store in production; a register or the kv store in tests),
-//! - [`Storage`] (asynchronous writes that complete in submission order),
+//! - [`Storage`] (asynchronous writes that complete in submission order, and the slow work
+//!   kept off the loop: serializing and restoring snapshots),
 //! - a [`Transport`] (fire and forget; raft retransmits),
 //! - [`Reply`] handles for the clients waiting on writes and reads,
 //!
@@ -49,7 +50,8 @@ pub trait StateMachine {
     fn query(&self, query: &Self::Query) -> Self::Answer;
     /// Freeze the current state, cheaply, for a snapshot taken in the background.
     fn freeze(&self) -> Self::Frozen;
-    /// Replace the whole state with a snapshot's. An error stops the driver.
+    /// Replace the whole state with a snapshot's (storage calls this, off the loop, on a
+    /// fresh machine). An error stops the driver.
     fn restore(&mut self, snapshot: &Snapshot) -> Result<(), String>;
 }
 
@@ -74,15 +76,20 @@ impl Write {
     }
 }
 
-/// Durable storage, driven asynchronously. Writes complete in the order they were
-/// submitted; the owner reports each completion with [`Driver::on_persisted`].
-pub trait Storage<F> {
+/// Durable storage, driven asynchronously, and the work that must not run on the loop.
+/// Writes complete in the order they were submitted; the owner reports each completion with
+/// [`Driver::on_persisted`].
+pub trait Storage<M: StateMachine> {
     fn persist(&mut self, write: Write);
     /// Serialize `frozen` into a snapshot for `meta` and make it durable, off the loop; the
     /// owner reports it with [`Driver::on_snapshot`].
-    fn snapshot(&mut self, meta: SnapshotMeta, frozen: F);
+    fn snapshot(&mut self, meta: SnapshotMeta, frozen: M::Frozen);
     /// The log may now drop what `snapshot` (already durable) covers.
     fn compact(&mut self, snapshot: Snapshot);
+    /// Build a state machine from a leader's snapshot, off the loop (decoding a large store
+    /// takes a while); the owner reports it with [`Driver::on_restored`]. Until then the
+    /// driver handles nothing more of the core's output.
+    fn restore(&mut self, snapshot: Snapshot);
 }
 
 /// How raft messages leave. Never blocks; a transport that cannot deliver drops.

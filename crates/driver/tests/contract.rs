@@ -53,12 +53,13 @@ impl StateMachine for Counter {
 }
 
 struct Io(Shared);
-impl Storage<u64> for Io {
+impl Storage<Counter> for Io {
     fn persist(&mut self, w: Write) {
         self.0.borrow_mut().writes.push(w);
     }
     fn snapshot(&mut self, _: SnapshotMeta, _: u64) {}
     fn compact(&mut self, _: Snapshot) {}
+    fn restore(&mut self, _: Snapshot) {}
 }
 impl Transport for Io {
     fn send(&mut self, mut msgs: Vec<Message>) {

@@ -70,6 +70,7 @@ enum Input {
 enum Done {
     Persisted(Result<(), String>),
     Snapshotted(Result<Snapshot, String>),
+    Restored(Result<KvMachine, String>),
 }
 
 /// Most requests queued for the loop; beyond it clients get "too many requests".
@@ -309,6 +310,7 @@ fn on_done(d: &mut KvDriver, done: Done) {
     match done {
         Done::Persisted(result) => d.on_persisted(result),
         Done::Snapshotted(result) => d.on_snapshot(result),
+        Done::Restored(result) => d.on_restored(result),
     }
 }
 
@@ -361,7 +363,7 @@ struct Wal {
     done: mpsc::UnboundedSender<Done>,
 }
 
-impl driver::Storage<kv::Store> for Wal {
+impl driver::Storage<KvMachine> for Wal {
     fn persist(&mut self, w: driver::Write) {
         let done = self.done.clone();
         self.group.submit(Batch {
@@ -394,6 +396,17 @@ impl driver::Storage<kv::Store> for Wal {
         self.group.submit(Batch {
             compact: Some(snapshot),
             ..Default::default()
+        });
+    }
+
+    /// Decoding a leader's snapshot into a store runs on a blocking thread; the loop keeps
+    /// ticking and taking messages meanwhile.
+    fn restore(&mut self, snapshot: Snapshot) {
+        let done = self.done.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut machine = KvMachine::default();
+            let result = driver::StateMachine::restore(&mut machine, &snapshot).map(|_| machine);
+            let _ = done.send(Done::Restored(result));
         });
     }
 }

@@ -74,6 +74,8 @@ enum Event {
     PersistDone(NodeId, u64),
     /// A background snapshot of the state machine is ready to hand to the core.
     SnapshotTaken(NodeId, u64, raft::Snapshot),
+    /// A register built off the loop from a leader's snapshot.
+    Restored(NodeId, u64, Register),
 }
 
 #[derive(Debug)]
@@ -256,7 +258,6 @@ impl Cluster {
         let mut register = Register::default();
         if let Some(s) = &self.node(id).disk.snapshot {
             driver::StateMachine::restore(&mut register, s).expect("registers restore");
-            register.events.clear();
             cfg.applied = s.meta.index;
         }
         let boot = cfg.seed.rotate_left(17) ^ 0x6a09_e667_f3bc_c909;
@@ -343,6 +344,12 @@ impl Cluster {
                 self.with(id, |d| d.on_snapshot(Ok(snapshot)));
                 self.note_log_size(id);
             }
+            Event::Restored(id, inc, register) => {
+                if self.node(id).incarnation != inc {
+                    return;
+                }
+                self.with(id, |d| d.on_restored(Ok(register)));
+            }
         }
     }
 
@@ -395,6 +402,27 @@ impl Cluster {
             let at = self.now + self.rng.gen_range(lo..=hi);
             let inc = self.node(id).incarnation;
             self.schedule(at, Event::SnapshotTaken(id, inc, Snapshot { meta, data }));
+        }
+        for snap in out.restores.drain(..) {
+            // A snapshot from the leader only moves the state machine forward, and holds
+            // exactly the committed history up to its index.
+            let before = self.node(id).applied_index();
+            let index = snap.meta.index;
+            if index <= before {
+                self.fail(&format!(
+                    "node {id} was handed a snapshot at {index} after applying {before}"
+                ));
+            }
+            let mut register = Register::default();
+            driver::StateMachine::restore(&mut register, &snap).expect("registers restore");
+            if let Err(v) = self.checker.on_snapshot(id, index, &register.applied) {
+                self.fail(&v);
+            }
+            // Built off the loop: other events reach the node meanwhile.
+            let (lo, hi) = self.cfg.snapshot_delay;
+            let at = self.now + self.rng.gen_range(lo..=hi);
+            let inc = self.node(id).incarnation;
+            self.schedule(at, Event::Restored(id, inc, register));
         }
         for s in out.compactions.drain(..) {
             // The snapshot is durable and covers only applied (hence durable) entries.
@@ -460,20 +488,6 @@ impl Cluster {
                         .entry(command_id(&entry.data))
                         .or_insert(entry.index);
                     self.max_acked = self.max_acked.max(entry.index);
-                }
-            }
-            RegisterEvent::Restored {
-                before,
-                index,
-                commands,
-            } => {
-                if index <= before {
-                    self.fail(&format!(
-                        "node {id} was handed a snapshot at {index} after applying {before}"
-                    ));
-                }
-                if let Err(v) = self.checker.on_snapshot(id, index, &commands) {
-                    self.fail(&v);
                 }
             }
         }

@@ -82,17 +82,11 @@ pub struct ReadResult {
 pub enum RegisterEvent {
     /// `entry` was applied when `expected` was the next index due.
     Applied { expected: Index, entry: Entry },
-    /// A snapshot replaced the state after `before` had been applied.
-    Restored {
-        before: Index,
-        index: Index,
-        commands: Vec<(Index, u64)>,
-    },
 }
 
 /// The state machine of the core-level tests: a register holding the last command applied,
 /// with the whole sequence kept so tests can compare nodes.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Register {
     /// Every command applied, in order: (index, command id).
     pub applied: Vec<(Index, u64)>,
@@ -150,13 +144,7 @@ impl driver::StateMachine for Register {
     }
 
     fn restore(&mut self, s: &Snapshot) -> Result<(), String> {
-        let before = self.applied_index;
         self.restore_from(s);
-        self.events.push(RegisterEvent::Restored {
-            before,
-            index: s.meta.index,
-            commands: self.applied.clone(),
-        });
         Ok(())
     }
 }

@@ -89,12 +89,10 @@ fn put(k: u64, v: u64) -> kv::PutRequest {
     }
 }
 
-/// The kv store as the simulated members' state machine. `fail_restores` makes the next
-/// snapshot restores fail (the disk handed back garbage), to test fail-stop.
-#[derive(Default)]
+/// The kv store as the simulated members' state machine.
+#[derive(Default, Debug)]
 pub struct SimKv {
     pub store: kv::Store,
-    pub fail_restores: u32,
     /// Requests applied since the simulator last looked, with what they returned.
     pub applied: Vec<(RequestId, Output)>,
 }
@@ -152,10 +150,6 @@ impl StateMachine for SimKv {
     }
 
     fn restore(&mut self, s: &Snapshot) -> Result<(), String> {
-        if self.fail_restores > 0 {
-            self.fail_restores -= 1;
-            return Err("injected: the snapshot could not be read back".into());
-        }
         self.store = kv::Store::restore(&s.data).map_err(|e| e.to_string())?;
         Ok(())
     }
@@ -205,12 +199,16 @@ enum Event {
     Deliver(Message),
     Persisted(NodeId, u64),
     Snapshotted(NodeId, u64, Snapshot),
+    /// A state machine built off the loop from a leader's snapshot (or the failure to).
+    Restored(NodeId, u64, Result<SimKv, String>),
 }
 
 struct Member {
     driver: Option<KvDriver>,
     /// The next disk write fails (a test's injection).
     fail_next_write: bool,
+    /// The next snapshot restore fails (a test's injection).
+    fail_next_restore: bool,
     incarnation: u64,
     disk: Disk,
     /// Writes in flight, oldest first; they complete in order.
@@ -259,6 +257,7 @@ impl System {
                 .map(|_| Member {
                     driver: None,
                     fail_next_write: false,
+                    fail_next_restore: false,
                     incarnation: 0,
                     disk: Disk::default(),
                     writes: VecDeque::new(),
@@ -330,9 +329,6 @@ impl System {
         c.seed = seed;
         c.snapshot_timeout_tick = 3 * self.cfg.heartbeat_tick;
         let mut machine = SimKv::default();
-        if self.rng.gen_bool(self.cfg.restore_failure) {
-            machine.fail_restores = 1;
-        }
         let m = self.member(id);
         if let Some(s) = &m.disk.snapshot {
             machine.store = kv::Store::restore(&s.data).expect("snapshots on disk are ours");
@@ -371,9 +367,7 @@ impl System {
 
     /// The next snapshot `id` is sent cannot be restored.
     pub fn fail_next_restore(&mut self, id: NodeId) {
-        if let Some(d) = self.member(id).driver.as_mut() {
-            d.machine_mut().fail_restores = 1;
-        }
+        self.member(id).fail_next_restore = true;
     }
 
     /// The leader of the highest term among live members, if any.
@@ -472,6 +466,12 @@ impl System {
                 }
                 self.with(id, |d| d.on_snapshot(Ok(s)));
             }
+            Event::Restored(id, inc, machine) => {
+                if self.members[id as usize - 1].incarnation != inc {
+                    return true;
+                }
+                self.with(id, |d| d.on_restored(machine));
+            }
         }
         true
     }
@@ -526,6 +526,21 @@ impl System {
             let delay = self.rng.gen_range(0..20 * MS);
             let inc = self.members[id as usize - 1].incarnation;
             self.schedule(self.now + delay, Event::Snapshotted(id, inc, s));
+        }
+        for snap in out.restores.drain(..) {
+            // Decoding takes a while, off the loop: other events (ticks, messages, clients)
+            // reach the member meanwhile. Sometimes the snapshot cannot be read back.
+            let fails = self.rng.gen_bool(self.cfg.restore_failure)
+                || std::mem::take(&mut self.member(id).fail_next_restore);
+            let machine = if fails {
+                Err("injected: the snapshot could not be read back".to_string())
+            } else {
+                let mut m = SimKv::default();
+                m.restore(&snap).map(|_| m)
+            };
+            let delay = self.rng.gen_range(0..20 * MS);
+            let inc = self.members[id as usize - 1].incarnation;
+            self.schedule(self.now + delay, Event::Restored(id, inc, machine));
         }
         for s in out.compactions.drain(..) {
             // Written durably before the driver was told; entries it covers may go.
@@ -632,7 +647,7 @@ impl System {
         (o.ret.is_some() && !self.refused[op]).then_some(&o.output)
     }
 
-    fn propose(&mut self, id: NodeId, op: Op, reply: WriteReply<kv::Store, Output, Option<u64>>) {
+    fn propose(&mut self, id: NodeId, op: Op, reply: WriteReply<SimKv>) {
         let number = reply.0;
         let mut assigned = None;
         self.with(id, |d| {
