@@ -115,12 +115,15 @@ pub enum Refusal {
 /// A client waiting for an answer. Implemented by a oneshot sender in the server and by a
 /// history recorder in the simulator.
 pub trait Reply<T> {
-    fn send(self, result: Result<Answered<T>, Refusal>);
+    fn send(self, result: Outcome<T>);
     /// The client gave up (its request timed out); the driver may forget it.
     fn is_closed(&self) -> bool {
         false
     }
 }
+
+/// What a waiting client finally learns.
+pub type Outcome<T> = Result<Answered<T>, Refusal>;
 
 /// An answer with the facts a response header needs.
 #[derive(Clone, Debug, PartialEq, Eq)]

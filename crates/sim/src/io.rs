@@ -4,7 +4,7 @@
 //! onto the simulated disk with a latency, snapshots and restores into background jobs,
 //! answers into the client history — and checks its invariants.
 
-use driver::{Answered, Refusal, Reply, StateMachine, Write};
+use driver::{Outcome, Reply, StateMachine, Write};
 use raft::{Message, Snapshot, SnapshotMeta};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -18,8 +18,8 @@ pub struct Outbox<M: StateMachine> {
     pub compactions: Vec<Snapshot>,
     /// Leader snapshots to build a state machine from, off the loop.
     pub restores: Vec<Snapshot>,
-    pub answers: Vec<(usize, Result<Answered<M::Output>, Refusal>)>,
-    pub reads: Vec<(usize, Result<Answered<M::Answer>, Refusal>)>,
+    pub answers: Vec<(usize, Outcome<M::Output>)>,
+    pub reads: Vec<(usize, Outcome<M::Answer>)>,
 }
 
 impl<M: StateMachine> Default for Outbox<M> {
@@ -69,13 +69,13 @@ pub struct WriteReply<M: StateMachine>(pub usize, pub Mailbox<M>);
 pub struct ReadReply<M: StateMachine>(pub usize, pub Mailbox<M>);
 
 impl<M: StateMachine> Reply<M::Output> for WriteReply<M> {
-    fn send(self, r: Result<Answered<M::Output>, Refusal>) {
+    fn send(self, r: Outcome<M::Output>) {
         self.1.borrow_mut().answers.push((self.0, r));
     }
 }
 
 impl<M: StateMachine> Reply<M::Answer> for ReadReply<M> {
-    fn send(self, r: Result<Answered<M::Answer>, Refusal>) {
+    fn send(self, r: Outcome<M::Answer>) {
         self.1.borrow_mut().reads.push((self.0, r));
     }
 }
