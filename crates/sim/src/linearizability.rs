@@ -175,22 +175,9 @@ fn search(ops: &[&Operation], budget: u64) -> Option<bool> {
         if steps > budget {
             return None;
         }
-        if cursor == head {
-            // Walked past every pending invocation without a legal choice.
-            // (Unreachable: a pending operation's response always stops the walk first.)
-            let Some((op, before)) = stack.pop() else {
-                return Some(false);
-            };
-            state = before;
-            linearized[op / 64] &= !(1 << (op % 64));
-            relink(&mut next, &mut prev, ret_at[op]);
-            relink(&mut next, &mut prev, call_at[op]);
-            cursor = next[call_at[op]];
-            continue;
-        }
-        let e = events[cursor].2;
-        if e.call {
-            let op = e.op;
+        // At an invocation, try to linearize that operation now.
+        if cursor != head && events[cursor].2.call {
+            let op = events[cursor].2.op;
             if let Some(after) = step(state, ops[op]) {
                 let mut set = linearized.clone();
                 set[op / 64] |= 1 << (op % 64);
@@ -205,17 +192,18 @@ fn search(ops: &[&Operation], budget: u64) -> Option<bool> {
                 }
             }
             cursor = next[cursor];
-        } else {
-            // A response of an operation not yet linearized: undo the last choice.
-            let Some((op, before)) = stack.pop() else {
-                return Some(false);
-            };
-            state = before;
-            linearized[op / 64] &= !(1 << (op % 64));
-            relink(&mut next, &mut prev, ret_at[op]);
-            relink(&mut next, &mut prev, call_at[op]);
-            cursor = next[call_at[op]];
+            continue;
         }
+        // At the response of an operation not yet linearized (or, unreachably, past the
+        // end): this branch is dead, undo the last choice and try the next one after it.
+        let Some((op, before)) = stack.pop() else {
+            return Some(false);
+        };
+        state = before;
+        linearized[op / 64] &= !(1 << (op % 64));
+        relink(&mut next, &mut prev, ret_at[op]);
+        relink(&mut next, &mut prev, call_at[op]);
+        cursor = next[call_at[op]];
     }
     Some(true)
 }
