@@ -333,7 +333,7 @@ impl Cluster {
                 let Some(w) = node.writes.pop_front() else {
                     return;
                 };
-                node.disk.write(w.snapshot, w.hard_state, &w.entries);
+                node.disk.write(w);
                 self.note_log_size(id);
                 self.with(id, |d| d.on_persisted(Ok(())));
             }

@@ -8,7 +8,11 @@ use std::collections::VecDeque;
 /// What survives a crash.
 #[derive(Clone, Debug, Default)]
 pub struct Disk {
+    /// The hard state as of the last synced write.
     pub hard_state: HardState,
+    /// A hard state written without an fsync of its own (only the commit index moved): it
+    /// becomes durable with the next synced write, and a crash before that loses it.
+    pub unsynced: Option<HardState>,
     pub snapshot: Option<Snapshot>,
     /// The entries after the snapshot point.
     pub entries: Vec<Entry>,
@@ -20,8 +24,18 @@ impl Disk {
     }
 
     /// Write a batch in the order the Ready contract gives: snapshot, hard state, entries
-    /// (which overwrite the stored log from their first index on).
-    pub fn write(&mut self, snapshot: Option<Snapshot>, hs: Option<HardState>, entries: &[Entry]) {
+    /// (which overwrite the stored log from their first index on). A lazy batch carries
+    /// only a hard state, and is not synced: see `unsynced`.
+    pub fn write(&mut self, w: Write) {
+        if w.lazy {
+            self.unsynced = w.hard_state.or(self.unsynced);
+            return;
+        }
+        // This write's fsync covers the lazy writes before it.
+        if let Some(hs) = self.unsynced.take() {
+            self.hard_state = hs;
+        }
+        let (snapshot, hs, entries) = (w.snapshot, w.hard_state, &w.entries);
         if let Some(s) = snapshot {
             self.install(s);
         }
@@ -214,6 +228,7 @@ impl SimNode {
 
     /// Lose everything not yet durable.
     pub fn crash(&mut self) {
+        self.disk.unsynced = None;
         self.driver = None;
         self.incarnation += 1;
         self.writes.clear();

@@ -404,6 +404,7 @@ impl System {
         let m = self.member(id);
         // Dropping the driver drops its waiting clients unanswered: their outcome is unknown.
         m.driver = None;
+        m.disk.unsynced = None;
         m.incarnation += 1;
         m.writes.clear();
         m.io = Shared::default();
@@ -456,7 +457,7 @@ impl System {
                     // The write did not reach the disk; the member must stop.
                     self.with(id, |d| d.on_persisted(Err("injected: fsync failed".into())));
                 } else {
-                    m.disk.write(w.snapshot, w.hard_state, &w.entries);
+                    m.disk.write(w);
                     self.with(id, |d| d.on_persisted(Ok(())));
                 }
             }

@@ -288,6 +288,7 @@ fn figure_7_divergent_follower_logs_are_repaired() {
             },
             entries: entries(l),
             snapshot: None,
+            unsynced: None,
         })
         .collect();
     let mut c = Cluster::with_disks(SimConfig::new(7, sim::seed_or(21)), disks);
