@@ -9,7 +9,8 @@ use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use raft::{
-    Body, Config, ConflictHint, Entry, EntryKind, Message, Raft, RestoreState, SnapshotMeta,
+    Body, Change, ConfChange, ConfEntry, Config, ConflictHint, Entry, EntryKind, Membership,
+    Message, Raft, RestoreState, SnapshotMeta, Transition,
 };
 
 #[derive(Arbitrary, Debug)]
@@ -33,6 +34,8 @@ struct FEntry {
     term: Num,
     noop: bool,
     data: Vec<u8>,
+    /// A configuration entry: well-formed (voters, learners) or raw bytes.
+    conf: Option<Result<(Vec<u8>, Vec<u8>), ()>>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -59,14 +62,35 @@ enum Action {
     Propose(Vec<u8>),
     ReadIndex(u64),
     Campaign,
+    ConfChange { transition: u8, changes: Vec<(u8, u8)> },
+}
+
+fn ids(v: &[u8]) -> Vec<u64> {
+    v.iter().map(|&i| u64::from(i % 6)).collect()
+}
+
+fn membership(voters: &[u8], learners: &[u8]) -> Membership {
+    let voters = ids(voters);
+    let learners = ids(learners).into_iter().filter(|l| !voters.contains(l)).collect();
+    Membership::from_parts(voters, vec![], learners, vec![], false).unwrap_or_default()
 }
 
 fn entry(e: FEntry) -> Entry {
     Entry {
         index: e.index.get(),
         term: e.term.get(),
-        kind: if e.noop { EntryKind::Noop } else { EntryKind::Normal },
-        data: Bytes::from(e.data),
+        kind: match (&e.conf, e.noop) {
+            (Some(_), _) => EntryKind::ConfChange,
+            (None, true) => EntryKind::Noop,
+            (None, false) => EntryKind::Normal,
+        },
+        data: match e.conf {
+            Some(Ok((v, l))) => {
+                let change = ConfChange::simple(Change::AddVoter(1));
+                ConfEntry { change, membership: membership(&v, &l) }.encode().into()
+            }
+            _ => Bytes::from(e.data),
+        },
     }
 }
 
@@ -101,7 +125,7 @@ fn body(b: FBody) -> Body {
                 meta: SnapshotMeta {
                     index: index.get(),
                     term: term.get(),
-                    voters: voters.into_iter().map(|v| u64::from(v % 5)).collect(),
+                    membership: membership(&voters, &[]),
                 },
                 offset: offset.get(),
                 total: total.get(),
@@ -144,12 +168,33 @@ fuzz_target!(|actions: Vec<Action>| {
                 let _ = node.read_index(ctx);
             }
             Action::Campaign => node.campaign(),
+            Action::ConfChange { transition, changes } => {
+                let transition = match transition % 4 {
+                    0 => Transition::Simple,
+                    1 => Transition::Joint { auto_leave: true },
+                    2 => Transition::Joint { auto_leave: false },
+                    _ => Transition::Leave,
+                };
+                let changes = changes
+                    .into_iter()
+                    .map(|(op, id)| {
+                        let id = u64::from(id % 6);
+                        match op % 4 {
+                            0 => Change::AddVoter(id),
+                            1 => Change::AddLearner(id),
+                            2 => Change::Promote(id),
+                            _ => Change::Remove(id),
+                        }
+                    })
+                    .collect();
+                let _ = node.propose_conf_change(ConfChange { transition, changes });
+            }
         }
         // The disk is instant: everything handed out is durable and applied at once.
         let rd = node.ready();
         for m in rd.messages.iter().chain(&rd.persisted_messages) {
             assert_eq!(m.from, 1);
-            assert!(m.to == 2 || m.to == 3, "sent to {}", m.to);
+            assert!(m.to != 0 && m.to != 1, "sent to {}", m.to);
         }
         node.advance(&rd);
         assert!(node.commit_index() <= node.last_index());

@@ -84,6 +84,8 @@ where
     leader: Option<NodeId>,
     /// Set once the member must stop; nothing is done after.
     failure: Option<String>,
+    /// The configuration in force as of what was applied (the core reports changes).
+    membership: Option<raft::Membership>,
     /// A Ready whose snapshot storage is restoring off the loop; the rest of it, and every
     /// later Ready, waits for `on_restored`.
     paused: Option<Ready>,
@@ -107,7 +109,9 @@ where
         cfg: DriverConfig,
     ) -> Self {
         let last_snapshot = raft.snapshot_index();
+        let membership = raft.membership_at(raft.applied()).cloned();
         let mut d = Driver {
+            membership,
             raft,
             machine,
             storage,
@@ -321,6 +325,18 @@ where
         }
     }
 
+    /// The configuration in force as far as this member has applied.
+    pub fn membership(&self) -> Option<&raft::Membership> {
+        self.membership.as_ref()
+    }
+
+    /// This member applied a configuration that no longer holds it: it was removed from
+    /// the cluster, and may shut down.
+    pub fn removed(&self) -> bool {
+        let id = self.raft.id();
+        self.membership.as_ref().is_some_and(|m| !m.contains(id))
+    }
+
     /// Carry out everything the core decided, in the order the Ready contract requires.
     pub fn process_ready(&mut self) {
         while self.failure.is_none() && self.paused.is_none() && self.raft.has_ready() {
@@ -378,6 +394,9 @@ where
         }
         if let Some(last) = rd.committed_entries.last() {
             self.raft.advance_applied(last.index);
+        }
+        if let Some(m) = rd.membership.take() {
+            self.membership = Some(m);
         }
         // 5. Reads.
         for rs in rd.read_states {
@@ -464,13 +483,15 @@ where
         if self.snapshotting || !due {
             return;
         }
-        let Some(term) = self.raft.term_at(applied) else {
+        let (Some(term), Some(membership)) =
+            (self.raft.term_at(applied), self.raft.membership_at(applied))
+        else {
             return;
         };
         let meta = SnapshotMeta {
             index: applied,
             term,
-            voters: self.raft.voters().to_vec(),
+            membership: membership.clone(),
         };
         self.snapshotting = true;
         let frozen = self.machine.freeze();

@@ -16,9 +16,13 @@ pub enum ReadMode {
 
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// This node's id; must be one of `voters`.
+    /// This node's id.
     pub id: NodeId,
-    /// The voting members. Membership is fixed for the lifetime of a core.
+    /// The bootstrap configuration: the voters of a new cluster, in force until the first
+    /// configuration entry. Used only when the node's storage holds no snapshot (a snapshot
+    /// carries the configuration at its index). Empty for a node joining a running cluster:
+    /// it learns its configuration from the leader's first entries or snapshot, and neither
+    /// campaigns nor votes usefully until then.
     pub voters: Vec<NodeId>,
     /// Election timeout `T` in ticks; a follower's actual timeout is drawn from `[T, 2T)`.
     pub election_tick: u64,
@@ -89,8 +93,8 @@ impl Config {
         if self.voters.contains(&0) {
             return bad("voter id 0 is reserved");
         }
-        if !self.voters.contains(&self.id) {
-            return bad("this node is not among the voters");
+        if !self.voters.is_empty() && !self.voters.contains(&self.id) {
+            return bad("this node is not among the bootstrap voters (leave them empty to join)");
         }
         let mut sorted = self.voters.clone();
         sorted.sort_unstable();

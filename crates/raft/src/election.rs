@@ -17,7 +17,9 @@ pub(crate) enum Campaign {
 
 impl Raft {
     pub(crate) fn campaign_now(&mut self, kind: Campaign) {
-        if !self.voters.contains(self.id) {
+        // Learners, removed nodes and nodes that have not yet learned a configuration never
+        // campaign: no configuration in force counts their votes.
+        if !self.membership().is_voter(self.id) {
             return;
         }
         let term = if kind == Campaign::PreElection {
@@ -33,8 +35,9 @@ impl Raft {
             return;
         }
         let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
-        let peers: Vec<NodeId> = self.peers().collect();
-        for to in peers {
+        let voters = self.membership().all_voters();
+        let me = self.id;
+        for to in voters.into_iter().filter(|&id| id != me) {
             let body = Body::Vote {
                 pre_vote,
                 transfer: kind == Campaign::Transfer,
@@ -55,7 +58,7 @@ impl Raft {
 
     fn record_vote(&mut self, from: NodeId, granted: bool) -> VoteResult {
         self.votes.entry(from).or_insert(granted);
-        self.voters.vote_result(&self.votes)
+        self.membership().vote_result(&self.votes)
     }
 
     pub(crate) fn handle_vote_request(&mut self, m: crate::message::Message) {
@@ -126,7 +129,8 @@ impl Raft {
         self.role = Role::Leader;
         let next = self.log.last_index() + 1;
         let (msgs, bytes) = (self.cfg.max_inflight_msgs, self.cfg.max_inflight_bytes);
-        for &id in self.voters.voters() {
+        let members: Vec<NodeId> = self.membership().ids().collect();
+        for id in members {
             let mut pr = Progress::new(next, msgs, bytes);
             // A fresh leader gives every follower one election timeout before CheckQuorum.
             pr.recent_active = true;
@@ -142,13 +146,10 @@ impl Raft {
             .expect("a new leader accepts its own no-op");
     }
 
-    /// The other voters.
+    /// Leader: every other node it replicates to (voters and learners of the configurations
+    /// in force, and removed nodes not yet told of their removal).
     pub(crate) fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
         let me = self.id;
-        self.voters
-            .voters()
-            .iter()
-            .copied()
-            .filter(move |&id| id != me)
+        self.progress.keys().copied().filter(move |&id| id != me)
     }
 }

@@ -23,6 +23,10 @@ pub enum Error {
     InvalidConfig(String),
     /// A peer's message breaks the protocol's rules (see `validate.rs`); it was refused.
     InvalidMessage(&'static str),
+    /// A configuration change was refused; the string says why (unsafe, or not now).
+    ConfChangeRefused(String),
+    /// The node named is not a voter (leadership cannot go to a learner).
+    NotAVoter(NodeId),
 }
 
 impl fmt::Display for Error {
@@ -40,6 +44,8 @@ impl fmt::Display for Error {
             Error::InvalidSnapshot(why) => write!(f, "invalid snapshot: {why}"),
             Error::InvalidConfig(why) => write!(f, "invalid configuration: {why}"),
             Error::InvalidMessage(why) => write!(f, "invalid message refused: {why}"),
+            Error::ConfChangeRefused(why) => write!(f, "configuration change refused: {why}"),
+            Error::NotAVoter(id) => write!(f, "node {id} is not a voter"),
         }
     }
 }

@@ -29,24 +29,30 @@
 //! assert!(applied.iter().any(|d| &d[..] == b"x=1"));
 //! ```
 
+mod confchange;
 mod config;
+mod configs;
 mod election;
 mod error;
 mod log;
+mod membership;
 mod message;
 mod progress;
 mod quorum;
 mod raft;
 mod read_only;
 mod ready;
+mod reconfigure;
 mod replication;
 mod rng;
 mod snapshot;
 mod types;
 mod validate;
 
+pub use confchange::{apply as apply_conf_change, Change, ConfChange, ConfEntry, Transition};
 pub use config::{Config, ReadMode};
 pub use error::{Error, Result};
+pub use membership::Membership;
 pub use message::{Body, ConflictHint, Message, ReadCtx, MESSAGE_HEADER_BYTES};
 pub use progress::ProgressState;
 pub use raft::{Proposal, Raft, RestoreState};

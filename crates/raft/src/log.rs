@@ -9,8 +9,11 @@
 //!   persist, and `persisted` covers only entries acknowledged as durable;
 //! - `committed <= last_index()`; entries at or below `committed` are never overwritten.
 
+use crate::confchange::ConfEntry;
+use crate::configs::Configs;
+use crate::membership::Membership;
 use crate::message::ConflictHint;
-use crate::types::{Entry, Index, Term};
+use crate::types::{Entry, EntryKind, Index, Term};
 
 #[derive(Debug)]
 pub(crate) struct RaftLog {
@@ -26,6 +29,8 @@ pub(crate) struct RaftLog {
     /// Highest index handed out to be applied.
     applying: Index,
     pub(crate) applied: Index,
+    /// The configurations of the snapshot point and of every configuration entry held.
+    pub(crate) configs: Configs,
 }
 
 /// Outcome of the AppendEntries consistency check on a follower.
@@ -42,6 +47,7 @@ impl RaftLog {
     pub(crate) fn restore(
         offset_index: Index,
         offset_term: Term,
+        base: Membership,
         entries: Vec<Entry>,
         committed: Index,
         applied: Index,
@@ -49,7 +55,10 @@ impl RaftLog {
         let last = offset_index + entries.len() as Index;
         let committed = committed.clamp(offset_index, last);
         let applied = applied.clamp(offset_index, committed);
+        let mut configs = Configs::new(offset_index, base);
+        note_configs(&mut configs, &entries);
         let log = RaftLog {
+            configs,
             offset_index,
             offset_term,
             entries,
@@ -76,15 +85,18 @@ impl RaftLog {
         self.entries.drain(..(index - self.offset_index) as usize);
         self.offset_index = index;
         self.offset_term = term;
+        self.configs.compact_to(index);
     }
 
     /// Install a snapshot received from the leader (§7): if the log holds the snapshot's
     /// last entry, the entries after it stay; otherwise the whole log is replaced.
-    pub(crate) fn install_snapshot(&mut self, index: Index, term: Term) {
+    pub(crate) fn install_snapshot(&mut self, index: Index, term: Term, m: Membership) {
         debug_assert!(index > self.committed);
+        let keep_suffix = self.matches(index, term);
+        self.configs.install(index, m, keep_suffix);
         // The snapshot is handed out with the next Ready and persisted before anything that
         // depends on it is sent; entries it replaced count as handled.
-        if self.matches(index, term) {
+        if keep_suffix {
             self.entries.drain(..(index - self.offset_index) as usize);
             self.persisted = self.persisted.max(index);
             self.unstable = self.unstable.max(index + 1);
@@ -138,6 +150,7 @@ impl RaftLog {
         debug_assert!(entries
             .first()
             .is_none_or(|e| e.index == self.last_index() + 1));
+        note_configs(&mut self.configs, entries);
         self.entries.extend_from_slice(entries);
     }
 
@@ -169,6 +182,7 @@ impl RaftLog {
             }
             let start = (first.index - entries[0].index) as usize;
             self.truncate_from(first.index);
+            note_configs(&mut self.configs, &entries[start..]);
             self.entries.extend_from_slice(&entries[start..]);
         }
         AppendOutcome::Matched(last_new)
@@ -181,6 +195,7 @@ impl RaftLog {
             .truncate((index - self.offset_index - 1) as usize);
         self.persisted = self.persisted.min(index - 1);
         self.unstable = self.unstable.min(index);
+        self.configs.truncate_from(index);
     }
 
     /// Fast backtracking hint for a rejected `prev_index`.
@@ -301,6 +316,18 @@ impl RaftLog {
     }
 }
 
+/// Record the configurations that `entries` (about to join the log) establish. Their data
+/// was checked when it arrived (`validate.rs` for a peer's, `check_restore` for the disk's),
+/// and the leader encodes its own; an undecodable one cannot get here.
+fn note_configs(configs: &mut Configs, entries: &[Entry]) {
+    for e in entries.iter().filter(|e| e.kind == EntryKind::ConfChange) {
+        match ConfEntry::decode(&e.data) {
+            Ok(c) => configs.push(e.index, c.membership),
+            Err(err) => debug_assert!(false, "unchecked configuration entry {}: {err}", e.index),
+        }
+    }
+}
+
 /// The longest prefix of `entries` within `max_bytes`, but at least one entry.
 fn take_bytes(entries: &[Entry], max_bytes: u64) -> &[Entry] {
     let mut total = 0;
@@ -334,7 +361,7 @@ mod tests {
 
     #[test]
     fn conflict_hint_names_first_index_of_conflicting_term() {
-        let log = RaftLog::restore(0, 0, ents(&[1, 1, 2, 2, 2, 3]), 0, 0);
+        let log = RaftLog::restore(0, 0, Membership::default(), ents(&[1, 1, 2, 2, 2, 3]), 0, 0);
         let h = log.conflict_hint(5);
         assert_eq!(h.term, Some(2));
         assert_eq!(h.first_index, 3);
@@ -344,7 +371,7 @@ mod tests {
 
     #[test]
     fn last_index_of_term_uses_sorted_terms() {
-        let log = RaftLog::restore(0, 0, ents(&[1, 1, 2, 2, 4]), 0, 0);
+        let log = RaftLog::restore(0, 0, Membership::default(), ents(&[1, 1, 2, 2, 4]), 0, 0);
         assert_eq!(log.last_index_of_term(2), Some(4));
         assert_eq!(log.last_index_of_term(3), None);
         assert_eq!(log.last_index_of_term(4), Some(5));
@@ -352,7 +379,7 @@ mod tests {
 
     #[test]
     fn try_append_truncates_only_the_conflicting_suffix() {
-        let mut log = RaftLog::restore(0, 0, ents(&[1, 1, 1, 1]), 2, 0);
+        let mut log = RaftLog::restore(0, 0, Membership::default(), ents(&[1, 1, 1, 1]), 2, 0);
         let mut new = ents(&[1, 1, 1, 2, 2]);
         new.drain(..2);
         match log.try_append(2, 1, &new) {
@@ -369,7 +396,7 @@ mod tests {
 
     #[test]
     fn try_append_refuses_to_overwrite_committed_entries() {
-        let mut log = RaftLog::restore(0, 0, ents(&[1, 1, 1]), 3, 0);
+        let mut log = RaftLog::restore(0, 0, Membership::default(), ents(&[1, 1, 1]), 3, 0);
         let mut new = ents(&[1, 2]);
         new.drain(..1);
         assert!(matches!(log.try_append(1, 1, &new), AppendOutcome::Refused));
@@ -378,7 +405,7 @@ mod tests {
 
     #[test]
     fn committed_entries_wait_for_durability() {
-        let mut log = RaftLog::restore(0, 0, vec![], 0, 0);
+        let mut log = RaftLog::restore(0, 0, Membership::default(), vec![], 0, 0);
         log.append(&ents(&[1, 1]));
         log.commit_to(2);
         assert!(log.take_committed(u64::MAX).is_empty());
@@ -389,7 +416,7 @@ mod tests {
 
     #[test]
     fn stale_persist_ack_is_ignored_after_overwrite() {
-        let mut log = RaftLog::restore(0, 0, vec![], 0, 0);
+        let mut log = RaftLog::restore(0, 0, Membership::default(), vec![], 0, 0);
         log.append(&ents(&[1, 1]));
         assert_eq!(log.take_unstable().len(), 2);
         let mut new = ents(&[1, 2]);

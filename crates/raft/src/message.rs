@@ -114,7 +114,7 @@ impl Message {
         let payload: u64 = match &self.body {
             Body::Append { entries, .. } => entries.iter().map(|e| e.size()).sum(),
             Body::InstallSnapshot { meta, data, .. } => {
-                data.len() as u64 + 8 * meta.voters.len() as u64
+                data.len() as u64 + 8 * meta.membership.ids().count() as u64
             }
             Body::Propose { data } => data.iter().map(|d| d.len() as u64 + 8).sum(),
             _ => 0,

@@ -131,6 +131,9 @@ pub(crate) struct Progress {
     /// The highest commit index sent to this follower (in an append, heartbeat or commit
     /// message), so that a commit advance reaches it once, not once per message.
     pub(crate) commit_sent: Index,
+    /// Leader tick at which this node was found removed from the committed configuration
+    /// (it is still told of its removal for a while; see `reconfigure.rs`).
+    pub(crate) removed_at: Option<u64>,
 }
 
 impl Progress {
@@ -146,6 +149,7 @@ impl Progress {
             read_ack: 0,
             snapshot: None,
             commit_sent: 0,
+            removed_at: None,
         }
     }
 

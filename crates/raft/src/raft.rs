@@ -5,9 +5,9 @@
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::log::RaftLog;
+use crate::membership::Membership;
 use crate::message::{Body, Message};
 use crate::progress::Progress;
-use crate::quorum::Majority;
 use crate::read_only::{ReadOnly, ReadState};
 use crate::rng::Rng;
 use crate::snapshot::IncomingSnapshot;
@@ -51,10 +51,10 @@ pub struct Raft {
     pub(crate) vote: Option<NodeId>,
     pub(crate) role: Role,
     pub(crate) leader: Option<NodeId>,
+    /// The log, and with it the configurations in force (`configs.rs`).
     pub(crate) log: RaftLog,
-    pub(crate) voters: Majority,
-    /// Leader only: each voter's progress, this node's own included (its match is what is
-    /// durable locally).
+    /// Leader only: each member's progress (voters and learners of every configuration in
+    /// force), this node's own included (its match is what is durable locally).
     pub(crate) progress: BTreeMap<NodeId, Progress>,
     /// Votes received in the current (pre-)election.
     pub(crate) votes: HashMap<NodeId, bool>,
@@ -102,7 +102,19 @@ impl Raft {
         let (snap_index, snap_term) = state.snapshot_point();
         // The application restored its state machine from the snapshot, if not further.
         let applied = cfg.applied.max(snap_index);
-        let log = RaftLog::restore(snap_index, snap_term, state.entries, hs.commit, applied);
+        // The configuration at the snapshot point: the snapshot's, or the bootstrap one.
+        let base = state.snapshot.as_ref().map_or_else(
+            || Membership::new(cfg.voters.clone()),
+            |s| s.meta.membership.clone(),
+        );
+        let log = RaftLog::restore(
+            snap_index,
+            snap_term,
+            base,
+            state.entries,
+            hs.commit,
+            applied,
+        );
         let mut raft = Raft {
             id: cfg.id,
             term: hs.term,
@@ -110,7 +122,6 @@ impl Raft {
             role: Role::Follower,
             leader: None,
             log,
-            voters: Majority::new(cfg.voters.clone()),
             progress: BTreeMap::new(),
             votes: HashMap::new(),
             election_elapsed: 0,
@@ -180,14 +191,36 @@ impl Raft {
             term: self.term,
         }
     }
+    /// The configuration in force: the latest in this node's log, committed or not.
+    pub fn membership(&self) -> &Membership {
+        self.log.configs.latest()
+    }
+    /// The voters of the configuration in force (C_new while joint).
     pub fn voters(&self) -> &[NodeId] {
-        self.voters.voters()
+        self.membership().voters()
+    }
+    /// The index of the latest configuration entry (the snapshot point if none follows):
+    /// while it is above the commit index, a change is pending and another is refused.
+    pub fn conf_index(&self) -> Index {
+        self.log.configs.latest_index()
+    }
+    /// The configuration in force at `index`, for the snapshot taken there; `None` if the
+    /// log no longer (or not yet) reaches it.
+    pub fn membership_at(&self, index: Index) -> Option<&Membership> {
+        (index >= self.log.snapshot_index() && index <= self.log.last_index())
+            .then(|| self.log.configs.at(index))
+    }
+    /// Leader only: how many entries member `id` lacks of this leader's log — ask before
+    /// promoting a learner, to promote only one that has caught up.
+    pub fn lag(&self, id: NodeId) -> Option<u64> {
+        let pr = self.progress.get(&id)?;
+        Some(self.log.last_index().saturating_sub(pr.match_index))
     }
     /// The term of the entry at `index`, if this node still holds it.
     pub fn term_at(&self, index: Index) -> Option<Term> {
         self.log.term(index)
     }
-    /// Leader only: (match index, next index) per voter.
+    /// Leader only: (match index, next index) per member, learners included.
     pub fn progress(&self) -> Vec<(NodeId, Index, Index)> {
         self.progress
             .iter()
@@ -304,8 +337,9 @@ impl Raft {
                 leader: self.leader,
             });
         }
-        if !self.voters.contains(to) {
-            return Err(Error::UnknownNode(to));
+        if !self.membership().voters().contains(&to) {
+            // A learner cannot lead: it may lack entries a quorum committed.
+            return Err(Error::NotAVoter(to));
         }
         if to == self.id || self.lead_transferee == Some(to) {
             return Ok(());
@@ -331,14 +365,18 @@ impl Raft {
     }
 
     /// The single entry point for messages from other nodes. Messages that are stale are
-    /// dropped; those from strangers or breaking the protocol's rules are refused with an
-    /// error and counted. None ever causes a panic.
+    /// dropped; those addressed elsewhere or breaking the protocol's rules are refused with
+    /// an error and counted. None ever causes a panic.
+    ///
+    /// A message from a node outside this node's configuration is heard like any other: its
+    /// sender may be the leader of a configuration this node has not yet received, or a
+    /// candidate of one (it counts votes by its own configuration, not ours).
     pub fn step(&mut self, m: Message) -> Result<()> {
-        if m.to != self.id || !self.voters.contains(m.from) || m.from == self.id {
+        if m.to != self.id {
             self.refused_messages += 1;
-            return Err(Error::UnknownNode(m.from));
+            return Err(Error::UnknownNode(m.to));
         }
-        if let Err(e) = crate::validate::check(&m, self.voters.voters()) {
+        if let Err(e) = crate::validate::check(&m) {
             self.refused_messages += 1;
             return Err(e);
         }
@@ -430,7 +468,10 @@ impl Raft {
                 self.leader = Some(m.from);
                 self.handle_append_or_heartbeat(m);
             }
-            Body::TimeoutNow => self.campaign_now(crate::election::Campaign::Transfer),
+            // Only the leader of this term may hand leadership over.
+            Body::TimeoutNow if self.leader == Some(m.from) => {
+                self.campaign_now(crate::election::Campaign::Transfer)
+            }
             Body::ReadIndexResponse { ctx, index } => {
                 self.read_states.push(ReadState { ctx, index })
             }
@@ -507,6 +548,9 @@ impl Raft {
             }
             // A transfer that did not finish within an election timeout is abandoned.
             self.lead_transferee = None;
+            // An auto-leave that could not be proposed at commit time (a transfer was in
+            // progress, or too much was uncommitted) is tried again.
+            self.maybe_auto_leave();
         }
         self.tick_snapshot_transfers();
         if self.heartbeat_elapsed >= self.cfg.heartbeat_tick {
@@ -519,7 +563,7 @@ impl Raft {
     /// CheckQuorum: did a quorum answer since the last check? Clears the marks.
     fn quorum_recently_active(&mut self) -> bool {
         let me = self.id;
-        let active = self.voters.committed(|id| {
+        let active = self.membership().committed(|id| {
             let pr = self.progress.get(&id);
             u64::from(id == me || pr.is_some_and(|p| p.recent_active))
         });
@@ -579,17 +623,17 @@ fn check_restore(state: &RestoreState, cfg: &Config) -> Result<()> {
     let bad = |why: String| Err(Error::InvalidConfig(format!("durable state: {why}")));
     let (snapshot_index, snapshot_term) = state.snapshot_point();
     if let Some(s) = &state.snapshot {
-        let mut theirs = s.meta.voters.clone();
-        let mut ours = cfg.voters.clone();
-        theirs.sort_unstable();
-        ours.sort_unstable();
-        if theirs != ours {
-            return bad(format!(
-                "the snapshot's members {theirs:?} differ from the configured {ours:?}"
-            ));
+        if let Err(e) = s.meta.membership.check() {
+            return bad(format!("the snapshot's configuration: {e}"));
         }
     }
+    let _ = cfg;
     for (i, e) in state.entries.iter().enumerate() {
+        if e.kind == EntryKind::ConfChange {
+            if let Err(err) = crate::confchange::ConfEntry::decode(&e.data) {
+                return bad(format!("entry {}: {err}", e.index));
+            }
+        }
         let want = snapshot_index + 1 + i as Index;
         if e.index != want {
             return bad(format!(

@@ -130,7 +130,7 @@ impl Raft {
     /// Release every read whose round a quorum has acknowledged, and extend the lease.
     pub(crate) fn confirm_reads(&mut self) {
         let (me, round) = (self.id, self.read_only.round);
-        let confirmed = self.voters.committed(|id| {
+        let confirmed = self.membership().committed(|id| {
             if id == me {
                 round
             } else {

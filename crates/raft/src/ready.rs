@@ -1,10 +1,11 @@
 //! The output side of the core: everything a step produced, handed to the application in
 //! one batch, and the acknowledgements that close the loop.
 
+use crate::membership::Membership;
 use crate::message::Message;
 use crate::raft::Raft;
 use crate::read_only::ReadState;
-use crate::types::{Entry, HardState, Index, Role, Snapshot, SoftState, Term};
+use crate::types::{Entry, EntryKind, HardState, Index, Role, Snapshot, SoftState, Term};
 
 /// Work for the application. Handle it in this order:
 /// 1. send `messages` (they do not depend on this batch's durability, so the leader's
@@ -31,6 +32,10 @@ pub struct Ready {
     pub messages: Vec<Message>,
     pub persisted_messages: Vec<Message>,
     pub committed_entries: Vec<Entry>,
+    /// The configuration in force once `snapshot` and `committed_entries` are applied, if
+    /// they change it. A node that finds itself outside it (`!contains(id)`) was removed
+    /// from the cluster and may shut down.
+    pub membership: Option<Membership>,
     pub read_states: Vec<ReadState>,
     /// The hard state's term or vote changed (not only its commit index).
     term_or_vote_changed: bool,
@@ -92,14 +97,18 @@ impl Raft {
         let soft = self.soft_state();
         let hard = self.hard_state();
         self.open_propose = None; // `msgs` is handed out below
+        let snapshot = self.pending_snapshot.take();
+        let committed_entries = self.log.take_committed(self.cfg.max_apply_bytes);
+        let membership = self.applied_membership(snapshot.as_ref(), &committed_entries);
         let rd = Ready {
             soft_state: (soft != self.prev_soft_state).then_some(soft),
-            snapshot: self.pending_snapshot.take(),
+            snapshot,
             hard_state: (hard != self.prev_hard_state).then_some(hard),
             entries: self.log.take_unstable(),
             messages: std::mem::take(&mut self.msgs),
             persisted_messages: std::mem::take(&mut self.msgs_after_persist),
-            committed_entries: self.log.take_committed(self.cfg.max_apply_bytes),
+            committed_entries,
+            membership,
             read_states: std::mem::take(&mut self.read_states),
             term_or_vote_changed: (hard.term, hard.vote)
                 != (self.prev_hard_state.term, self.prev_hard_state.vote),
@@ -108,6 +117,17 @@ impl Raft {
         self.prev_hard_state = hard;
         self.log.debug_assert_invariants();
         rd
+    }
+
+    /// The configuration a Ready's snapshot and committed entries leave in force, if they
+    /// hold a configuration at all.
+    fn applied_membership(&self, snap: Option<&Snapshot>, entries: &[Entry]) -> Option<Membership> {
+        let conf = entries
+            .iter()
+            .rev()
+            .find(|e| e.kind == EntryKind::ConfChange);
+        let index = conf.map(|e| e.index).or(snap.map(|s| s.meta.index))?;
+        Some(self.log.configs.at(index).clone())
     }
 
     /// Batched work for the leader: one append per follower for all proposals since the
@@ -123,6 +143,7 @@ impl Raft {
         if self.read_only.need_round {
             self.bcast_heartbeat();
         }
+        self.forget_removed_members();
     }
 
     /// Entries up to `index` (with `term`) are durable. An acknowledgement for entries that

@@ -195,8 +195,10 @@ impl Raft {
     /// Commit the highest index a quorum holds, if it is from this term (§5.4.2).
     pub(crate) fn maybe_commit(&mut self) -> bool {
         let old = self.log.committed;
+        // A majority of every configuration in force (both while joint); learners and
+        // nodes outside the configuration count for nothing.
         let candidate = self
-            .voters
+            .membership()
             .committed(|id| self.progress.get(&id).map_or(0, |p| p.match_index));
         if !self.log.maybe_commit(candidate, self.term) {
             return false;
@@ -204,6 +206,7 @@ impl Raft {
         let freed = self.log.bytes_between(old, self.log.committed);
         self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(freed);
         self.release_waiting_reads();
+        self.after_commit_reconfigure();
         true
     }
 

@@ -84,6 +84,15 @@ impl Raft {
                 self.log.term(index)
             )));
         }
+        let in_force = self.log.configs.at(index);
+        if snapshot.meta.membership != *in_force {
+            // A snapshot is how restarted and new nodes learn their configuration: a wrong
+            // one would make them count quorums over the wrong nodes.
+            return Err(Error::InvalidSnapshot(format!(
+                "snapshot at index {index} carries configuration {}, the log says {in_force}",
+                snapshot.meta.membership
+            )));
+        }
         self.log.compact_to(index);
         self.snapshot = Some(snapshot);
         Ok(())
@@ -272,8 +281,9 @@ impl Raft {
     /// Replace (or trim) the log with a snapshot from the leader and hand it to the
     /// application with the next Ready, ahead of any entry after it.
     fn install_snapshot(&mut self, snapshot: Snapshot) {
+        let meta = &snapshot.meta;
         self.log
-            .install_snapshot(snapshot.meta.index, snapshot.meta.term);
+            .install_snapshot(meta.index, meta.term, meta.membership.clone());
         self.pending_snapshot = Some(snapshot.clone());
         self.snapshot = Some(snapshot);
     }
@@ -319,7 +329,7 @@ mod tests {
                 meta: SnapshotMeta {
                     index,
                     term,
-                    voters: vec![1, 2, 3],
+                    membership: crate::Membership::new(vec![1, 2, 3]),
                 },
                 offset,
                 total,
@@ -390,7 +400,7 @@ mod tests {
             meta: SnapshotMeta {
                 index,
                 term,
-                voters: vec![1],
+                membership: crate::Membership::new(vec![1]),
             },
             data: Default::default(),
         };

@@ -1,5 +1,6 @@
 //! The vocabulary of the paper: node ids, terms, log indexes, entries and hard state.
 
+use crate::membership::Membership;
 use bytes::Bytes;
 
 /// A node's identity within one cluster. `0` is never a valid id ("nobody").
@@ -17,6 +18,9 @@ pub enum EntryKind {
     /// Appended by every new leader when it takes office (§8): committing it commits every
     /// entry before it, and lets the leader learn the commit index before serving reads.
     Noop,
+    /// A configuration change (§6): `data` is a [`crate::ConfEntry`], written by the core.
+    /// It takes effect on each node as soon as it is in that node's log.
+    ConfChange,
 }
 
 /// One log entry.
@@ -69,12 +73,13 @@ pub struct SoftState {
 }
 
 /// What a snapshot covers: every entry up to `index` (whose term was `term`), and the
-/// membership in force at that point.
+/// configuration in force at that point (a node restarting from it, or joining with an
+/// empty disk, learns its configuration here).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SnapshotMeta {
     pub index: Index,
     pub term: Term,
-    pub voters: Vec<NodeId>,
+    pub membership: Membership,
 }
 
 /// A snapshot of the application's state machine (§7). `data` is opaque to the core; it is

@@ -8,17 +8,20 @@
 //! refusal means a bug, corruption on the wire that slipped past the transport's checks, or
 //! a hostile sender.
 
+use crate::confchange::ConfEntry;
 use crate::error::{Error, Result};
 use crate::message::{Body, Message};
-use crate::types::{Index, NodeId, Term};
+use crate::types::{EntryKind, Index, Term};
 
 /// Terms grow by one per election; no cluster gets near this. A term above it is forged or
 /// corrupt, and adopting it would leave no room to campaign (`term + 1` would overflow).
 pub(crate) const MAX_TERM: Term = 1 << 62;
 
-/// Check `m`'s body against the protocol's rules. `voters` is this node's configuration:
-/// a snapshot must describe the same membership (membership is fixed for a core's life).
-pub(crate) fn check(m: &Message, voters: &[NodeId]) -> Result<()> {
+/// Check `m`'s body against the protocol's rules.
+pub(crate) fn check(m: &Message) -> Result<()> {
+    if m.from == 0 || m.from == m.to {
+        return bad("a message from nobody, or from the receiver itself");
+    }
     if m.term > MAX_TERM {
         return bad("a term beyond any a cluster can reach");
     }
@@ -50,8 +53,8 @@ pub(crate) fn check(m: &Message, voters: &[NodeId]) -> Result<()> {
             if meta.index == 0 || meta.term == 0 || meta.term > m.term {
                 return bad("a snapshot's index or term is impossible");
             }
-            if !same_members(&meta.voters, voters) {
-                return bad("a snapshot names other members than this cluster's");
+            if meta.membership.voters().is_empty() || meta.membership.check().is_err() {
+                return bad("a snapshot's configuration is impossible");
             }
             Ok(())
         }
@@ -82,16 +85,15 @@ fn check_append(
         if e.term < floor || e.term > term || e.term == 0 {
             return bad("an append's entry terms fall, or exceed the leader's term");
         }
+        let conf = || ConfEntry::decode(&e.data);
+        if e.kind == EntryKind::ConfChange
+            && conf().map_or(true, |c| c.membership.voters().is_empty())
+        {
+            return bad("a configuration entry does not decode to a configuration");
+        }
         floor = e.term;
     }
     Ok(())
-}
-
-fn same_members(a: &[NodeId], b: &[NodeId]) -> bool {
-    let (mut a, mut b) = (a.to_vec(), b.to_vec());
-    a.sort_unstable();
-    b.sort_unstable();
-    a == b
 }
 
 fn bad(why: &'static str) -> Result<()> {
@@ -101,7 +103,8 @@ fn bad(why: &'static str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Entry, EntryKind, SnapshotMeta};
+    use crate::membership::Membership;
+    use crate::types::{Entry, EntryKind, NodeId, SnapshotMeta};
 
     fn append(term: Term, prev: (Index, Term), entries: &[(Index, Term)]) -> Message {
         let entries = entries
@@ -128,19 +131,18 @@ mod tests {
 
     #[test]
     fn appends_with_gaps_or_falling_terms_are_refused() {
-        let voters = [1, 2, 3];
-        assert!(check(&append(3, (1, 1), &[(2, 1), (3, 3)]), &voters).is_ok());
-        assert!(check(&append(1, (0, 0), &[]), &voters).is_ok());
+        assert!(check(&append(3, (1, 1), &[(2, 1), (3, 3)])).is_ok());
+        assert!(check(&append(1, (0, 0), &[])).is_ok());
         // The example: (2,1),(5,1) after prev 1.
-        assert!(check(&append(1, (1, 1), &[(2, 1), (5, 1)]), &voters).is_err());
-        assert!(check(&append(1, (1, 1), &[(1, 1)]), &voters).is_err());
-        assert!(check(&append(3, (1, 2), &[(2, 1)]), &voters).is_err());
-        assert!(check(&append(2, (1, 1), &[(2, 3)]), &voters).is_err());
-        assert!(check(&append(1, (0, 1), &[]), &voters).is_err());
-        assert!(check(&append(5, (u64::MAX, 1), &[(0, 1)]), &voters).is_err());
+        assert!(check(&append(1, (1, 1), &[(2, 1), (5, 1)])).is_err());
+        assert!(check(&append(1, (1, 1), &[(1, 1)])).is_err());
+        assert!(check(&append(3, (1, 2), &[(2, 1)])).is_err());
+        assert!(check(&append(2, (1, 1), &[(2, 3)])).is_err());
+        assert!(check(&append(1, (0, 1), &[])).is_err());
+        assert!(check(&append(5, (u64::MAX, 1), &[(0, 1)])).is_err());
         // Found by the fuzzer: adopting term u64::MAX made the next campaign overflow.
-        assert!(check(&append(u64::MAX, (0, 0), &[]), &voters).is_err());
-        assert!(check(&append(MAX_TERM, (0, 0), &[]), &voters).is_ok());
+        assert!(check(&append(u64::MAX, (0, 0), &[])).is_err());
+        assert!(check(&append(MAX_TERM, (0, 0), &[])).is_ok());
     }
 
     #[test]
@@ -153,17 +155,20 @@ mod tests {
                 meta: SnapshotMeta {
                     index: 5,
                     term: 2,
-                    voters,
+                    membership: Membership::new(voters),
                 },
                 offset,
                 total,
                 data: vec![0; 10].into(),
             },
         };
-        let voters = [1, 2, 3];
-        assert!(check(&chunk(0, 10, vec![3, 2, 1]), &voters).is_ok());
-        assert!(check(&chunk(1, 10, vec![1, 2, 3]), &voters).is_err());
-        assert!(check(&chunk(u64::MAX, u64::MAX, vec![1, 2, 3]), &voters).is_err());
-        assert!(check(&chunk(0, 10, vec![1, 2]), &voters).is_err());
+        assert!(check(&chunk(0, 10, vec![3, 2, 1])).is_ok());
+        assert!(check(&chunk(1, 10, vec![1, 2, 3])).is_err());
+        assert!(check(&chunk(u64::MAX, u64::MAX, vec![1, 2, 3])).is_err());
+        assert!(
+            check(&chunk(0, 10, vec![])).is_err(),
+            "a snapshot with no voters"
+        );
+        assert!(check(&chunk(0, 10, vec![0, 2])).is_err(), "node id 0");
     }
 }

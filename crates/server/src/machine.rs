@@ -24,7 +24,8 @@ impl StateMachine for KvMachine {
     type Frozen = kv::Store;
 
     fn apply(&mut self, e: &Entry) -> Result<Option<(RequestId, Applied)>, String> {
-        if e.kind == EntryKind::Noop || e.data.is_empty() {
+        // No-ops and configuration changes (the core's own entries) change no keys.
+        if e.kind != EntryKind::Normal || e.data.is_empty() {
             return Ok(None);
         }
         let (id, request) = match command::decode(&e.data) {

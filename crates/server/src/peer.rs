@@ -3,28 +3,60 @@
 
 use crate::pb::raftkvpb as pb;
 use pb::message::Body as B;
-use raft::{Body, ConflictHint, Entry, EntryKind, Message, SnapshotMeta};
+use raft::{Body, ConflictHint, Entry, EntryKind, Membership, Message, SnapshotMeta};
 
 fn entry_to_pb(e: &Entry) -> pb::Entry {
     pb::Entry {
         term: e.term,
         index: e.index,
         noop: e.kind == EntryKind::Noop,
+        conf_change: e.kind == EntryKind::ConfChange,
         data: e.data.clone(),
     }
 }
 
-fn entry_from_pb(e: pb::Entry) -> Entry {
-    Entry {
+fn entry_from_pb(e: pb::Entry) -> Result<Entry, &'static str> {
+    let kind = match (e.noop, e.conf_change) {
+        (false, false) => EntryKind::Normal,
+        (true, false) => EntryKind::Noop,
+        (false, true) => EntryKind::ConfChange,
+        (true, true) => return Err("an entry is both a no-op and a configuration change"),
+    };
+    Ok(Entry {
         term: e.term,
         index: e.index,
-        kind: if e.noop {
-            EntryKind::Noop
-        } else {
-            EntryKind::Normal
-        },
+        kind,
         data: e.data,
+    })
+}
+
+fn meta_to_pb(meta: &SnapshotMeta) -> pb::SnapshotMeta {
+    let m = &meta.membership;
+    pb::SnapshotMeta {
+        index: meta.index,
+        term: meta.term,
+        voters: m.voters().to_vec(),
+        outgoing: m.outgoing().to_vec(),
+        learners: m.learners().to_vec(),
+        learners_next: m.learners_next().to_vec(),
+        auto_leave: m.auto_leave(),
     }
+}
+
+fn meta_from_pb(meta: pb::SnapshotMeta) -> Result<SnapshotMeta, &'static str> {
+    let membership = Membership::from_parts(
+        meta.voters,
+        meta.outgoing,
+        meta.learners,
+        meta.learners_next,
+        meta.auto_leave,
+    )
+    .map_err(|_| "a snapshot's configuration breaks the membership rules")?;
+    Ok(SnapshotMeta {
+        index: meta.index,
+        term: meta.term,
+        membership,
+    })
 }
 
 pub fn to_pb(m: &Message) -> pb::Message {
@@ -87,11 +119,7 @@ pub fn to_pb(m: &Message) -> pb::Message {
             total,
             data,
         } => B::InstallSnapshot(pb::InstallSnapshot {
-            meta: Some(pb::SnapshotMeta {
-                index: meta.index,
-                term: meta.term,
-                voters: meta.voters.clone(),
-            }),
+            meta: Some(meta_to_pb(meta)),
             offset: *offset,
             total: *total,
             data: data.clone(),
@@ -121,7 +149,11 @@ pub fn from_pb(m: pb::Message) -> Result<Message, &'static str> {
         B::Append(a) => Body::Append {
             prev_index: a.prev_index,
             prev_term: a.prev_term,
-            entries: a.entries.into_iter().map(entry_from_pb).collect(),
+            entries: a
+                .entries
+                .into_iter()
+                .map(entry_from_pb)
+                .collect::<Result<_, _>>()?,
             commit: a.commit,
         },
         B::AppendResponse(r) => Body::AppendResponse {
@@ -156,11 +188,7 @@ pub fn from_pb(m: pb::Message) -> Result<Message, &'static str> {
         B::InstallSnapshot(s) => {
             let meta = s.meta.ok_or("snapshot chunk without metadata")?;
             Body::InstallSnapshot {
-                meta: SnapshotMeta {
-                    index: meta.index,
-                    term: meta.term,
-                    voters: meta.voters,
-                },
+                meta: meta_from_pb(meta)?,
                 offset: s.offset,
                 total: s.total,
                 data: s.data,

@@ -143,16 +143,16 @@ fn raft_message() -> impl Strategy<Value = raft::Message> {
     let entry = (
         any::<u64>(),
         any::<u64>(),
-        any::<bool>(),
+        0..3u8,
         prop::collection::vec(any::<u8>(), 0..16),
     )
-        .prop_map(|(term, index, noop, data)| Entry {
+        .prop_map(|(term, index, kind, data)| Entry {
             term,
             index,
-            kind: if noop {
-                EntryKind::Noop
-            } else {
-                EntryKind::Normal
+            kind: match kind {
+                0 => EntryKind::Normal,
+                1 => EntryKind::Noop,
+                _ => EntryKind::ConfChange,
             },
             data: data.into(),
         });
@@ -198,23 +198,34 @@ fn raft_message() -> impl Strategy<Value = raft::Message> {
         (
             any::<u64>(),
             any::<u64>(),
-            prop::collection::vec(any::<u64>(), 0..5),
+            prop::collection::vec(1..100u64, 0..5),
+            prop::collection::vec(1..100u64, 0..3),
             any::<u64>(),
             any::<u64>(),
             prop::collection::vec(any::<u8>(), 0..32)
         )
-            .prop_map(
-                |(index, term, voters, offset, total, data)| Body::InstallSnapshot {
+            .prop_map(|(index, term, voters, learners, offset, total, data)| {
+                Body::InstallSnapshot {
                     meta: SnapshotMeta {
                         index,
                         term,
-                        voters
+                        membership: {
+                            let learners = learners.into_iter().filter(|l| !voters.contains(l));
+                            raft::Membership::from_parts(
+                                voters.clone(),
+                                vec![],
+                                learners.collect(),
+                                vec![],
+                                false,
+                            )
+                            .unwrap()
+                        },
                     },
                     offset,
                     total,
                     data: data.into(),
                 }
-            ),
+            }),
         (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(index, received, reject)| {
             Body::SnapshotResponse {
                 index,

@@ -29,7 +29,7 @@ pub type Violation = String;
 
 fn digest(e: &Entry) -> u64 {
     let mut h = DefaultHasher::new();
-    (e.kind == EntryKind::Noop).hash(&mut h);
+    e.kind.hash(&mut h);
     e.data.hash(&mut h);
     h.finish()
 }

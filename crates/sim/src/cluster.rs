@@ -126,6 +126,13 @@ pub struct Cluster {
     pub max_log_bytes: u64,
     /// How to replay this run; printed with any failure.
     pub replay: String,
+    /// The voters a new cluster starts with; nodes added later join with no configuration.
+    bootstrap: Vec<NodeId>,
+    /// Nodes whose disk is gone for good: never restarted (a voter with amnesia would break
+    /// Raft; an operator replaces such a machine under a new id).
+    destroyed: Vec<NodeId>,
+    /// The highest commit index checked to be durable on a quorum of every configuration.
+    durable_checked: Index,
 }
 
 impl Cluster {
@@ -163,6 +170,9 @@ impl Cluster {
             events: 0,
             max_log_bytes: 0,
             replay,
+            bootstrap: (1..=cfg.nodes as NodeId).collect(),
+            destroyed: Vec::new(),
+            durable_checked: 0,
             cfg,
         };
         for (node, disk) in c.nodes.iter_mut().zip(disks) {
@@ -174,8 +184,9 @@ impl Cluster {
         c
     }
 
+    /// Every node ever created (the initial ones and those added since), up or down.
     pub fn ids(&self) -> Vec<NodeId> {
-        (1..=self.cfg.nodes as NodeId).collect()
+        (1..=self.nodes.len() as NodeId).collect()
     }
 
     pub fn node(&self, id: NodeId) -> &SimNode {
@@ -236,7 +247,13 @@ impl Cluster {
     }
 
     fn raft_config(&self, id: NodeId, incarnation: u64) -> Config {
-        let mut c = Config::new(id, self.ids());
+        // Nodes added later start with no configuration and learn it from the leader.
+        let voters = if self.bootstrap.contains(&id) {
+            self.bootstrap.clone()
+        } else {
+            Vec::new()
+        };
+        let mut c = Config::new(id, voters);
         c.election_tick = self.cfg.election_tick;
         c.heartbeat_tick = self.cfg.heartbeat_tick;
         c.seed = self.cfg.seed ^ (id << 32) ^ incarnation.wrapping_mul(0x9e37_79b9);
@@ -357,7 +374,7 @@ impl Cluster {
     /// tests that forge messages); returns what the core said of it.
     pub fn inject(&mut self, m: Message) -> Result<(), Error> {
         let to = m.to;
-        let up = (1..=self.cfg.nodes as NodeId).contains(&to) && self.node(to).is_up();
+        let up = (1..=self.nodes.len() as NodeId).contains(&to) && self.node(to).is_up();
         if !up {
             return Err(Error::UnknownNode(to));
         }
@@ -450,6 +467,46 @@ impl Cluster {
         if let Err(v) = self.checker.on_state(d.raft()) {
             self.fail(&v);
         }
+        self.check_commit_durable(id);
+    }
+
+    /// A leader's commit index is durable on a majority of every configuration in force at
+    /// the leader (both, while joint): that is what lets any future leader hold it. Checked
+    /// against the simulated disks, not the leader's beliefs. By log matching it is enough
+    /// to check the highest index.
+    fn check_commit_durable(&mut self, id: NodeId) {
+        let r = self.node(id).raft();
+        let commit = r.commit_index();
+        if !r.is_leader() || commit <= self.durable_checked {
+            return;
+        }
+        let Some(term) = r.term_at(commit) else {
+            return;
+        };
+        let m = r.membership().clone();
+        let holds = |n: NodeId| {
+            let Some(node) = self.nodes.get(n as usize - 1) else {
+                return false;
+            };
+            let disk = &node.disk;
+            let snap = disk.snapshot_index();
+            commit <= snap
+                || disk
+                    .entries
+                    .get((commit - snap - 1) as usize)
+                    .is_some_and(|e| e.term == term && e.index == commit)
+        };
+        for voters in [m.voters(), m.outgoing()] {
+            let have = voters.iter().filter(|&&v| holds(v)).count();
+            if !voters.is_empty() && have <= voters.len() / 2 {
+                self.fail(&format!(
+                    "commit durability: leader {id} committed {commit} (term {term}) but only \
+                     {have} of voters {voters:?} hold it on disk ({m})"
+                ));
+            }
+        }
+        self.checker.violations_checked += 1;
+        self.durable_checked = commit;
     }
 
     fn queue_write(&mut self, id: NodeId, w: Write) {
@@ -561,8 +618,8 @@ impl Cluster {
             .map(|r| r.id())
     }
 
-    /// A leader that a majority of the cluster (itself included) follows in its term and
-    /// can exchange messages with.
+    /// A leader that a majority of every configuration in force at it (itself included if
+    /// it votes) follows in its term and can exchange messages with.
     pub fn stable_leader(&self) -> Option<NodeId> {
         self.nodes
             .iter()
@@ -570,17 +627,23 @@ impl Cluster {
             .filter(|r| r.role() == Role::Leader)
             .find(|l| {
                 let (id, term) = (l.id(), l.term());
-                let followers = self
-                    .nodes
-                    .iter()
-                    .filter_map(|n| n.driver.as_ref().map(|d| d.raft()))
-                    .filter(|r| r.term() == term && r.leader() == Some(id))
-                    .filter(|r| {
-                        r.id() == id
-                            || (self.net.connected(id, r.id()) && self.net.connected(r.id(), id))
-                    })
-                    .count();
-                followers > self.cfg.nodes / 2
+                let follows = |v: NodeId| {
+                    self.nodes
+                        .get(v as usize - 1)
+                        .and_then(|n| n.driver.as_ref())
+                        .map(|d| d.raft())
+                        .is_some_and(|r| {
+                            r.term() == term
+                                && r.leader() == Some(id)
+                                && (v == id
+                                    || (self.net.connected(id, v) && self.net.connected(v, id)))
+                        })
+                };
+                let m = l.membership();
+                [m.voters(), m.outgoing()].iter().all(|voters| {
+                    voters.is_empty()
+                        || voters.iter().filter(|&&v| follows(v)).count() > voters.len() / 2
+                })
             })
             .map(|l| l.id())
     }
@@ -710,6 +773,112 @@ impl Cluster {
         ))
     }
 
+    // ---- membership ------------------------------------------------------------------------
+
+    /// Start a new node with an empty disk and no configuration, under the next unused id;
+    /// it waits for a leader to add it and send it the log or a snapshot.
+    pub fn add_node(&mut self) -> NodeId {
+        let id = self.nodes.len() as NodeId + 1;
+        self.nodes.push(SimNode::new(id));
+        if self.cfg.trace {
+            self.trace(format_args!("add node {id}"));
+        }
+        // Cut off like the rest if the network is split; reachable otherwise.
+        self.start(id);
+        id
+    }
+
+    /// `id`'s machine is gone with its disk: it crashes and never comes back.
+    pub fn destroy(&mut self, id: NodeId) {
+        if self.is_up(id) {
+            self.crash(id);
+        }
+        self.node_mut(id).disk = Default::default();
+        if !self.destroyed.contains(&id) {
+            self.destroyed.push(id);
+        }
+    }
+
+    pub fn is_destroyed(&self, id: NodeId) -> bool {
+        self.destroyed.contains(&id)
+    }
+
+    /// Propose `cc` at `id` straight to the core.
+    pub fn propose_conf_change(
+        &mut self,
+        id: NodeId,
+        cc: raft::ConfChange,
+    ) -> Result<Index, Error> {
+        if !self.is_up(id) {
+            return Err(Error::NotLeader { leader: None });
+        }
+        if self.cfg.trace {
+            self.trace(format_args!("propose at {id}: {cc:?}"));
+        }
+        self.with(id, |d| d.raft_mut().propose_conf_change(cc))
+    }
+
+    /// Make `cc` happen: propose it to whichever node leads (retrying across leader changes
+    /// and while an earlier change is pending) and wait until the configuration it
+    /// establishes — for an auto-leave joint change, the one after it — is committed at a
+    /// stable leader. Returns that configuration; fails the run after `timeout`.
+    pub fn change_membership(&mut self, cc: raft::ConfChange, timeout: Micros) -> raft::Membership {
+        let deadline = self.now + timeout;
+        let mut target: Option<raft::Membership> = None;
+        let settled = |c: &Cluster, want: &raft::Membership| {
+            c.stable_leader().is_some_and(|l| {
+                let r = c.node(l).raft();
+                r.membership() == want && r.commit_index() >= r.conf_index()
+            })
+        };
+        while self.now < deadline {
+            if let Some(want) = target.clone() {
+                if settled(self, &want) {
+                    return want;
+                }
+            }
+            let Some(l) = self.stable_leader() else {
+                self.run_for(50 * MS);
+                continue;
+            };
+            let before = self.node(l).raft().membership().clone();
+            let reached = target.as_ref() == Some(&before);
+            let pending = self.node(l).raft().conf_index() > self.node(l).raft().commit_index();
+            if !reached && !pending {
+                match raft::apply_conf_change(&before, &cc) {
+                    Ok(next) if target.is_none() || target.as_ref() == Some(&next) => {
+                        if self.propose_conf_change(l, cc.clone()).is_ok() {
+                            let auto = next.is_joint() && next.auto_leave();
+                            target = Some(if auto {
+                                raft::apply_conf_change(&next, &raft::ConfChange::leave_joint())
+                                    .expect("a joint configuration can be left")
+                            } else {
+                                next
+                            });
+                        }
+                    }
+                    // Proposed already and a different configuration is in force: ours was
+                    // lost with a leader and another change won; not expected in tests.
+                    Ok(_) => self.fail(&format!("configuration change {cc:?} was overtaken")),
+                    Err(e) if target.is_none() => {
+                        self.fail(&format!("configuration change {cc:?} refused: {e}"))
+                    }
+                    Err(_) => {} // our joint change is in force, its leave not yet
+                }
+            }
+            self.run_for(10 * MS);
+        }
+        self.fail(&format!(
+            "configuration change {cc:?} did not complete in time"
+        ))
+    }
+
+    /// The configuration in force at the current stable leader.
+    pub fn membership(&self) -> Option<raft::Membership> {
+        let l = self.stable_leader()?;
+        Some(self.node(l).raft().membership().clone())
+    }
+
     // ---- faults ----------------------------------------------------------------------------
 
     pub fn crash(&mut self, id: NodeId) {
@@ -720,6 +889,9 @@ impl Cluster {
     }
 
     pub fn restart(&mut self, id: NodeId) {
+        if self.destroyed.contains(&id) {
+            return;
+        }
         if self.is_up(id) {
             self.crash(id);
         }
@@ -782,7 +954,10 @@ impl Cluster {
     /// Check that every command ever acknowledged is in the state machine of every live
     /// node, at the index it was first applied at.
     pub fn check_acked_durable(&self) {
-        for n in self.nodes.iter().filter(|n| n.is_up()) {
+        // Nodes removed from the cluster stop receiving the log; they are not checked.
+        let members = self.membership();
+        let member = |id| members.as_ref().is_none_or(|m| m.contains(id));
+        for n in self.nodes.iter().filter(|n| n.is_up() && member(n.id)) {
             // A retried command may commit twice; what was acknowledged is its first copy.
             let mut have: HashMap<u64, Index> = HashMap::new();
             for (i, c) in n.applied() {

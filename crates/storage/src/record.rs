@@ -70,6 +70,8 @@ pub fn encode(rec: &Record, out: &mut Vec<u8>) {
             out.push(match e.kind {
                 EntryKind::Normal => 0,
                 EntryKind::Noop => 1,
+                // Added with membership change; logs written before hold only 0 and 1.
+                EntryKind::ConfChange => 2,
             });
             out.extend_from_slice(&e.data);
             T_ENTRY
@@ -149,6 +151,7 @@ fn parse(ty: u8, p: &[u8]) -> Option<Record> {
             kind: match p[16] {
                 0 => EntryKind::Normal,
                 1 => EntryKind::Noop,
+                2 => EntryKind::ConfChange,
                 _ => return None,
             },
             data: bytes::Bytes::copy_from_slice(&p[17..]),

@@ -12,7 +12,7 @@
 
 use crate::error::{Error, Result};
 use bytes::Bytes;
-use raft::{Snapshot, SnapshotMeta};
+use raft::{Membership, Snapshot, SnapshotMeta};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -28,27 +28,57 @@ fn file_name(meta: &SnapshotMeta) -> String {
     format!("{:016x}-{:016x}.snap", meta.index, meta.term)
 }
 
+/// index u64, term u64, then the configuration as id lists (count u32, ids u64): voters,
+/// and — since membership change — outgoing voters, learners, learners-to-be and an
+/// auto-leave byte. A meta that ends after the voters (written before membership change)
+/// reads as a simple configuration of those voters.
 fn encode_meta(meta: &SnapshotMeta) -> Vec<u8> {
-    let mut m = Vec::with_capacity(20 + 8 * meta.voters.len());
+    let c = &meta.membership;
+    let mut m = Vec::with_capacity(40 + 8 * c.ids().count());
     m.extend_from_slice(&meta.index.to_le_bytes());
     m.extend_from_slice(&meta.term.to_le_bytes());
-    m.extend_from_slice(&(meta.voters.len() as u32).to_le_bytes());
-    for v in &meta.voters {
-        m.extend_from_slice(&v.to_le_bytes());
+    for ids in [c.voters(), c.outgoing(), c.learners(), c.learners_next()] {
+        m.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+        for v in ids {
+            m.extend_from_slice(&v.to_le_bytes());
+        }
     }
+    m.push(u8::from(c.auto_leave()));
     m
 }
 
 fn decode_meta(m: &[u8]) -> Option<SnapshotMeta> {
     let u64_at = |at: usize| Some(u64::from_le_bytes(m.get(at..at + 8)?.try_into().ok()?));
-    let n = u32::from_le_bytes(m.get(16..20)?.try_into().ok()?) as usize;
-    if m.len() != 20 + 8 * n {
-        return None;
-    }
+    let mut at = 16;
+    let list = |at: &mut usize| -> Option<Vec<u64>> {
+        let n = u32::from_le_bytes(m.get(*at..*at + 4)?.try_into().ok()?) as usize;
+        if n > m.len() / 8 {
+            return None;
+        }
+        let ids = (0..n)
+            .map(|i| u64_at(*at + 4 + 8 * i))
+            .collect::<Option<_>>()?;
+        *at += 4 + 8 * n;
+        Some(ids)
+    };
+    let voters = list(&mut at)?;
+    let membership = if at == m.len() {
+        Membership::from_parts(voters, vec![], vec![], vec![], false).ok()?
+    } else {
+        let outgoing = list(&mut at)?;
+        let learners = list(&mut at)?;
+        let next = list(&mut at)?;
+        let auto_leave = match m.get(at..)? {
+            [0] => false,
+            [1] => true,
+            _ => return None,
+        };
+        Membership::from_parts(voters, outgoing, learners, next, auto_leave).ok()?
+    };
     Some(SnapshotMeta {
         index: u64_at(0)?,
         term: u64_at(8)?,
-        voters: (0..n).map(|i| u64_at(20 + 8 * i)).collect::<Option<_>>()?,
+        membership,
     })
 }
 
@@ -172,4 +202,39 @@ fn load(path: &Path) -> Result<Snapshot> {
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_metas_keep_the_whole_configuration_and_old_ones_still_read() {
+        let joint =
+            Membership::from_parts(vec![1, 4, 5], vec![1, 2, 3], vec![9], vec![3], true).unwrap();
+        let meta = SnapshotMeta {
+            index: 7,
+            term: 3,
+            membership: joint,
+        };
+        assert_eq!(decode_meta(&encode_meta(&meta)), Some(meta.clone()));
+        // Written before membership change: index, term, voters and nothing after.
+        let mut old = Vec::new();
+        for v in [7u64, 3] {
+            old.extend_from_slice(&v.to_le_bytes());
+        }
+        old.extend_from_slice(&3u32.to_le_bytes());
+        for v in [1u64, 2, 3] {
+            old.extend_from_slice(&v.to_le_bytes());
+        }
+        let read = decode_meta(&old).unwrap();
+        assert_eq!(read.membership, Membership::new(vec![1, 2, 3]));
+        // A cut meta is refused, except exactly after the voters, where it is an old one
+        // (the file's checksum is what catches truncation).
+        let bytes = encode_meta(&meta);
+        for cut in 0..bytes.len() {
+            let m = decode_meta(&bytes[..cut]);
+            assert!(m.is_none() || cut == 16 + 4 + 24, "cut {cut}");
+        }
+    }
 }

@@ -73,7 +73,7 @@ fn snapshot(index: u64, term: u64, size: usize) -> Snapshot {
         meta: SnapshotMeta {
             index,
             term,
-            voters: vec![1, 2, 3],
+            membership: raft::Membership::new(vec![1, 2, 3]),
         },
         data: vec![(index % 251) as u8; size].into(),
     }

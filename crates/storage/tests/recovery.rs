@@ -107,7 +107,7 @@ fn segments_rotate_and_compaction_deletes_those_below_the_snapshot() {
         meta: SnapshotMeta {
             index: 900,
             term: 3,
-            voters: vec![1, 2, 3],
+            membership: raft::Membership::new(vec![1, 2, 3]),
         },
         data: vec![42; 10_000].into(),
     };
@@ -146,7 +146,7 @@ fn a_snapshot_that_conflicts_with_the_log_replaces_it() {
         meta: SnapshotMeta {
             index: 8,
             term: 5,
-            voters: vec![1, 2, 3],
+            membership: raft::Membership::new(vec![1, 2, 3]),
         },
         data: b"state".to_vec().into(),
     };
@@ -316,7 +316,7 @@ fn a_damaged_snapshot_is_refused_by_name() {
         meta: SnapshotMeta {
             index: 3,
             term: 1,
-            voters: vec![1],
+            membership: raft::Membership::new(vec![1]),
         },
         data: vec![7; 5000].into(),
     };
@@ -388,7 +388,7 @@ fn a_crash_between_snapshot_file_and_mark_recovers_consistently() {
             meta: SnapshotMeta {
                 index: 5,
                 term,
-                voters: vec![1],
+                membership: raft::Membership::new(vec![1]),
             },
             data: b"s".to_vec().into(),
         };
@@ -427,7 +427,7 @@ fn a_snapshot_written_off_thread_counts_once_recorded_and_its_predecessor_goes_t
         meta: SnapshotMeta {
             index,
             term: 1,
-            voters: vec![1],
+            membership: raft::Membership::new(vec![1]),
         },
         data: vec![index as u8; 100].into(),
     };

@@ -1,0 +1,186 @@
+//! A cluster configuration (§6): who votes, who only learns, and — while a joint
+//! configuration C_old,new is in force — the outgoing voters whose majority is needed too.
+//!
+//! Invariants (checked by [`Membership::from_parts`], kept by `confchange::apply`):
+//! - no id is 0; the four sets are sorted without duplicates;
+//! - a voter (incoming) is never a learner; an outgoing voter is never a learner either —
+//!   one that is to become a learner when the joint configuration is left waits in
+//!   `learners_next`, which holds only outgoing voters;
+//! - outside a joint configuration `outgoing` and `learners_next` are empty and
+//!   `auto_leave` is false.
+
+use crate::error::{Error, Result};
+use crate::quorum::{joint, VoteResult};
+use crate::types::NodeId;
+use std::collections::HashMap;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Membership {
+    voters: Vec<NodeId>,
+    outgoing: Vec<NodeId>,
+    learners: Vec<NodeId>,
+    learners_next: Vec<NodeId>,
+    auto_leave: bool,
+}
+
+fn sorted(mut ids: Vec<NodeId>) -> Vec<NodeId> {
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+fn has(ids: &[NodeId], id: NodeId) -> bool {
+    ids.binary_search(&id).is_ok()
+}
+
+impl Membership {
+    /// A simple configuration of `voters` and no learners.
+    pub fn new(voters: Vec<NodeId>) -> Self {
+        Membership {
+            voters: sorted(voters),
+            ..Default::default()
+        }
+    }
+
+    /// A configuration from its parts, refused if it breaks an invariant (the wire and the
+    /// disk use this, so a corrupt configuration never reaches the core).
+    pub fn from_parts(
+        voters: Vec<NodeId>,
+        outgoing: Vec<NodeId>,
+        learners: Vec<NodeId>,
+        learners_next: Vec<NodeId>,
+        auto_leave: bool,
+    ) -> Result<Self> {
+        let m = Membership {
+            voters: sorted(voters),
+            outgoing: sorted(outgoing),
+            learners: sorted(learners),
+            learners_next: sorted(learners_next),
+            auto_leave,
+        };
+        m.check()?;
+        Ok(m)
+    }
+
+    pub(crate) fn check(&self) -> Result<()> {
+        let bad = |why: &str| Err(Error::InvalidConfig(format!("membership: {why}")));
+        if self.ids().any(|id| id == 0) {
+            return bad("node id 0 is reserved");
+        }
+        if self.learners.iter().any(|&l| self.is_voter(l)) {
+            return bad("a node is both a voter and a learner");
+        }
+        if self.learners_next.iter().any(|&l| !has(&self.outgoing, l)) {
+            return bad("a node waits to become a learner but is not an outgoing voter");
+        }
+        if self.learners_next.iter().any(|&l| has(&self.learners, l)) {
+            return bad("a node is a learner and waits to become one");
+        }
+        if !self.is_joint() && self.auto_leave {
+            return bad("auto-leave is set outside a joint configuration");
+        }
+        Ok(())
+    }
+
+    /// The voters (C_new while joint).
+    pub fn voters(&self) -> &[NodeId] {
+        &self.voters
+    }
+    /// The outgoing voters (C_old), non-empty only while joint.
+    pub fn outgoing(&self) -> &[NodeId] {
+        &self.outgoing
+    }
+    pub fn learners(&self) -> &[NodeId] {
+        &self.learners
+    }
+    /// Outgoing voters that become learners when the joint configuration is left.
+    pub fn learners_next(&self) -> &[NodeId] {
+        &self.learners_next
+    }
+    /// The leader leaves this joint configuration on its own once it commits.
+    pub fn auto_leave(&self) -> bool {
+        self.auto_leave
+    }
+    pub fn is_joint(&self) -> bool {
+        !self.outgoing.is_empty()
+    }
+    /// Votes in at least one of the configurations in force.
+    pub fn is_voter(&self, id: NodeId) -> bool {
+        has(&self.voters, id) || has(&self.outgoing, id)
+    }
+    pub fn is_learner(&self, id: NodeId) -> bool {
+        has(&self.learners, id) || has(&self.learners_next, id)
+    }
+    /// Any role at all: the leader replicates to every member.
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.is_voter(id) || has(&self.learners, id)
+    }
+    /// Every member, each once, in ascending order.
+    pub fn ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        let mut all: Vec<NodeId> = self
+            .voters
+            .iter()
+            .chain(&self.outgoing)
+            .chain(&self.learners)
+            .copied()
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all.into_iter()
+    }
+    /// Every voter of either configuration in force, each once.
+    pub(crate) fn all_voters(&self) -> Vec<NodeId> {
+        sorted(self.voters.iter().chain(&self.outgoing).copied().collect())
+    }
+
+    /// The largest value a quorum of every configuration in force has reached.
+    pub(crate) fn committed(&self, value: impl Fn(NodeId) -> u64) -> u64 {
+        joint::committed(&self.voters, &self.outgoing, value)
+    }
+
+    /// How an election stands: it needs a majority of every configuration in force, counted
+    /// by this (the candidate's) configuration — answers from non-voters count for nothing.
+    pub(crate) fn vote_result(&self, votes: &HashMap<NodeId, bool>) -> VoteResult {
+        if self.voters.is_empty() {
+            return VoteResult::Lost; // no configuration: nobody can be elected
+        }
+        joint::vote_result(&self.voters, &self.outgoing, votes)
+    }
+
+    pub(crate) fn parts_mut(
+        &mut self,
+    ) -> (
+        &mut Vec<NodeId>,
+        &mut Vec<NodeId>,
+        &mut Vec<NodeId>,
+        &mut Vec<NodeId>,
+        &mut bool,
+    ) {
+        (
+            &mut self.voters,
+            &mut self.outgoing,
+            &mut self.learners,
+            &mut self.learners_next,
+            &mut self.auto_leave,
+        )
+    }
+}
+
+impl std::fmt::Display for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "voters {:?}", self.voters)?;
+        if self.is_joint() {
+            write!(f, " & {:?}", self.outgoing)?;
+        }
+        if !self.learners.is_empty() {
+            write!(f, " learners {:?}", self.learners)?;
+        }
+        if !self.learners_next.is_empty() {
+            write!(f, " next learners {:?}", self.learners_next)?;
+        }
+        if self.auto_leave {
+            write!(f, " (auto-leave)")?;
+        }
+        Ok(())
+    }
+}
