@@ -158,11 +158,11 @@ fn two_of_three_voters_swapped_in_one_joint_change() {
 #[derive(Clone, Copy, Debug)]
 enum CrashPoint {
     /// C_old,new appended, not committed.
-    BeforeJointCommits,
+    JointAppended,
     /// C_old,new committed, C_new not yet proposed.
-    AfterJointCommits,
+    JointCommitted,
     /// C_new appended, not committed.
-    BeforeNewCommits,
+    NewAppended,
 }
 
 fn leader_crashes_during_a_joint_change(seed: u64, point: CrashPoint) {
@@ -176,15 +176,15 @@ fn leader_crashes_during_a_joint_change(seed: u64, point: CrashPoint) {
     // Keep writing while the change runs.
     let _ = c.propose(leader, sim::command(1_000_000 + seed, 8));
     match point {
-        CrashPoint::BeforeJointCommits => {
+        CrashPoint::JointAppended => {
             c.propose_conf_change(leader, ConfChange::joint(swap, false))
                 .unwrap();
             c.run_for(sim::MS); // some followers may have it, none acknowledged yet
         }
-        CrashPoint::AfterJointCommits | CrashPoint::BeforeNewCommits => {
+        CrashPoint::JointCommitted | CrashPoint::NewAppended => {
             let joint = c.change_membership(ConfChange::joint(swap, false), WAIT);
             assert!(joint.is_joint());
-            if let CrashPoint::BeforeNewCommits = point {
+            if let CrashPoint::NewAppended = point {
                 let l = c.wait_leader(WAIT);
                 c.propose_conf_change(l, ConfChange::leave_joint()).unwrap();
                 c.run_for(sim::MS);
@@ -220,9 +220,9 @@ fn the_leader_crashes_at_every_step_of_a_joint_change() {
     let first = sim::seed_or(100);
     for seed in first..first + 20 {
         for point in [
-            CrashPoint::BeforeJointCommits,
-            CrashPoint::AfterJointCommits,
-            CrashPoint::BeforeNewCommits,
+            CrashPoint::JointAppended,
+            CrashPoint::JointCommitted,
+            CrashPoint::NewAppended,
         ] {
             leader_crashes_during_a_joint_change(seed, point);
         }
