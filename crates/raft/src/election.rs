@@ -17,9 +17,7 @@ pub(crate) enum Campaign {
 
 impl Raft {
     pub(crate) fn campaign_now(&mut self, kind: Campaign) {
-        // Learners, removed nodes and nodes that have not yet learned a configuration never
-        // campaign: no configuration in force counts their votes.
-        if !self.membership().is_voter(self.id) {
+        if !self.may_campaign() {
             return;
         }
         let term = if kind == Campaign::PreElection {
@@ -46,6 +44,19 @@ impl Raft {
             };
             self.send(to, term, body);
         }
+    }
+
+    /// A voter of the latest configuration campaigns. So does a node that the latest
+    /// configuration removes while that change is not known to be committed, if it votes in
+    /// the committed one (dissertation §4.2.2): until C_new commits it may be needed — e.g.
+    /// it holds the only copy of C_new besides the voters C_new keeps — and it cannot count
+    /// its own vote, since candidates count by their latest configuration. Learners, nodes
+    /// whose removal is committed and nodes that have not yet learned a configuration never
+    /// campaign.
+    pub(crate) fn may_campaign(&self) -> bool {
+        let (configs, committed) = (&self.log.configs, self.log.committed);
+        configs.latest().is_voter(self.id)
+            || (configs.latest_index() > committed && configs.at(committed).is_voter(self.id))
     }
 
     fn on_election_won(&mut self, pre_vote: bool) {

@@ -533,7 +533,14 @@ impl Raft {
         self.election_elapsed += 1;
         if self.election_elapsed >= self.randomized_timeout {
             self.election_elapsed = 0;
-            self.campaign();
+            if self.may_campaign() {
+                self.campaign();
+            } else {
+                // A learner (or a node outside the configuration) cannot campaign, but it
+                // stops believing in a leader it no longer hears from: otherwise CheckQuorum's
+                // lease would make it ignore the vote requests of whoever is to replace it.
+                self.become_follower(self.term, None);
+            }
         }
     }
 

@@ -230,14 +230,17 @@ impl Cluster {
                 Some(d) => {
                     let r = d.raft();
                     format!(
-                        "  node {}: {:?} term {} leader {:?} last {} commit {} applied {}\n",
+                        "  node {}: {:?} term {} leader {:?} last {} commit {} applied {}; {} \
+                         (at {})\n",
                         n.id,
                         r.role(),
                         r.term(),
                         r.leader(),
                         r.last_index(),
                         r.commit_index(),
-                        n.applied_index()
+                        n.applied_index(),
+                        r.membership(),
+                        r.conf_index()
                     )
                 }
             };

@@ -29,6 +29,9 @@ enum Cmd {
         /// Fault phases (each 50–1500 virtual ms).
         #[arg(long, default_value_t = 40)]
         phases: u64,
+        /// Change the membership too (add, promote, remove, joint swaps).
+        #[arg(long)]
+        membership: bool,
     },
     /// Run many random seeds; any failure prints the seed and how to replay it.
     Soak {
@@ -39,6 +42,9 @@ enum Cmd {
         /// Worker threads (default: available cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// Add the membership nemesis (add, promote, remove, replace, joint swaps).
+        #[arg(long)]
+        membership: bool,
     },
     /// The whole system: production driver and kv store, clients, linearizability.
     System {
@@ -62,6 +68,9 @@ enum Cmd {
         /// Print only the summary, not every event.
         #[arg(long)]
         quiet: bool,
+        /// The seed was a membership soak seed.
+        #[arg(long)]
+        membership: bool,
     },
 }
 
@@ -71,6 +80,7 @@ fn main() {
             seed,
             nodes,
             phases,
+            membership,
         } => {
             if !(1..=9).contains(&nodes) {
                 eprintln!("--nodes must be between 1 and 9");
@@ -80,19 +90,33 @@ fn main() {
                 nodes: Some(nodes),
                 phases: Some(phases),
                 trace: false,
+                membership,
             };
             print_report(&soak::run_with(seed, opts));
         }
-        Cmd::Replay { seed, quiet } => {
-            let r = soak::run(seed, !quiet);
-            print_report(&r);
+        Cmd::Replay {
+            seed,
+            quiet,
+            membership,
+        } => {
+            let opts = soak::Options {
+                trace: !quiet,
+                membership,
+                ..Default::default()
+            };
+            print_report(&soak::run_with(seed, opts));
         }
         Cmd::Soak {
             seeds,
             start,
             threads,
-        } => soak_many(start, seeds, threads, |seed| {
-            soak::run(seed, false);
+            membership,
+        } => soak_many(start, seeds, threads, move |seed| {
+            let opts = soak::Options {
+                membership,
+                ..Default::default()
+            };
+            soak::run_with(seed, opts);
         }),
         Cmd::System {
             seed: Some(seed),
@@ -126,6 +150,12 @@ fn print_report(r: &soak::Report) {
         r.crashes, r.restarts, r.partitions, r.heals, r.lossy_phases, r.reordering_phases
     );
     println!("  elections: {} terms had a leader", r.terms_with_leader);
+    if r.conf_changes + r.nodes_added > 0 {
+        println!(
+            "  members:   {} configuration changes accepted, {} nodes added, {} destroyed",
+            r.conf_changes, r.nodes_added, r.destroyed
+        );
+    }
     println!(
         "  clients:   {} proposals, {} committed, {} linearizable reads served",
         r.proposals, r.committed, r.reads_served

@@ -35,6 +35,11 @@ pub struct Report {
     pub bytes: u64,
     /// Virtual time from healing until the post-heal proposals all committed.
     pub recovery_ms: u64,
+    /// Configuration changes the membership nemesis got accepted, and nodes it added.
+    pub conf_changes: u64,
+    pub nodes_added: u64,
+    /// Nodes destroyed (disk gone) after their removal committed.
+    pub destroyed: u64,
     pub checks: u64,
 }
 
@@ -44,6 +49,8 @@ pub struct Options {
     pub nodes: Option<usize>,
     pub phases: Option<u64>,
     pub trace: bool,
+    /// Add the membership nemesis: nodes added, promoted, removed, swapped in joint changes.
+    pub membership: bool,
 }
 
 /// Run one seed; panics (with the seed and replay command) on any violation.
@@ -72,8 +79,9 @@ pub fn run_with(seed: u64, opts: Options) -> Report {
         .unwrap();
     cfg.snapshot_chunk_bytes = *[64, 1024, 1 << 20].choose(&mut plan).unwrap();
     let mut c = Cluster::new(cfg);
+    let flag = if opts.membership { " --membership" } else { "" };
     if std::thread::current().name().is_none_or(|n| n == "main") {
-        c.replay = format!("cargo run -p sim --release -- replay --seed {seed}");
+        c.replay = format!("cargo run -p sim --release -- replay --seed {seed}{flag}");
     }
     let mut r = Report {
         seed,
@@ -83,12 +91,19 @@ pub fn run_with(seed: u64, opts: Options) -> Report {
     let mut cmd = 1u64;
     let random_phases = plan.gen_range(8..20);
     for _ in 0..opts.phases.unwrap_or(random_phases) {
+        if opts.membership && plan.gen_bool(0.5) {
+            reconfigure(&mut c, &mut plan, &mut r);
+        }
         inject_fault(&mut c, &mut plan, &mut r);
         r.lossy_phases += u64::from(c.net.faults.unreliable);
         r.reordering_phases += u64::from(c.net.faults.long_reordering);
         let phase_end = c.now + plan.gen_range(50..1_500) * MS;
         while c.now < phase_end {
             client_step(&mut c, &mut plan, &mut cmd, &mut r);
+            // Changes at random moments, racing with elections, crashes and clients.
+            if opts.membership && plan.gen_ratio(1, 25) {
+                reconfigure(&mut c, &mut plan, &mut r);
+            }
             let slice = plan.gen_range(1..20) * MS;
             c.run_for(slice);
         }
@@ -96,8 +111,28 @@ pub fn run_with(seed: u64, opts: Options) -> Report {
     heal_everything(&mut c);
     let healed = c.now;
     c.wait_leader(LIVENESS_BOUND);
+    // A joint configuration left in force (no auto-leave, or its leave was lost with a
+    // leader) is ended, as an operator would.
+    let joint = |c: &Cluster| c.membership().map(|m| (m.is_joint(), m.auto_leave()));
+    match joint(&c) {
+        Some((true, true)) => {
+            // The leader leaves it by itself once it commits (a new leader too).
+            if !c.run_until(LIVENESS_BOUND, |c| joint(c).is_some_and(|j| !j.0)) {
+                c.fail("liveness: an auto-leave joint configuration was never left");
+            }
+        }
+        Some((true, false)) => {
+            c.change_membership(raft::ConfChange::leave_joint(), LIVENESS_BOUND);
+        }
+        _ => {}
+    }
+    c.wait_leader(LIVENESS_BOUND);
+    let members: Vec<u64> = match c.membership() {
+        Some(m) => m.ids().collect(),
+        None => c.fail("liveness: no stable leader after the heal"),
+    };
     for _ in 0..5 {
-        c.one(cmd, 16, nodes);
+        c.one(cmd, 16, members.len());
         cmd += 1;
         r.proposals += 1;
     }
@@ -108,7 +143,11 @@ pub fn run_with(seed: u64, opts: Options) -> Report {
     // A command forwarded before the heal may have arrived and committed just now; every
     // node must apply all that is committed within a heartbeat or so.
     let settled = |c: &Cluster| {
-        let ids = c.ids();
+        // The configuration may still grow: an entry pending at the heal commits later.
+        let Some(m) = c.membership() else {
+            return false;
+        };
+        let ids: Vec<u64> = m.ids().collect();
         let commit = ids.iter().map(|&id| c.node(id).raft().commit_index()).max();
         ids.iter()
             .all(|&id| Some(c.node(id).raft().applied()) == commit)
@@ -210,6 +249,82 @@ fn client_step(c: &mut Cluster, plan: &mut ChaCha8Rng, cmd: &mut u64, r: &mut Re
             }
         }
         *cmd += 1;
+    }
+}
+
+/// Most nodes a membership run creates (so a long run does not grow without bound).
+const MAX_NODES: usize = 9;
+
+/// The membership nemesis: one configuration change proposed at whichever node leads now
+/// (stable or not, so changes race with elections and faults). Refusals are expected — a
+/// change is pending, the leader has not committed in its term — and safety must hold
+/// whatever is accepted.
+fn reconfigure(c: &mut Cluster, plan: &mut ChaCha8Rng, r: &mut Report) {
+    use raft::{Change, ConfChange};
+    let Some(l) = c.leader() else {
+        return;
+    };
+    let m = c.node(l).raft().membership().clone();
+    // Destroy a node whose removal is committed: it can never count again, so losing its
+    // disk is safe — an operator decommissioning the machine.
+    let committed = c.node(l).raft().commit_index() >= c.node(l).raft().conf_index();
+    if committed && plan.gen_ratio(1, 4) {
+        let gone: Vec<u64> = c
+            .ids()
+            .into_iter()
+            .filter(|&id| !m.contains(id) && !m.is_learner(id) && !c.is_destroyed(id))
+            .filter(|&id| c.node(id).disk.snapshot.is_some() || c.node(id).disk.entries.len() > 0)
+            .collect();
+        if let Some(&id) = gone.choose(plan) {
+            c.destroy(id);
+            r.destroyed += 1;
+        }
+    }
+    let new_node = |c: &mut Cluster, r: &mut Report| {
+        (c.ids().len() < MAX_NODES).then(|| {
+            r.nodes_added += 1;
+            c.add_node()
+        })
+    };
+    let voters = m.voters().to_vec();
+    let learners = m.learners().to_vec();
+    let cc = match plan.gen_range(0..7) {
+        0 => new_node(c, r).map(|id| ConfChange::simple(Change::AddLearner(id))),
+        1 => learners
+            .choose(plan)
+            .map(|&id| ConfChange::simple(Change::Promote(id))),
+        2 => voters
+            .choose(plan)
+            .map(|&id| ConfChange::simple(Change::Remove(id))),
+        3 => learners
+            .choose(plan)
+            .map(|&id| ConfChange::simple(Change::Remove(id))),
+        4 => new_node(c, r).map(|id| ConfChange::simple(Change::AddVoter(id))),
+        5 => {
+            // Swap one or two voters for new nodes (or demote one) in one joint change.
+            let mut changes = Vec::new();
+            for _ in 0..plan.gen_range(1..=2) {
+                if let Some(id) = new_node(c, r) {
+                    changes.push(Change::AddVoter(id));
+                }
+            }
+            let mut out = voters.clone();
+            out.shuffle(plan);
+            for &id in out.iter().take(plan.gen_range(1..=2)) {
+                changes.push(if plan.gen_bool(0.3) {
+                    Change::AddLearner(id)
+                } else {
+                    Change::Remove(id)
+                });
+            }
+            Some(ConfChange::joint(changes, plan.gen_bool(0.5)))
+        }
+        _ => m.is_joint().then(ConfChange::leave_joint),
+    };
+    if let Some(cc) = cc {
+        if c.propose_conf_change(l, cc).is_ok() {
+            r.conf_changes += 1;
+        }
     }
 }
 
