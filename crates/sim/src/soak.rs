@@ -115,11 +115,9 @@ pub fn run_with(seed: u64, opts: Options) -> Report {
     // leader) is ended, as an operator would.
     let joint = |c: &Cluster| c.membership().map(|m| (m.is_joint(), m.auto_leave()));
     match joint(&c) {
-        Some((true, true)) => {
-            // The leader leaves it by itself once it commits (a new leader too).
-            if !c.run_until(LIVENESS_BOUND, |c| joint(c).is_some_and(|j| !j.0)) {
-                c.fail("liveness: an auto-leave joint configuration was never left");
-            }
+        // The leader leaves it by itself once it commits (a new leader too).
+        Some((true, true)) if !c.run_until(LIVENESS_BOUND, |c| joint(c).is_some_and(|j| !j.0)) => {
+            c.fail("liveness: an auto-leave joint configuration was never left");
         }
         Some((true, false)) => {
             c.change_membership(raft::ConfChange::leave_joint(), LIVENESS_BOUND);
@@ -273,7 +271,7 @@ fn reconfigure(c: &mut Cluster, plan: &mut ChaCha8Rng, r: &mut Report) {
             .ids()
             .into_iter()
             .filter(|&id| !m.contains(id) && !m.is_learner(id) && !c.is_destroyed(id))
-            .filter(|&id| c.node(id).disk.snapshot.is_some() || c.node(id).disk.entries.len() > 0)
+            .filter(|&id| c.node(id).disk.snapshot.is_some() || !c.node(id).disk.entries.is_empty())
             .collect();
         if let Some(&id) = gone.choose(plan) {
             c.destroy(id);
