@@ -488,6 +488,11 @@ where
         else {
             return;
         };
+        if membership.voters().is_empty() {
+            // A member that joined with an empty disk does not know the configuration before
+            // the entry that added it; it snapshots once it has applied that entry.
+            return;
+        }
         let meta = SnapshotMeta {
             index: applied,
             term,

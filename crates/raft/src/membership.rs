@@ -13,9 +13,16 @@ use crate::error::{Error, Result};
 use crate::quorum::{joint, VoteResult};
 use crate::types::NodeId;
 use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Shared and immutable once built (clones are a reference count: every configuration
+/// entry, snapshot chunk and Ready carries one), and one word wide, so that messages and
+/// snapshot metadata that hold one stay small.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Membership(Arc<Parts>);
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Membership {
+struct Parts {
     voters: Vec<NodeId>,
     outgoing: Vec<NodeId>,
     learners: Vec<NodeId>,
@@ -36,10 +43,10 @@ fn has(ids: &[NodeId], id: NodeId) -> bool {
 impl Membership {
     /// A simple configuration of `voters` and no learners.
     pub fn new(voters: Vec<NodeId>) -> Self {
-        Membership {
+        Membership(Arc::new(Parts {
             voters: sorted(voters),
             ..Default::default()
-        }
+        }))
     }
 
     /// A configuration from its parts, refused if it breaks an invariant (the wire and the
@@ -51,13 +58,13 @@ impl Membership {
         learners_next: Vec<NodeId>,
         auto_leave: bool,
     ) -> Result<Self> {
-        let m = Membership {
+        let m = Membership(Arc::new(Parts {
             voters: sorted(voters),
             outgoing: sorted(outgoing),
             learners: sorted(learners),
             learners_next: sorted(learners_next),
             auto_leave,
-        };
+        }));
         m.check()?;
         Ok(m)
     }
@@ -67,16 +74,26 @@ impl Membership {
         if self.ids().any(|id| id == 0) {
             return bad("node id 0 is reserved");
         }
-        if self.learners.iter().any(|&l| self.is_voter(l)) {
+        if self.0.learners.iter().any(|&l| self.is_voter(l)) {
             return bad("a node is both a voter and a learner");
         }
-        if self.learners_next.iter().any(|&l| !has(&self.outgoing, l)) {
+        if self
+            .0
+            .learners_next
+            .iter()
+            .any(|&l| !has(&self.0.outgoing, l))
+        {
             return bad("a node waits to become a learner but is not an outgoing voter");
         }
-        if self.learners_next.iter().any(|&l| has(&self.learners, l)) {
+        if self
+            .0
+            .learners_next
+            .iter()
+            .any(|&l| has(&self.0.learners, l))
+        {
             return bad("a node is a learner and waits to become one");
         }
-        if !self.is_joint() && self.auto_leave {
+        if !self.is_joint() && self.0.auto_leave {
             return bad("auto-leave is set outside a joint configuration");
         }
         Ok(())
@@ -84,44 +101,45 @@ impl Membership {
 
     /// The voters (C_new while joint).
     pub fn voters(&self) -> &[NodeId] {
-        &self.voters
+        &self.0.voters
     }
     /// The outgoing voters (C_old), non-empty only while joint.
     pub fn outgoing(&self) -> &[NodeId] {
-        &self.outgoing
+        &self.0.outgoing
     }
     pub fn learners(&self) -> &[NodeId] {
-        &self.learners
+        &self.0.learners
     }
     /// Outgoing voters that become learners when the joint configuration is left.
     pub fn learners_next(&self) -> &[NodeId] {
-        &self.learners_next
+        &self.0.learners_next
     }
     /// The leader leaves this joint configuration on its own once it commits.
     pub fn auto_leave(&self) -> bool {
-        self.auto_leave
+        self.0.auto_leave
     }
     pub fn is_joint(&self) -> bool {
-        !self.outgoing.is_empty()
+        !self.0.outgoing.is_empty()
     }
     /// Votes in at least one of the configurations in force.
     pub fn is_voter(&self, id: NodeId) -> bool {
-        has(&self.voters, id) || has(&self.outgoing, id)
+        has(&self.0.voters, id) || has(&self.0.outgoing, id)
     }
     pub fn is_learner(&self, id: NodeId) -> bool {
-        has(&self.learners, id) || has(&self.learners_next, id)
+        has(&self.0.learners, id) || has(&self.0.learners_next, id)
     }
     /// Any role at all: the leader replicates to every member.
     pub fn contains(&self, id: NodeId) -> bool {
-        self.is_voter(id) || has(&self.learners, id)
+        self.is_voter(id) || has(&self.0.learners, id)
     }
     /// Every member, each once, in ascending order.
     pub fn ids(&self) -> impl Iterator<Item = NodeId> + '_ {
         let mut all: Vec<NodeId> = self
+            .0
             .voters
             .iter()
-            .chain(&self.outgoing)
-            .chain(&self.learners)
+            .chain(&self.0.outgoing)
+            .chain(&self.0.learners)
             .copied()
             .collect();
         all.sort_unstable();
@@ -130,21 +148,28 @@ impl Membership {
     }
     /// Every voter of either configuration in force, each once.
     pub(crate) fn all_voters(&self) -> Vec<NodeId> {
-        sorted(self.voters.iter().chain(&self.outgoing).copied().collect())
+        sorted(
+            self.0
+                .voters
+                .iter()
+                .chain(&self.0.outgoing)
+                .copied()
+                .collect(),
+        )
     }
 
     /// The largest value a quorum of every configuration in force has reached.
     pub(crate) fn committed(&self, value: impl Fn(NodeId) -> u64) -> u64 {
-        joint::committed(&self.voters, &self.outgoing, value)
+        joint::committed(&self.0.voters, &self.0.outgoing, value)
     }
 
     /// How an election stands: it needs a majority of every configuration in force, counted
     /// by this (the candidate's) configuration — answers from non-voters count for nothing.
     pub(crate) fn vote_result(&self, votes: &HashMap<NodeId, bool>) -> VoteResult {
-        if self.voters.is_empty() {
+        if self.0.voters.is_empty() {
             return VoteResult::Lost; // no configuration: nobody can be elected
         }
-        joint::vote_result(&self.voters, &self.outgoing, votes)
+        joint::vote_result(&self.0.voters, &self.0.outgoing, votes)
     }
 
     pub(crate) fn parts_mut(
@@ -156,29 +181,30 @@ impl Membership {
         &mut Vec<NodeId>,
         &mut bool,
     ) {
+        let p = Arc::make_mut(&mut self.0);
         (
-            &mut self.voters,
-            &mut self.outgoing,
-            &mut self.learners,
-            &mut self.learners_next,
-            &mut self.auto_leave,
+            &mut p.voters,
+            &mut p.outgoing,
+            &mut p.learners,
+            &mut p.learners_next,
+            &mut p.auto_leave,
         )
     }
 }
 
 impl std::fmt::Display for Membership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "voters {:?}", self.voters)?;
+        write!(f, "voters {:?}", self.0.voters)?;
         if self.is_joint() {
-            write!(f, " & {:?}", self.outgoing)?;
+            write!(f, " & {:?}", self.0.outgoing)?;
         }
-        if !self.learners.is_empty() {
-            write!(f, " learners {:?}", self.learners)?;
+        if !self.0.learners.is_empty() {
+            write!(f, " learners {:?}", self.0.learners)?;
         }
-        if !self.learners_next.is_empty() {
-            write!(f, " next learners {:?}", self.learners_next)?;
+        if !self.0.learners_next.is_empty() {
+            write!(f, " next learners {:?}", self.0.learners_next)?;
         }
-        if self.auto_leave {
+        if self.0.auto_leave {
             write!(f, " (auto-leave)")?;
         }
         Ok(())

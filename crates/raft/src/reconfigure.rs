@@ -144,3 +144,65 @@ impl Raft {
         self.become_follower(self.term, None);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Change, ConfChange, Config, Error, Raft, RestoreState};
+
+    fn refusal(r: crate::Result<u64>) -> String {
+        match r {
+            Err(Error::ConfChangeRefused(why)) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    /// A one-node leader whose every Ready is persisted and applied at once.
+    fn settle(r: &mut Raft) {
+        while r.has_ready() {
+            let rd = r.ready();
+            r.advance(&rd);
+        }
+    }
+
+    #[test]
+    fn a_new_leader_changes_nothing_before_its_own_term_commits() {
+        let mut r = Raft::new(Config::new(1, vec![1]), RestoreState::default()).unwrap();
+        r.campaign();
+        assert!(r.is_leader());
+        let add = ConfChange::simple(Change::AddLearner(2));
+        assert!(refusal(r.propose_conf_change(add.clone())).contains("of its term"));
+        settle(&mut r); // the no-op commits
+        let index = r.propose_conf_change(add).unwrap();
+        assert_eq!(r.membership().learners(), &[2], "in force once appended");
+        assert_eq!(r.conf_index(), index);
+    }
+
+    #[test]
+    fn a_second_change_waits_until_the_first_commits() {
+        let mut r = Raft::new(Config::new(1, vec![1]), RestoreState::default()).unwrap();
+        r.campaign();
+        settle(&mut r);
+        r.propose_conf_change(ConfChange::simple(Change::AddLearner(2)))
+            .unwrap();
+        let second = ConfChange::simple(Change::AddLearner(3));
+        assert!(refusal(r.propose_conf_change(second.clone())).contains("not committed yet"));
+        settle(&mut r);
+        r.propose_conf_change(second).unwrap();
+        assert_eq!(r.membership().learners(), &[2, 3]);
+    }
+
+    #[test]
+    fn a_committed_auto_leave_joint_configuration_is_left_by_the_leader() {
+        let mut r = Raft::new(Config::new(1, vec![1]), RestoreState::default()).unwrap();
+        r.campaign();
+        settle(&mut r);
+        // Node 1 is the only voter of both halves, so the leader commits alone.
+        let cc = ConfChange::joint(vec![Change::AddLearner(2)], true);
+        r.propose_conf_change(cc).unwrap();
+        assert!(r.membership().is_joint());
+        settle(&mut r);
+        assert!(!r.membership().is_joint(), "left once C_old,new committed");
+        assert_eq!(r.membership().learners(), &[2]);
+        assert_eq!(r.commit_index(), r.conf_index(), "and C_new committed too");
+    }
+}

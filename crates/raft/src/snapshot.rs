@@ -85,6 +85,14 @@ impl Raft {
             )));
         }
         let in_force = self.log.configs.at(index);
+        if in_force.voters().is_empty() {
+            // A node that joined with an empty disk learns the configuration from the entry
+            // that added it; before that entry it does not know it, and a snapshot without
+            // one would teach other nodes an empty configuration.
+            return Err(Error::InvalidSnapshot(format!(
+                "the configuration at index {index} is not known to this node"
+            )));
+        }
         if snapshot.meta.membership != *in_force {
             // A snapshot is how restarted and new nodes learn their configuration: a wrong
             // one would make them count quorums over the wrong nodes.
