@@ -802,6 +802,32 @@ impl Cluster {
         }
     }
 
+    /// Whether the latest configuration of any node — in its live core, or on its disk (a
+    /// down node comes back with it) — names `id`. Once none does and its removal is
+    /// committed, `id` can never count again (every future leader holds the removal), and
+    /// its machine may be destroyed.
+    pub fn named_by_any_configuration(&self, id: NodeId) -> bool {
+        let names = |m: &raft::Membership| m.contains(id) || m.is_learner(id);
+        self.nodes.iter().any(|n| {
+            let live = n
+                .driver
+                .as_ref()
+                .is_some_and(|d| names(d.raft().membership()));
+            let last_entry = n.disk.entries.iter().rev().find_map(|e| {
+                (e.kind == raft::EntryKind::ConfChange)
+                    .then(|| raft::ConfEntry::decode(&e.data).ok())
+                    .flatten()
+                    .map(|c| c.membership)
+            });
+            let on_disk = match (last_entry, &n.disk.snapshot) {
+                (Some(m), _) => names(&m),
+                (None, Some(s)) => names(&s.meta.membership),
+                (None, None) => self.bootstrap.contains(&n.id) && self.bootstrap.contains(&id),
+            };
+            live || on_disk
+        })
+    }
+
     pub fn is_destroyed(&self, id: NodeId) -> bool {
         self.destroyed.contains(&id)
     }

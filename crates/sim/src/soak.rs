@@ -270,7 +270,7 @@ fn reconfigure(c: &mut Cluster, plan: &mut ChaCha8Rng, r: &mut Report) {
         let gone: Vec<u64> = c
             .ids()
             .into_iter()
-            .filter(|&id| !m.contains(id) && !m.is_learner(id) && !c.is_destroyed(id))
+            .filter(|&id| !c.is_destroyed(id) && !c.named_by_any_configuration(id))
             .filter(|&id| c.node(id).disk.snapshot.is_some() || !c.node(id).disk.entries.is_empty())
             .collect();
         if let Some(&id) = gone.choose(plan) {
