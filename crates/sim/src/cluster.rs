@@ -751,8 +751,9 @@ impl Cluster {
             .count()
     }
 
-    /// Submit `cmd` to whichever node leads and wait until `expected` nodes applied it,
-    /// retrying on other leaders for up to 10 virtual seconds (the paper's client loop).
+    /// Submit `cmd` to whichever node leads and wait until `expected` nodes applied it (0:
+    /// every member of the stable leader's configuration), retrying on other leaders for up
+    /// to 10 virtual seconds (the paper's client loop).
     pub fn one(&mut self, cmd: u64, size: usize, expected: usize) -> Index {
         let deadline = self.now + 10_000 * MS;
         while self.now < deadline {
@@ -763,7 +764,12 @@ impl Cluster {
                 .collect();
             for id in leaders {
                 if self.propose(id, crate::node::command(cmd, size)).is_ok() {
-                    let ok = self.run_until(2_000 * MS, |c| c.applied_count(cmd) >= expected);
+                    // 0: every member of the stable leader's configuration, as it is then.
+                    let want = |c: &Cluster| match expected {
+                        0 => c.membership().map_or(usize::MAX, |m| m.ids().count()),
+                        n => n,
+                    };
+                    let ok = self.run_until(2_000 * MS, |c| c.applied_count(cmd) >= want(c));
                     if ok {
                         return self.acked[&cmd];
                     }
