@@ -84,8 +84,6 @@ where
     leader: Option<NodeId>,
     /// Set once the member must stop; nothing is done after.
     failure: Option<String>,
-    /// The configuration in force as of what was applied (the core reports changes).
-    membership: Option<raft::Membership>,
     /// A Ready whose snapshot storage is restoring off the loop; the rest of it, and every
     /// later Ready, waits for `on_restored`.
     paused: Option<Ready>,
@@ -109,9 +107,7 @@ where
         cfg: DriverConfig,
     ) -> Self {
         let last_snapshot = raft.snapshot_index();
-        let membership = raft.membership_at(raft.applied()).cloned();
         let mut d = Driver {
-            membership,
             raft,
             machine,
             storage,
@@ -327,14 +323,16 @@ where
 
     /// The configuration in force as far as this member has applied.
     pub fn membership(&self) -> Option<&raft::Membership> {
-        self.membership.as_ref()
+        self.raft.membership_at(self.raft.applied())
     }
 
     /// This member applied a configuration that no longer holds it: it was removed from
-    /// the cluster, and may shut down.
+    /// the cluster, and may shut down. (A member that joined empty and has not yet learned
+    /// any configuration was not removed.)
     pub fn removed(&self) -> bool {
         let id = self.raft.id();
-        self.membership.as_ref().is_some_and(|m| !m.contains(id))
+        self.membership()
+            .is_some_and(|m| !m.voters().is_empty() && !m.contains(id))
     }
 
     /// Carry out everything the core decided, in the order the Ready contract requires.
@@ -394,9 +392,6 @@ where
         }
         if let Some(last) = rd.committed_entries.last() {
             self.raft.advance_applied(last.index);
-        }
-        if let Some(m) = rd.membership.take() {
-            self.membership = Some(m);
         }
         // 5. Reads.
         for rs in rd.read_states {
