@@ -14,7 +14,7 @@
 //! (or snapshot) it receives, without knowing the bootstrap configuration.
 
 use crate::error::{Error, Result};
-use crate::membership::Membership;
+use crate::membership::{Membership, Reader};
 use crate::types::NodeId;
 
 /// One change to the membership.
@@ -226,9 +226,8 @@ const CONF_ENTRY_VERSION: u8 = 1;
 
 impl ConfEntry {
     /// Layout (little-endian): version u8; transition u8 (0 simple, 1 joint, 2 joint with
-    /// auto-leave, 3 leave); change count u32, each (op u8, id u64); then the membership as
-    /// four id lists (count u32, ids u64) — voters, outgoing, learners, learners_next — and
-    /// auto_leave u8.
+    /// auto-leave, 3 leave); change count u32, each (op u8, id u64); then the membership
+    /// (`Membership::encode_into`) to the end.
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![CONF_ENTRY_VERSION];
         b.push(match self.change.transition {
@@ -247,14 +246,7 @@ impl ConfEntry {
             });
             b.extend_from_slice(&c.id().to_le_bytes());
         }
-        let m = &self.membership;
-        for ids in [m.voters(), m.outgoing(), m.learners(), m.learners_next()] {
-            b.extend_from_slice(&(ids.len() as u32).to_le_bytes());
-            for id in ids {
-                b.extend_from_slice(&id.to_le_bytes());
-            }
-        }
-        b.push(u8::from(m.auto_leave()));
+        self.membership.encode_into(&mut b);
         b
     }
 
@@ -286,31 +278,7 @@ impl ConfEntry {
                 _ => return Err(bad("unknown change")),
             });
         }
-        let mut lists = Vec::with_capacity(4);
-        for _ in 0..4 {
-            let n = r.len(8)?;
-            lists.push((0..n).map(|_| r.u64()).collect::<Result<Vec<_>>>()?);
-        }
-        let auto_leave = match r.u8()? {
-            0 => false,
-            1 => true,
-            _ => return Err(bad("auto-leave is not a boolean")),
-        };
-        if !r.0.is_empty() {
-            return Err(bad("trailing bytes"));
-        }
-        let next = lists.pop().unwrap();
-        let learners = lists.pop().unwrap();
-        let outgoing = lists.pop().unwrap();
-        let voters = lists.pop().unwrap();
-        let sorted_unique = |v: &[NodeId]| v.windows(2).all(|w| w[0] < w[1]);
-        if ![&voters, &outgoing, &learners, &next]
-            .iter()
-            .all(|v| sorted_unique(v))
-        {
-            return Err(bad("member lists are not sorted sets"));
-        }
-        let membership = Membership::from_parts(voters, outgoing, learners, next, auto_leave)?;
+        let membership = Membership::decode(r.rest())?;
         Ok(ConfEntry {
             change: ConfChange {
                 transition,
@@ -318,38 +286,6 @@ impl ConfEntry {
             },
             membership,
         })
-    }
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8]> {
-        if self.0.len() < n {
-            return Err(Error::InvalidConfig(
-                "configuration entry: truncated".into(),
-            ));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-    fn u8(&mut self) -> Result<u8> {
-        Ok(self.take(1)?[0])
-    }
-    fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
-    }
-    /// A count of items of `item` bytes each, no more than the bytes left can hold (so a
-    /// forged count never makes us allocate).
-    fn len(&mut self, item: usize) -> Result<usize> {
-        let n = u32::from_le_bytes(self.take(4)?.try_into().unwrap()) as usize;
-        if n > self.0.len() / item {
-            return Err(Error::InvalidConfig(
-                "configuration entry: a count beyond its bytes".into(),
-            ));
-        }
-        Ok(n)
     }
 }
 

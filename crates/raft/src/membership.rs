@@ -192,6 +192,87 @@ impl Membership {
     }
 }
 
+impl Membership {
+    /// The binary form shared by configuration entries and snapshot metadata
+    /// (little-endian): four id lists, each a count u32 and the ids u64 — voters, outgoing,
+    /// learners, learners_next — then auto_leave u8.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        for ids in [
+            self.voters(),
+            self.outgoing(),
+            self.learners(),
+            self.learners_next(),
+        ] {
+            out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+            for id in ids {
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+        out.push(u8::from(self.auto_leave()));
+    }
+
+    /// The inverse of `encode_into` over all of `data`; refuses anything else — trailing
+    /// bytes, unsorted lists, a configuration that breaks the invariants.
+    pub fn decode(data: &[u8]) -> Result<Membership> {
+        let bad = |why: &str| Err(Error::InvalidConfig(format!("configuration: {why}")));
+        let mut r = Reader(data);
+        let mut lists = Vec::with_capacity(4);
+        for _ in 0..4 {
+            let n = r.len(8)?;
+            let ids = (0..n).map(|_| r.u64()).collect::<Result<Vec<_>>>()?;
+            if !ids.windows(2).all(|w| w[0] < w[1]) {
+                return bad("member lists are not sorted sets");
+            }
+            lists.push(ids);
+        }
+        let auto_leave = match r.u8()? {
+            0 => false,
+            1 => true,
+            _ => return bad("auto-leave is not a boolean"),
+        };
+        if !r.rest().is_empty() {
+            return bad("trailing bytes");
+        }
+        let [voters, outgoing, learners, next]: [Vec<NodeId>; 4] =
+            lists.try_into().expect("four lists");
+        Membership::from_parts(voters, outgoing, learners, next, auto_leave)
+    }
+}
+
+/// A cursor over bytes that refuses to read past their end.
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.0.len() < n {
+            return Err(Error::InvalidConfig("configuration: truncated".into()));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    pub(crate) fn rest(&self) -> &'a [u8] {
+        self.0
+    }
+    pub(crate) fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    pub(crate) fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    /// A count of items of `item` bytes each, no more than the bytes left can hold (so a
+    /// forged count never makes us allocate).
+    pub(crate) fn len(&mut self, item: usize) -> Result<usize> {
+        let n = u32::from_le_bytes(self.take(4)?.try_into().unwrap()) as usize;
+        if n > self.0.len() / item {
+            return Err(Error::InvalidConfig(
+                "configuration: a count beyond its bytes".into(),
+            ));
+        }
+        Ok(n)
+    }
+}
+
 impl std::fmt::Display for Membership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "voters {:?}", self.0.voters)?;

@@ -28,52 +28,27 @@ fn file_name(meta: &SnapshotMeta) -> String {
     format!("{:016x}-{:016x}.snap", meta.index, meta.term)
 }
 
-/// index u64, term u64, then the configuration as id lists (count u32, ids u64): voters,
-/// and — since membership change — outgoing voters, learners, learners-to-be and an
-/// auto-leave byte. A meta that ends after the voters (written before membership change)
-/// reads as a simple configuration of those voters.
+/// index u64, term u64, then the configuration (`Membership::encode_into`). A meta that
+/// ends after the voters list (written before membership change: voters only) reads as a
+/// simple configuration of those voters.
 fn encode_meta(meta: &SnapshotMeta) -> Vec<u8> {
-    let c = &meta.membership;
-    let mut m = Vec::with_capacity(40 + 8 * c.ids().count());
+    let mut m = Vec::with_capacity(64);
     m.extend_from_slice(&meta.index.to_le_bytes());
     m.extend_from_slice(&meta.term.to_le_bytes());
-    for ids in [c.voters(), c.outgoing(), c.learners(), c.learners_next()] {
-        m.extend_from_slice(&(ids.len() as u32).to_le_bytes());
-        for v in ids {
-            m.extend_from_slice(&v.to_le_bytes());
-        }
-    }
-    m.push(u8::from(c.auto_leave()));
+    meta.membership.encode_into(&mut m);
     m
 }
 
 fn decode_meta(m: &[u8]) -> Option<SnapshotMeta> {
     let u64_at = |at: usize| Some(u64::from_le_bytes(m.get(at..at + 8)?.try_into().ok()?));
-    let mut at = 16;
-    let list = |at: &mut usize| -> Option<Vec<u64>> {
-        let n = u32::from_le_bytes(m.get(*at..*at + 4)?.try_into().ok()?) as usize;
-        if n > m.len() / 8 {
-            return None;
-        }
-        let ids = (0..n)
-            .map(|i| u64_at(*at + 4 + 8 * i))
+    let voters = u32::from_le_bytes(m.get(16..20)?.try_into().ok()?) as usize;
+    let membership = if voters.checked_mul(8)?.checked_add(20)? == m.len() {
+        let ids = (0..voters)
+            .map(|i| u64_at(20 + 8 * i))
             .collect::<Option<_>>()?;
-        *at += 4 + 8 * n;
-        Some(ids)
-    };
-    let voters = list(&mut at)?;
-    let membership = if at == m.len() {
-        Membership::from_parts(voters, vec![], vec![], vec![], false).ok()?
+        Membership::from_parts(ids, vec![], vec![], vec![], false).ok()?
     } else {
-        let outgoing = list(&mut at)?;
-        let learners = list(&mut at)?;
-        let next = list(&mut at)?;
-        let auto_leave = match m.get(at..)? {
-            [0] => false,
-            [1] => true,
-            _ => return None,
-        };
-        Membership::from_parts(voters, outgoing, learners, next, auto_leave).ok()?
+        Membership::decode(&m[16..]).ok()?
     };
     Some(SnapshotMeta {
         index: u64_at(0)?,
