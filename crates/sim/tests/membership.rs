@@ -11,7 +11,14 @@ use sim::{Cluster, SimConfig, MS};
 const WAIT: u64 = 10_000 * MS;
 
 fn cluster(nodes: usize, seed: u64) -> Cluster {
-    Cluster::new(SimConfig::new(nodes, sim::seed_or(seed)))
+    cluster_with(nodes, seed, |_| {})
+}
+
+/// A cluster whose configuration `tune` adjusts first (compaction, PreVote).
+fn cluster_with(nodes: usize, seed: u64, tune: impl FnOnce(&mut SimConfig)) -> Cluster {
+    let mut cfg = SimConfig::new(nodes, sim::seed_or(seed));
+    tune(&mut cfg);
+    Cluster::new(cfg)
 }
 
 fn simple(c: Change) -> ConfChange {
@@ -93,9 +100,7 @@ fn removing_the_leader_hands_over_and_the_rest_go_on() {
 
 #[test]
 fn a_crashed_voter_whose_disk_is_gone_is_replaced() {
-    let mut cfg = SimConfig::new(3, sim::seed_or(3));
-    cfg.snapshot_threshold = Some(20);
-    let mut c = Cluster::new(cfg);
+    let mut c = cluster_with(3, 3, |cfg| cfg.snapshot_threshold = Some(20));
     let leader = c.wait_leader(WAIT);
     let mut cmd = 1;
     commit(&mut c, &mut cmd, 60, 3);
@@ -283,9 +288,7 @@ fn concurrent_single_server_changes_across_a_leader_change_stay_safe() {
 }
 
 fn removed_node_keeps_campaigning(pre_vote: bool, seed: u64) {
-    let mut cfg = SimConfig::new(3, sim::seed_or(seed));
-    cfg.pre_vote = pre_vote;
-    let mut c = Cluster::new(cfg);
+    let mut c = cluster_with(3, seed, |cfg| cfg.pre_vote = pre_vote);
     let leader = c.wait_leader(WAIT);
     let mut cmd = 1;
     commit(&mut c, &mut cmd, 3, 3);
@@ -365,9 +368,7 @@ fn learners_never_decide_a_vote_or_a_commit() {
 
 #[test]
 fn restarted_nodes_recover_the_joint_configuration_from_log_and_snapshot() {
-    let mut cfg = SimConfig::new(3, sim::seed_or(9));
-    cfg.snapshot_threshold = Some(5);
-    let mut c = Cluster::new(cfg);
+    let mut c = cluster_with(3, 9, |cfg| cfg.snapshot_threshold = Some(5));
     c.wait_leader(WAIT);
     let mut cmd = 1;
     let new = c.add_node();
