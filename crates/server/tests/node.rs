@@ -17,12 +17,26 @@ struct Net {
     nodes: Mutex<HashMap<u64, Node>>,
     /// Nodes cut off from everyone.
     isolated: Mutex<HashSet<u64>>,
+    /// A node whose loop is held inside its next send until cleared: a member that has
+    /// stopped taking requests, without timing luck.
+    held: Mutex<Option<u64>>,
+    /// Set once the held node's loop is stuck.
+    held_reached: std::sync::atomic::AtomicBool,
 }
 
 struct Link(Arc<Net>);
 
 impl Transport for Link {
     fn send(&self, msgs: Vec<raft::Message>) {
+        if let Some(from) = msgs.first().map(|m| m.from) {
+            // Blocks this worker thread on purpose; tests that hold a node run extra workers.
+            while *self.0.held.lock().unwrap() == Some(from) {
+                self.0
+                    .held_reached
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         let nodes = self.0.nodes.lock().unwrap();
         let isolated = self.0.isolated.lock().unwrap();
         for m in msgs {
@@ -260,40 +274,65 @@ async fn a_cut_off_leader_can_neither_write_nor_serve_stale_reads() {
     );
 }
 
-/// Backpressure: a flood of writes far beyond the member's bounds is answered, in part, with
-/// etcd's "too many requests" (ResourceExhausted) instead of queueing without limit; the rest
-/// commit, and the member serves normally right after.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Backpressure: requests beyond the bound of a member's input queue are answered with etcd's
+/// "too many requests" (ResourceExhausted) instead of queueing without limit; the queued ones
+/// commit once the member moves again, and it serves normally right after. The member's loop is
+/// held still during the flood, so exactly the overflow is refused whatever the machine's speed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_flood_of_writes_is_refused_beyond_the_bounds_and_the_member_keeps_serving() {
+    use std::sync::atomic::Ordering;
     let c = Cluster::start(1_000_000).await;
     let leader = c.leader().await;
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     let n = c.node(follower);
-    const FLOOD: usize = 49_152;
+    // Released on every exit, a failed assertion included: a held worker thread would keep
+    // the runtime from shutting down.
+    struct Release(Arc<Net>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            *self.0.held.lock().unwrap() = None;
+        }
+    }
+    let release = Release(c.net.clone());
+    *c.net.held.lock().unwrap() = Some(follower);
+    while !c.net.held_reached.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    const OVERFLOW: usize = 4_096;
+    const FLOOD: usize = server::node::INPUT_QUEUE + OVERFLOW;
     let mut set = tokio::task::JoinSet::new();
     for i in 0..FLOOD {
         let n = n.clone();
         set.spawn(async move { n.write(put(&format!("k{}", i % 100), "v")).await });
     }
+    // While the loop is held nothing queued can be answered: the first answers are exactly
+    // the refusals (a few peer messages may hold queue slots too, so at least OVERFLOW).
     let (mut ok, mut too_many) = (0, 0);
-    while let Some(r) = set.join_next().await {
-        match r.unwrap() {
-            Ok(_) => ok += 1,
-            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
-                assert_eq!(s.message(), "etcdserver: too many requests");
-                too_many += 1;
-            }
-            // Forwarded writes a busy leader could not take in time are dropped, as any lost
-            // request; what matters here is that none of them blocks the member.
-            Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+    let mut tally = |r: Result<_, tonic::Status>| match r {
+        Ok(_) => ok += 1,
+        Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+            assert_eq!(s.message(), "etcdserver: too many requests");
+            too_many += 1;
         }
+        // Forwarded writes a busy leader could not take in time are dropped, as any lost
+        // request; what matters here is that none of them blocks the member.
+        Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+    };
+    for _ in 0..OVERFLOW {
+        let next = tokio::time::timeout(Duration::from_secs(20), set.join_next()).await;
+        let r = next.expect("the held member answered no more requests: the queue is not bounded");
+        tally(r.unwrap().unwrap());
+    }
+    drop(release);
+    while let Some(r) = set.join_next().await {
+        tally(r.unwrap());
     }
     eprintln!("flood of {FLOOD}: {ok} committed, {too_many} refused as too many");
     assert!(
-        too_many > 0,
-        "nothing was refused: the queue is not bounded"
+        too_many >= OVERFLOW,
+        "only {too_many} of {FLOOD} refused: the queue is not bounded"
     );
-    assert!(ok > 0, "nothing committed under the flood");
+    assert!(ok > 0, "nothing committed after the flood");
     n.write(put("after", "flood")).await.unwrap();
     assert_eq!(
         value(&n, "after", true).await.as_deref(),
