@@ -57,6 +57,9 @@ pub enum Transition {
 pub struct ConfChange {
     pub transition: Transition,
     pub changes: Vec<Change>,
+    /// The application's own bytes, carried in the entry untouched and ignored by the core
+    /// (the server puts the new member's peer URLs and the request id here).
+    pub context: bytes::Bytes,
 }
 
 impl ConfChange {
@@ -64,19 +67,28 @@ impl ConfChange {
         ConfChange {
             transition: Transition::Simple,
             changes: vec![change],
+            context: bytes::Bytes::new(),
         }
     }
     pub fn joint(changes: Vec<Change>, auto_leave: bool) -> Self {
         ConfChange {
             transition: Transition::Joint { auto_leave },
             changes,
+            context: bytes::Bytes::new(),
         }
     }
     pub fn leave_joint() -> Self {
         ConfChange {
             transition: Transition::Leave,
             changes: Vec::new(),
+            context: bytes::Bytes::new(),
         }
+    }
+
+    /// The same change carrying the application's `context`.
+    pub fn with_context(mut self, context: impl Into<bytes::Bytes>) -> Self {
+        self.context = context.into();
+        self
     }
 }
 
@@ -222,12 +234,13 @@ pub struct ConfEntry {
     pub membership: Membership,
 }
 
-const CONF_ENTRY_VERSION: u8 = 1;
+/// Version 2 added the context; version 1 entries (none) still decode.
+const CONF_ENTRY_VERSION: u8 = 2;
 
 impl ConfEntry {
     /// Layout (little-endian): version u8; transition u8 (0 simple, 1 joint, 2 joint with
-    /// auto-leave, 3 leave); change count u32, each (op u8, id u64); then the membership
-    /// (`Membership::encode_into`) to the end.
+    /// auto-leave, 3 leave); change count u32, each (op u8, id u64); context length u32 and
+    /// bytes; then the membership (`Membership::encode_into`) to the end.
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![CONF_ENTRY_VERSION];
         b.push(match self.change.transition {
@@ -246,6 +259,8 @@ impl ConfEntry {
             });
             b.extend_from_slice(&c.id().to_le_bytes());
         }
+        b.extend_from_slice(&(self.change.context.len() as u32).to_le_bytes());
+        b.extend_from_slice(&self.change.context);
         self.membership.encode_into(&mut b);
         b
     }
@@ -255,7 +270,8 @@ impl ConfEntry {
     pub fn decode(data: &[u8]) -> Result<ConfEntry> {
         let bad = |why: &str| Error::InvalidConfig(format!("configuration entry: {why}"));
         let mut r = Reader(data);
-        if r.u8()? != CONF_ENTRY_VERSION {
+        let version = r.u8()?;
+        if version == 0 || version > CONF_ENTRY_VERSION {
             return Err(bad("unknown version"));
         }
         let transition = match r.u8()? {
@@ -278,11 +294,18 @@ impl ConfEntry {
                 _ => return Err(bad("unknown change")),
             });
         }
+        let context = if version >= 2 {
+            let n = r.len(1)?;
+            bytes::Bytes::copy_from_slice(r.take(n)?)
+        } else {
+            bytes::Bytes::new()
+        };
         let membership = Membership::decode(r.rest())?;
         Ok(ConfEntry {
             change: ConfChange {
                 transition,
                 changes,
+                context,
             },
             membership,
         })
@@ -322,12 +345,14 @@ mod tests {
         let two = ConfChange {
             transition: Transition::Simple,
             changes: vec![AddVoter(4), Remove(1)],
+            context: Default::default(),
         };
         assert!(refused(apply(&c, &two)).contains("joint"));
         // Learners move freely alongside one voter.
         let mixed = ConfChange {
             transition: Transition::Simple,
             changes: vec![AddVoter(4), AddLearner(5), AddLearner(6)],
+            context: Default::default(),
         };
         assert_eq!(apply(&c, &mixed).unwrap().learners(), &[5, 6]);
     }
@@ -375,7 +400,8 @@ mod tests {
     #[test]
     fn configuration_entries_round_trip_and_garbage_is_refused() {
         let c = m(&[1, 2, 3], &[9]);
-        let cc = ConfChange::joint(vec![AddVoter(4), AddLearner(3), Remove(9)], true);
+        let cc = ConfChange::joint(vec![AddVoter(4), AddLearner(3), Remove(9)], true)
+            .with_context(&b"peer urls"[..]);
         let e = ConfEntry {
             membership: apply(&c, &cc).unwrap(),
             change: cc,
@@ -402,5 +428,17 @@ mod tests {
         let mut huge = vec![CONF_ENTRY_VERSION, 0];
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(ConfEntry::decode(&huge).is_err());
+        let mut huge_context = vec![CONF_ENTRY_VERSION, 0, 0, 0, 0, 0];
+        huge_context.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(ConfEntry::decode(&huge_context).is_err());
+        // Version 1 entries (written before the context existed) still decode.
+        let mut v1 = vec![1, 0];
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.push(0);
+        v1.extend_from_slice(&4u64.to_le_bytes());
+        m(&[1, 2, 3, 4], &[]).encode_into(&mut v1);
+        let old = ConfEntry::decode(&v1).unwrap();
+        assert_eq!(old.change, ConfChange::simple(AddVoter(4)));
+        assert_eq!(old.membership.voters(), &[1, 2, 3, 4]);
     }
 }
