@@ -221,6 +221,31 @@ where
         }
     }
 
+    /// Propose a configuration change (leader only). `build` makes the change from the
+    /// request id the driver assigns (the application carries it in the change's context and
+    /// returns it from `StateMachine::apply` for the entry); `reply` is answered once the
+    /// entry is applied here, or refused.
+    pub fn propose_conf_change(
+        &mut self,
+        build: impl FnOnce(RequestId) -> raft::ConfChange,
+        reply: W,
+    ) {
+        if self.failure.is_some() {
+            return reply.send(Err(Refusal::Stopped));
+        }
+        if self.waiters.len() >= self.cfg.max_pending_writes {
+            return reply.send(Err(Refusal::TooManyRequests));
+        }
+        let id = self.ids.next_request();
+        match self.raft.propose_conf_change(build(id)) {
+            Ok(_) => {
+                self.waiters.insert(id, reply);
+            }
+            Err(raft::Error::ConfChangeRefused(why)) => reply.send(Err(Refusal::ConfChange(why))),
+            Err(e) => reply.send(Err(refusal(e))),
+        }
+    }
+
     /// A read: linearizable (confirmed by ReadIndex, then served once applied that far) or
     /// serializable (served from local state at once).
     pub fn read(&mut self, query: M::Query, linearizable: bool, reply: R) {

@@ -110,6 +110,9 @@ pub enum Refusal {
     TooLarge,
     /// The member stopped (shut down or failed) before answering.
     Stopped,
+    /// The core refused a configuration change (one is still pending, the leader has not
+    /// committed an entry of its term yet, or the change is not a valid one): why.
+    ConfChange(String),
 }
 
 /// A client waiting for an answer. Implemented by a oneshot sender in the server and by a

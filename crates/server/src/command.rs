@@ -4,7 +4,7 @@
 
 use crate::api;
 use crate::pb::etcdserverpb as pb;
-use crate::pb::raftkvpb::{log_command::Command, LogCommand};
+use crate::pb::raftkvpb::{self as rpb, log_command::Command, LogCommand};
 use driver::RequestId;
 use prost::Message;
 use tonic::Status;
@@ -16,6 +16,18 @@ pub enum Write {
     DeleteRange(pb::DeleteRangeRequest),
     Txn(pb::TxnRequest),
     Compact(pb::CompactionRequest),
+    /// A member announces its name and client URLs.
+    Publish(rpb::MemberAttributes),
+    /// Cluster.MemberUpdate.
+    UpdatePeerUrls(rpb::MemberPeerUrls),
+}
+
+/// What a log command asks of the state machine.
+#[derive(Debug)]
+pub enum Decoded {
+    Kv(kv::Request),
+    Publish(rpb::MemberAttributes),
+    UpdatePeerUrls(rpb::MemberPeerUrls),
 }
 
 pub fn encode(id: RequestId, write: Write) -> bytes::Bytes {
@@ -24,6 +36,8 @@ pub fn encode(id: RequestId, write: Write) -> bytes::Bytes {
         Write::DeleteRange(d) => Command::DeleteRange(d),
         Write::Txn(t) => Command::Txn(t),
         Write::Compact(c) => Command::Compaction(c),
+        Write::Publish(a) => Command::Publish(a),
+        Write::UpdatePeerUrls(u) => Command::UpdatePeerUrls(u),
     };
     LogCommand {
         request_id: id.seq,
@@ -39,13 +53,16 @@ pub fn encode(id: RequestId, write: Write) -> bytes::Bytes {
 /// (say, an unknown enum value) is still deterministic: every node gets the same error, which
 /// the proposer returns to its client.
 #[allow(clippy::type_complexity)]
-pub fn decode(data: &[u8]) -> Result<(RequestId, Result<kv::Request, Status>), prost::DecodeError> {
+pub fn decode(data: &[u8]) -> Result<(RequestId, Result<Decoded, Status>), prost::DecodeError> {
     let cmd = LogCommand::decode(data)?;
-    let request = match &cmd.command {
-        Some(Command::Put(p)) => api::put_request(p).map(kv::Request::Put),
-        Some(Command::DeleteRange(d)) => api::delete_request(d).map(kv::Request::DeleteRange),
-        Some(Command::Txn(t)) => api::txn_request(t).map(kv::Request::Txn),
-        Some(Command::Compaction(c)) => Ok(kv::Request::Compact(c.revision)),
+    let kv = |r: Result<kv::Request, Status>| r.map(Decoded::Kv);
+    let request = match cmd.command {
+        Some(Command::Put(p)) => kv(api::put_request(&p).map(kv::Request::Put)),
+        Some(Command::DeleteRange(d)) => kv(api::delete_request(&d).map(kv::Request::DeleteRange)),
+        Some(Command::Txn(t)) => kv(api::txn_request(&t).map(kv::Request::Txn)),
+        Some(Command::Compaction(c)) => Ok(Decoded::Kv(kv::Request::Compact(c.revision))),
+        Some(Command::Publish(a)) => Ok(Decoded::Publish(a)),
+        Some(Command::UpdatePeerUrls(u)) => Ok(Decoded::UpdatePeerUrls(u)),
         None => Err(Status::invalid_argument("etcdserver: empty log command")),
     };
     let id = RequestId {

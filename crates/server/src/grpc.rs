@@ -1,16 +1,18 @@
-//! The etcd v3 gRPC services on top of a [`Node`]: KV, Maintenance.Status and
-//! Cluster.MemberList. Any member serves any request, so a client configured with every
-//! endpoint just works: a follower forwards writes to the leader through raft and answers
-//! once it has applied them; linearizable reads on a follower are confirmed through the
-//! leader by ReadIndex and served locally.
+//! The etcd v3 gRPC services on top of a [`Node`]: KV, Maintenance (Status, MoveLeader) and
+//! Cluster. Any member serves any request, so a client configured with every endpoint just
+//! works: a follower forwards writes to the leader through raft and answers once it has
+//! applied them; linearizable reads on a follower are confirmed through the leader by
+//! ReadIndex and served locally; a membership change asked of a follower is passed to the
+//! leader's Cluster service, since only the leader may propose one.
 
 use crate::api;
 use crate::command::Write;
-use crate::node::{Node, WriteResult};
-use crate::pb::etcdserverpb::{self as pb, cluster_server, kv_server, maintenance_server};
-use crate::transport::ClientUrls;
+use crate::node::{Node, View, WriteResult};
+use crate::pb::etcdserverpb::{
+    self as pb, cluster_client::ClusterClient, cluster_server, kv_server, maintenance_server,
+};
+use crate::reconfig::{self, MemberOp};
 use raft::NodeId;
-use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 
@@ -19,42 +21,27 @@ pub const API_VERSION: &str = "3.4.0";
 /// How long a request may wait for the cluster before "request timed out".
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Clone, Debug)]
-pub struct Member {
-    pub id: NodeId,
-    pub name: String,
-    pub peer_urls: Vec<String>,
-    pub client_urls: Vec<String>,
-}
-
 #[derive(Clone)]
 pub struct Services {
     node: Node,
-    members: Arc<Vec<Member>>,
     cluster_id: u64,
     member_id: NodeId,
-    /// Other members' client URLs, as they announced them on their peer streams.
-    peer_client_urls: ClientUrls,
 }
 
 fn timed_out() -> Status {
     Status::unavailable("etcdserver: request timed out")
 }
 
+/// Set on a membership request a follower passes to the leader, so that it is passed on at
+/// most once (a leader that lost office meanwhile answers instead of passing it further).
+const FORWARDED: &str = "raftkv-forwarded";
+
 impl Services {
-    pub fn new(
-        node: Node,
-        members: Vec<Member>,
-        cluster_id: u64,
-        member_id: NodeId,
-        peer_client_urls: ClientUrls,
-    ) -> Self {
+    pub fn new(node: Node) -> Self {
         Services {
+            cluster_id: node.cluster_id(),
+            member_id: node.id(),
             node,
-            members: Arc::new(members),
-            cluster_id,
-            member_id,
-            peer_client_urls,
         }
     }
 
@@ -172,37 +159,246 @@ impl maintenance_server::Maintenance for Services {
             raft_applied_index: s.applied,
             errors: Vec::new(),
             db_size_in_use: s.db_size as i64,
-            is_learner: false,
+            is_learner: self.node.view().is_learner(self.member_id),
         }))
+    }
+
+    /// Hand leadership to another voter (etcdctl move-leader sends this to the leader), and
+    /// answer once it leads.
+    async fn move_leader(
+        &self,
+        req: Request<pb::MoveLeaderRequest>,
+    ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
+        let target = req.into_inner().target_id;
+        self.node.transfer_leader(target).await?;
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        loop {
+            let v = self.node.view();
+            if v.leader == Some(target) {
+                return Ok(Response::new(pb::MoveLeaderResponse {
+                    header: Some(self.header(0, v.term)),
+                }));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::deadline_exceeded(
+                    "etcdserver: request timed out, leader transfer took too long",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Peer URLs as etcd accepts them: http(s)://host:port, at least one.
+fn check_peer_urls(urls: &[String]) -> Result<(), Status> {
+    let bad = || Status::invalid_argument("etcdserver: given member URLs are invalid");
+    if urls.is_empty() {
+        return Err(bad());
+    }
+    for u in urls {
+        let rest = u
+            .strip_prefix("http://")
+            .or_else(|| u.strip_prefix("https://"))
+            .ok_or_else(bad)?;
+        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+        if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) || host.contains('/') {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+/// A fresh member id: random, never 0, unused by any member present or past.
+fn new_member_id(v: &View) -> NodeId {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        let id = h.finish();
+        if id != 0 && !v.knows(id) && !v.registry.removed.contains(&id) {
+            return id;
+        }
+    }
+}
+
+/// The members as etcd lists them: by id, learners flagged, a member that has not started
+/// yet with an empty name and no client URLs.
+fn member_list(v: &View) -> Vec<pb::Member> {
+    v.registry
+        .members
+        .values()
+        .map(|m| pb::Member {
+            id: m.id,
+            name: m.name.clone(),
+            peer_ur_ls: m.peer_urls.clone(),
+            client_ur_ls: m.client_urls.clone(),
+            is_learner: v.is_learner(m.id),
+        })
+        .collect()
+}
+
+impl Services {
+    /// The leader's Cluster service, if this member is not the leader: membership changes
+    /// are the leader's to propose.
+    fn leader_elsewhere<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<Option<ClusterClient<tonic::transport::Channel>>, Status> {
+        let v = self.node.view();
+        let Some(leader) = v.leader else {
+            return Err(Status::unavailable("etcdserver: no leader"));
+        };
+        if leader == self.member_id {
+            return Ok(None);
+        }
+        if req.metadata().contains_key(FORWARDED) {
+            return Err(Status::unavailable("etcdserver: leader changed"));
+        }
+        let url = v
+            .registry
+            .members
+            .get(&leader)
+            .and_then(|m| m.client_urls.first())
+            .ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .map_err(|_| Status::unavailable("etcdserver: no leader"))?
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy();
+        Ok(Some(ClusterClient::new(channel)))
+    }
+
+    /// A request for the leader, marked as passed on.
+    fn forwarded<T>(inner: T) -> Request<T> {
+        let mut r = Request::new(inner);
+        r.metadata_mut().insert(FORWARDED, "1".parse().unwrap());
+        r.set_timeout(REQUEST_TIMEOUT);
+        r
+    }
+
+    /// Propose a membership change and answer with the list of members once it applied.
+    async fn change(&self, op: MemberOp) -> Result<(pb::ResponseHeader, Vec<pb::Member>), Status> {
+        let header = tokio::time::timeout(REQUEST_TIMEOUT, self.node.change_membership(op))
+            .await
+            .map_err(|_| timed_out())??;
+        // Any input the loop takes after the change applied sees the view it left; a member
+        // that removed itself has stopped, and its last view is the one to show.
+        let _ = self.node.status().await;
+        Ok((header, member_list(&self.node.view())))
     }
 }
 
 #[tonic::async_trait]
 impl cluster_server::Cluster for Services {
+    async fn member_add(
+        &self,
+        req: Request<pb::MemberAddRequest>,
+    ) -> Result<Response<pb::MemberAddResponse>, Status> {
+        if let Some(mut leader) = self.leader_elsewhere(&req)? {
+            return leader.member_add(Self::forwarded(req.into_inner())).await;
+        }
+        let r = req.into_inner();
+        check_peer_urls(&r.peer_ur_ls)?;
+        let id = new_member_id(&self.node.view());
+        let op = MemberOp::Add {
+            id,
+            peer_urls: r.peer_ur_ls.clone(),
+            learner: r.is_learner,
+        };
+        let (header, members) = self.change(op).await?;
+        Ok(Response::new(pb::MemberAddResponse {
+            header: Some(header),
+            member: Some(pb::Member {
+                id,
+                name: String::new(),
+                peer_ur_ls: r.peer_ur_ls,
+                client_ur_ls: Vec::new(),
+                is_learner: r.is_learner,
+            }),
+            members,
+        }))
+    }
+
+    async fn member_remove(
+        &self,
+        req: Request<pb::MemberRemoveRequest>,
+    ) -> Result<Response<pb::MemberRemoveResponse>, Status> {
+        if let Some(mut leader) = self.leader_elsewhere(&req)? {
+            return leader
+                .member_remove(Self::forwarded(req.into_inner()))
+                .await;
+        }
+        let id = req.into_inner().id;
+        if self.node.view().registry.removed.contains(&id) {
+            return Err(reconfig::member_not_found());
+        }
+        let (header, members) = self.change(MemberOp::Remove(id)).await?;
+        Ok(Response::new(pb::MemberRemoveResponse {
+            header: Some(header),
+            members,
+        }))
+    }
+
+    async fn member_update(
+        &self,
+        req: Request<pb::MemberUpdateRequest>,
+    ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
+        let r = req.into_inner();
+        check_peer_urls(&r.peer_ur_ls)?;
+        let v = self.node.view();
+        if !v.registry.members.contains_key(&r.id) {
+            return Err(reconfig::member_not_found());
+        }
+        if v.registry.peer_url_owner(&r.peer_ur_ls, r.id).is_some() {
+            return Err(reconfig::peer_urls_exist());
+        }
+        let header = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.node.update_peer_urls(r.id, r.peer_ur_ls),
+        )
+        .await
+        .map_err(|_| timed_out())??;
+        let _ = self.node.status().await;
+        Ok(Response::new(pb::MemberUpdateResponse {
+            header: Some(header),
+            members: member_list(&self.node.view()),
+        }))
+    }
+
     async fn member_list(
         &self,
-        _: Request<pb::MemberListRequest>,
+        req: Request<pb::MemberListRequest>,
     ) -> Result<Response<pb::MemberListResponse>, Status> {
+        if req.into_inner().linearizable {
+            // Confirmed through the leader, as a linearizable read is.
+            let probe = kv::RangeRequest::default();
+            tokio::time::timeout(REQUEST_TIMEOUT, self.node.read(probe, true))
+                .await
+                .map_err(|_| timed_out())??;
+        }
         let s = self.node.status().await?;
-        let announced = self.peer_client_urls.lock().unwrap().clone();
-        let members = self
-            .members
-            .iter()
-            .map(|m| pb::Member {
-                id: m.id,
-                name: m.name.clone(),
-                peer_ur_ls: m.peer_urls.clone(),
-                // A member that has not reached us yet shows none, as in etcd before a
-                // member publishes itself.
-                client_ur_ls: match announced.get(&m.id) {
-                    Some(urls) if m.id != self.member_id => urls.clone(),
-                    _ => m.client_urls.clone(),
-                },
-                is_learner: false,
-            })
-            .collect();
         Ok(Response::new(pb::MemberListResponse {
             header: Some(self.header(s.revision, s.term)),
+            members: member_list(&self.node.view()),
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        req: Request<pb::MemberPromoteRequest>,
+    ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
+        if let Some(mut leader) = self.leader_elsewhere(&req)? {
+            return leader
+                .member_promote(Self::forwarded(req.into_inner()))
+                .await;
+        }
+        let id = req.into_inner().id;
+        let (header, members) = self.change(MemberOp::Promote(id)).await?;
+        Ok(Response::new(pb::MemberPromoteResponse {
+            header: Some(header),
             members,
         }))
     }

@@ -8,11 +8,14 @@
 //! validated.
 
 pub mod api;
+pub mod bootstrap;
 pub mod command;
 pub mod grpc;
 pub mod machine;
+pub mod members;
 pub mod node;
 pub mod peer;
+pub mod reconfig;
 pub mod transport;
 
 /// Generated protobuf types and gRPC services.

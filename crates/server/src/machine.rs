@@ -1,30 +1,61 @@
 //! The kv store as the driver's state machine: log entries are etcd requests (see
-//! `command.rs`), applied to the MVCC store with etcd's semantics.
+//! `command.rs`), applied to the MVCC store with etcd's semantics, and membership changes,
+//! applied to the member registry (`members.rs`).
 
 use crate::api;
-use crate::command;
+use crate::command::{self, Decoded};
+use crate::members::{self, Registry};
 use driver::{RequestId, StateMachine};
-use raft::{Entry, EntryKind, Snapshot};
+use raft::{ConfEntry, Entry, EntryKind, Snapshot};
 use tonic::Status;
 
-/// A write's outcome and the store revision right after it (the response header's).
-pub type Applied = Result<(kv::Response, i64), Status>;
+/// A write's outcome and the store revision right after it (the response header's). A
+/// membership change has no kv response.
+pub type Applied = Result<(Option<kv::Response>, i64), Status>;
 /// A read's answer and the revision it was served at.
 pub type Served = Result<(kv::RangeResponse, i64), Status>;
 
 #[derive(Default)]
 pub struct KvMachine {
     pub store: kv::Store,
+    pub registry: Registry,
+}
+
+impl KvMachine {
+    /// A machine at index 0 of a cluster bootstrapped with `registry`.
+    pub fn new(registry: Registry) -> Self {
+        KvMachine {
+            registry,
+            ..Default::default()
+        }
+    }
+
+    fn apply_conf(&mut self, e: &Entry) -> Option<(RequestId, Applied)> {
+        // The core checked the entry when it entered the log; an entry it could not decode
+        // never gets here.
+        let conf = match ConfEntry::decode(&e.data) {
+            Ok(c) => c,
+            Err(err) => {
+                tracing::error!(index = e.index, error = %err, "undecodable configuration entry");
+                return None;
+            }
+        };
+        let id = self.registry.apply_conf(&conf)?;
+        Some((id, Ok((None, self.store.revision()))))
+    }
 }
 
 impl StateMachine for KvMachine {
     type Output = Applied;
     type Query = kv::RangeRequest;
     type Answer = Served;
-    type Frozen = kv::Store;
+    type Frozen = (kv::Store, Registry);
 
     fn apply(&mut self, e: &Entry) -> Result<Option<(RequestId, Applied)>, String> {
-        // No-ops and configuration changes (the core's own entries) change no keys.
+        if e.kind == EntryKind::ConfChange {
+            return Ok(self.apply_conf(e));
+        }
+        // No-ops change nothing.
         if e.kind != EntryKind::Normal || e.data.is_empty() {
             return Ok(None);
         }
@@ -38,7 +69,20 @@ impl StateMachine for KvMachine {
         };
         // A request etcd refuses (a compacted revision, a missing key in a txn's rules…) is
         // the client's answer, the same on every member: not a failure of the member.
-        let result = request.and_then(|r| self.store.apply(&r).map_err(|e| api::status(&e)));
+        let result = request.and_then(|r| match r {
+            Decoded::Kv(r) => self.store.apply(&r).map(Some).map_err(|e| api::status(&e)),
+            Decoded::Publish(a) => {
+                self.registry.publish(&a);
+                Ok(None)
+            }
+            Decoded::UpdatePeerUrls(u) => {
+                if self.registry.update_peer_urls(&u) {
+                    Ok(None)
+                } else {
+                    Err(Status::not_found("etcdserver: member not found"))
+                }
+            }
+        });
         Ok(Some((id, result.map(|r| (r, self.store.revision())))))
     }
 
@@ -51,12 +95,17 @@ impl StateMachine for KvMachine {
     }
 
     /// A clone shares the values; serializing it happens on a blocking thread.
-    fn freeze(&self) -> kv::Store {
-        self.store.clone()
+    fn freeze(&self) -> (kv::Store, Registry) {
+        (self.store.clone(), self.registry.clone())
     }
 
     fn restore(&mut self, s: &Snapshot) -> Result<(), String> {
-        self.store = kv::Store::restore(&s.data).map_err(|e| e.to_string())?;
+        let (registry, store) = members::decode_snapshot(&s.data)?;
+        self.store = kv::Store::restore(&store).map_err(|e| e.to_string())?;
+        // A snapshot from before the registry existed keeps the bootstrap one.
+        if let Some(r) = registry {
+            self.registry = r;
+        }
         Ok(())
     }
 }

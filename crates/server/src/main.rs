@@ -4,14 +4,14 @@
 //! cluster can start raftkv the same way.
 
 use clap::{Parser, Subcommand};
-use server::grpc::{Member, Services};
-use server::node::{Node, NodeConfig};
+use server::bootstrap;
+use server::grpc::Services;
+use server::node::{self, Node, NodeConfig};
 use server::pb::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
 };
 use server::pb::raftkvpb::{self, raft_server::RaftServer};
-use server::transport::{ClientUrls, PeerTransport, RaftService};
-use std::collections::HashMap;
+use server::transport::{Heard, PeerTransport, RaftService};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -139,18 +139,6 @@ async fn terminated() {
         }
         Err(_) => std::future::pending().await,
     }
-}
-
-/// FNV-1a: a stable hash for ids derived from names (the same on every node and release).
-fn fnv(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for p in parts {
-        for b in p.bytes().chain([0u8]) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h.max(1)
 }
 
 fn listen_addr(urls: &str, flag: &str) -> Result<SocketAddr, String> {
@@ -295,42 +283,14 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
             .ok_or_else(|| format!("--initial-cluster: {part:?} is not name=url"))?;
         cluster.push((name.to_string(), url.to_string()));
     }
-    cluster.sort();
-    if !cluster.iter().any(|(n, _)| *n == a.name) {
-        return Err(format!(
-            "--initial-cluster has no member named {:?} (--name)",
-            a.name
-        ));
-    }
-    let token = a.initial_cluster_token.as_str();
-    let names: Vec<&str> = cluster.iter().map(|(n, _)| n.as_str()).collect();
-    let cluster_id = fnv(&[&[token][..], &names[..]].concat());
-    let id_of = |name: &str| fnv(&[token, name]);
-    let me = id_of(&a.name);
-    let own_client_urls: Vec<String> = a
-        .advertise_client_urls
-        .split(',')
-        .filter(|u| !u.is_empty())
-        .map(str::to_string)
-        .collect();
-    let members: Vec<Member> = cluster
-        .iter()
-        .map(|(name, url)| Member {
-            id: id_of(name),
-            name: name.clone(),
-            peer_urls: vec![url.clone()],
-            client_urls: if *name == a.name {
-                own_client_urls.clone()
-            } else {
-                Vec::new()
-            },
-        })
-        .collect();
-    let peers: HashMap<u64, String> = members
-        .iter()
-        .filter(|m| m.id != me)
-        .map(|m| (m.id, m.peer_urls[0].clone()))
-        .collect();
+    let urls = |s: &str| -> Vec<String> {
+        s.split(',')
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let own_client_urls = urls(&a.advertise_client_urls);
+    let own_peer_urls = urls(&a.initial_advertise_peer_urls);
     let client_addr = listen_addr(&a.listen_client_urls, "listen-client-urls")?;
     let peer_addr = listen_addr(&a.listen_peer_urls, "listen-peer-urls")?;
     // Bind before touching the data directory, so a taken port is reported plainly and
@@ -346,9 +306,20 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         .data_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("{}.raftkv", a.name)));
+    let flags = bootstrap::Flags {
+        name: a.name.clone(),
+        initial_cluster: cluster,
+        new_cluster: a.initial_cluster_state == "new",
+        token: a.initial_cluster_token.clone(),
+        advertise_peer_urls: own_peer_urls.clone(),
+        data_dir: data_dir.clone(),
+    };
+    let plan = bootstrap::plan(&flags).await?;
+    let (me, cluster_id) = (plan.id, plan.cluster_id);
     let cfg = NodeConfig {
         id: me,
-        voters: members.iter().map(|m| m.id).collect(),
+        voters: plan.voters.clone(),
+        bootstrap: plan.bootstrap.clone(),
         cluster_id,
         data_dir,
         tick: Duration::from_millis(a.heartbeat_interval),
@@ -360,14 +331,25 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         cluster_id,
         member_id: me,
         client_urls: own_client_urls.clone(),
+        peer_urls: own_peer_urls,
     };
-    let transport = PeerTransport::start(peers, hello);
-    let (node, task) = Node::start(cfg, Arc::new(transport)).await?;
+    let heard = Heard::default();
+    let transport = Arc::new(PeerTransport::start(
+        me,
+        plan.peers.clone(),
+        hello,
+        heard.clone(),
+        cell.clone(),
+    ));
+    let (node, task) = Node::start(cfg, transport.clone()).await?;
     let _ = cell.set(node.clone());
-    let client_urls = ClientUrls::default();
-    let ids = members.iter().map(|m| m.id).collect();
-    let raft_service = RaftService::new(cell, cluster_id, ids, client_urls.clone());
-    let services = Services::new(node.clone(), members, cluster_id, me, client_urls);
+    tokio::spawn(bootstrap::publish(
+        node.clone(),
+        a.name.clone(),
+        own_client_urls,
+    ));
+    let raft_service = RaftService::new(cell, cluster_id, plan.bootstrap, transport, heard);
+    let services = Services::new(node.clone());
     let peer_server = tonic::transport::Server::builder()
         .add_service(RaftServer::new(raft_service))
         .serve_with_incoming(peer_listener);
@@ -386,6 +368,12 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminated() => {}
         r = task => return Err(match r {
+            Ok(Err(why)) if why == node::REMOVED => {
+                // Give the last messages (the handover to the next leader) a moment to
+                // leave before the process exits.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                why
+            }
             Ok(Err(why)) => format!("the member stopped: {why}"),
             _ => "the raft loop stopped (see the log above)".into(),
         }),
@@ -449,20 +437,5 @@ fn main() {
     if let Err(e) = result {
         eprintln!("raftkv: {e}");
         std::process::exit(1);
-    }
-}
-
-/// Keep the id derivation stable: data directories depend on it.
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn member_ids_are_stable() {
-        // Pinned: a member's id names its data on disk and in its peers' logs, so the
-        // derivation may never change between releases. Values computed independently
-        // (FNV-1a 64 over each part followed by a zero byte).
-        assert_eq!(super::fnv(&["etcd-cluster", "n1"]), 0xbe63_250c_80ff_31df);
-        assert_eq!(super::fnv(&["etcd-cluster", "n2"]), 0xbe58_f30c_80f6_8864);
-        assert_eq!(super::fnv(&["other", "n1"]), 0xca4b_3bcb_8f40_7dd2);
-        assert_eq!(super::fnv(&[]), 0xcbf2_9ce4_8422_2325);
     }
 }

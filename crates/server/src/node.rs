@@ -8,11 +8,16 @@
 use crate::api;
 use crate::command::{self, Write};
 use crate::machine::{Applied, KvMachine, Served};
+use crate::members::{self, Registry};
 use crate::pb::etcdserverpb::ResponseHeader;
+use crate::reconfig::{self, MemberOp};
 use driver::{Answered, DriverConfig, Ids, Refusal, Reply};
-use raft::{Index, Message, NodeId, Raft, Role, Snapshot, SnapshotMeta, Term};
+use raft::{
+    ConfChange, ConfEntry, EntryKind, Index, Membership, Message, NodeId, Raft, Role, Snapshot,
+    SnapshotMeta, Term,
+};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use storage::{Batch, GroupCommit, Identity, Options, Storage};
 use tokio::sync::{mpsc, oneshot};
@@ -21,7 +26,10 @@ use tonic::Status;
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub id: NodeId,
+    /// The voters the cluster was bootstrapped with; empty for a member that joined later.
     pub voters: Vec<NodeId>,
+    /// The member registry the cluster was bootstrapped with (see `members.rs`).
+    pub bootstrap: Registry,
     pub cluster_id: u64,
     pub data_dir: PathBuf,
     /// The heartbeat interval; one raft tick.
@@ -36,6 +44,45 @@ pub struct NodeConfig {
 /// cannot deliver drops (raft retransmits).
 pub trait Transport: Send + Sync + 'static {
     fn send(&self, msgs: Vec<Message>);
+    /// The replicated member registry changed: reach members at their current URLs, stop
+    /// reaching removed ones.
+    fn set_members(&self, _me: NodeId, _registry: &Registry) {}
+    /// A configuration entry entering the log adds `id` at `url`: its messages may have to
+    /// leave before the registry (which changes only when the entry applies) knows it.
+    fn learn_peer(&self, _id: NodeId, _url: &str) {}
+    /// Whether a peer was heard from lately (etcd's health checks before a membership
+    /// change).
+    fn active(&self, _id: NodeId) -> bool {
+        true
+    }
+}
+
+/// What a removed member says when it stops, and when asked to start again.
+pub const REMOVED: &str = "the member has been permanently removed from the cluster";
+/// The file that marks a removed member's data directory.
+const REMOVED_MARKER: &str = "REMOVED";
+
+/// The member's view of its cluster, shared with the services (read without a trip through
+/// the loop); the loop updates it when something in it changes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct View {
+    pub registry: Registry,
+    /// The configuration this member has applied (None until it knows one).
+    pub applied: Option<Membership>,
+    /// Every member of the latest configuration in the log, committed or not.
+    pub latest: Vec<NodeId>,
+    pub leader: Option<NodeId>,
+    pub term: Term,
+}
+
+impl View {
+    /// A member this one should talk to: in the registry, or in a configuration on its way.
+    pub fn knows(&self, id: NodeId) -> bool {
+        self.registry.members.contains_key(&id) || self.latest.contains(&id)
+    }
+    pub fn is_learner(&self, id: NodeId) -> bool {
+        self.applied.as_ref().is_some_and(|m| m.is_learner(id))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +109,12 @@ enum Input {
     Write(Write, Waiter<Applied>),
     Read(kv::RangeRequest, bool, Waiter<Served>),
     Status(oneshot::Sender<NodeStatus>),
+    /// A membership change, checked as etcd checks it (see `reconfig.rs`).
+    Member(MemberOp, Waiter<Applied>),
+    /// Hand leadership to a voter.
+    Transfer(NodeId, oneshot::Sender<Result<(), Status>>),
+    /// A peer says this member was removed from the cluster.
+    Removed,
     Stop,
 }
 
@@ -84,6 +137,7 @@ pub struct Node {
     tx: mpsc::Sender<Input>,
     id: NodeId,
     cluster_id: u64,
+    view: Arc<RwLock<View>>,
 }
 
 fn gone() -> Status {
@@ -101,6 +155,9 @@ fn refused(r: Refusal) -> Status {
         Refusal::TooManyRequests => too_many_requests(),
         Refusal::TooLarge => api::request_too_large(),
         Refusal::Stopped => gone(),
+        Refusal::ConfChange(why) => Status::unavailable(format!(
+            "etcdserver: the membership change must wait: {why}"
+        )),
     }
 }
 
@@ -139,6 +196,8 @@ impl Node {
             writer: storage.snapshot_writer(),
             group: GroupCommit::start(storage),
             done: done_tx,
+            transport: transport.clone(),
+            bootstrap: cfg.bootstrap.clone(),
         };
         let dcfg = DriverConfig {
             snapshot_count: cfg.snapshot_count,
@@ -149,17 +208,111 @@ impl Node {
             raft,
             machine,
             wal,
-            Peers(transport),
+            Peers(transport.clone()),
             Ids::new(cfg.id, boot),
             dcfg,
         );
-        let task = tokio::spawn(run(d, cfg.tick, rx, done_rx));
+        let view = Arc::new(RwLock::new(View::default()));
+        let mut lp = Loop {
+            d,
+            view: view.clone(),
+            transport,
+            data_dir: cfg.data_dir.clone(),
+        };
+        lp.refresh_view();
+        let task = tokio::spawn(lp.run(cfg.tick, rx, done_rx));
         let node = Node {
             tx,
             id: cfg.id,
             cluster_id: cfg.cluster_id,
+            view,
         };
         Ok((node, task))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
+    /// The member's current view of its cluster.
+    pub fn view(&self) -> View {
+        self.view.read().unwrap().clone()
+    }
+
+    /// Whether `id` was removed from the cluster.
+    pub fn is_removed(&self, id: NodeId) -> bool {
+        self.view.read().unwrap().registry.removed.contains(&id)
+    }
+
+    /// Whether `id` may open a peer stream to this member, or why not.
+    pub fn admits(&self, id: NodeId) -> Result<(), Status> {
+        let v = self.view.read().unwrap();
+        if v.registry.removed.contains(&id) {
+            return Err(Status::failed_precondition(REMOVED));
+        }
+        if !v.knows(id) {
+            return Err(Status::failed_precondition(format!(
+                "{id:x} is not a member of cluster {:x}",
+                self.cluster_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Propose a membership change (this member must lead); answers once it is applied here.
+    pub async fn change_membership(&self, op: MemberOp) -> Result<ResponseHeader, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Input::Member(op, Waiter(reply)))?;
+        let answered = rx.await.map_err(|_| gone())?.map_err(refused)?;
+        let (_, revision) = answered.value?;
+        Ok(self.header(revision, answered.term))
+    }
+
+    /// A member's own announcement of its name and client URLs, through the log.
+    pub async fn publish(&self, name: &str, client_urls: Vec<String>) -> Result<(), Status> {
+        let a = crate::pb::raftkvpb::MemberAttributes {
+            id: self.id,
+            name: name.to_string(),
+            client_urls,
+        };
+        self.write_any(Write::Publish(a)).await.map(|_| ())
+    }
+
+    /// New peer URLs for a member (Cluster.MemberUpdate).
+    pub async fn update_peer_urls(
+        &self,
+        id: NodeId,
+        peer_urls: Vec<String>,
+    ) -> Result<ResponseHeader, Status> {
+        let u = crate::pb::raftkvpb::MemberPeerUrls { id, peer_urls };
+        self.write_any(Write::UpdatePeerUrls(u)).await
+    }
+
+    async fn write_any(&self, w: Write) -> Result<ResponseHeader, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Input::Write(w, Waiter(reply)))?;
+        let answered = rx.await.map_err(|_| gone())?.map_err(refused)?;
+        let (_, revision) = answered.value?;
+        Ok(self.header(revision, answered.term))
+    }
+
+    /// Start handing leadership to `to` (this member must lead).
+    pub async fn transfer_leader(&self, to: NodeId) -> Result<(), Status> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Input::Transfer(to, reply))?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// A peer told us we were removed: stop for good.
+    pub fn removed_by_peer(&self) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(Input::Removed).await;
+        });
     }
 
     /// A message from a peer. Dropped if the loop is that far behind; raft resends.
@@ -189,6 +342,8 @@ impl Node {
         self.submit(Input::Write(w, Waiter(reply)))?;
         let answered = rx.await.map_err(|_| gone())?.map_err(refused)?;
         let (resp, revision) = answered.value?;
+        let resp =
+            resp.ok_or_else(|| Status::internal("the store answered a different request"))?;
         Ok((resp, self.header(revision, answered.term)))
     }
 
@@ -223,9 +378,16 @@ fn recover(cfg: &NodeConfig) -> Result<(Storage, Raft, KvMachine, u64), String> 
         cluster_id: cfg.cluster_id,
         node_id: cfg.id,
     };
+    if cfg.data_dir.join(REMOVED_MARKER).exists() {
+        return Err(format!(
+            "{REMOVED}: the data directory {} belongs to a removed member and cannot serve \
+             again (start a new member with an empty data directory)",
+            cfg.data_dir.display()
+        ));
+    }
     let (storage, state) =
         Storage::open(&cfg.data_dir, id, Options::default()).map_err(|e| e.to_string())?;
-    let mut machine = KvMachine::default();
+    let mut machine = KvMachine::new(cfg.bootstrap.clone());
     let mut rc = raft::Config::new(cfg.id, cfg.voters.clone());
     if let Some(s) = &state.snapshot {
         machine.restore_at_start(s)?;
@@ -261,87 +423,219 @@ fn boot_nonce(id: NodeId) -> u64 {
     h.finish()
 }
 
-/// The loop. Returns the reason if the member had to stop.
-async fn run(
-    mut d: KvDriver,
-    tick: Duration,
-    mut rx: mpsc::Receiver<Input>,
-    mut done: mpsc::UnboundedReceiver<Done>,
-) -> Result<(), String> {
-    let mut ticker = tokio::time::interval(tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => d.tick(),
-            Some(first) = done.recv() => {
-                on_done(&mut d, first);
-                while let Ok(next) = done.try_recv() {
-                    on_done(&mut d, next);
-                }
+/// The loop's state: the driver, and what the rest of the member sees of it.
+struct Loop {
+    d: KvDriver,
+    view: Arc<RwLock<View>>,
+    transport: Arc<dyn Transport>,
+    data_dir: PathBuf,
+}
+
+impl Loop {
+    /// The loop. Returns the reason if the member had to stop.
+    async fn run(
+        mut self,
+        tick: Duration,
+        mut rx: mpsc::Receiver<Input>,
+        mut done: mpsc::UnboundedReceiver<Done>,
+    ) -> Result<(), String> {
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let Some(why) = self.removed() {
+                return Err(why);
             }
-            input = rx.recv() => {
-                let Some(input) = input else { break };
-                let mut stop = !handle(&mut d, input);
-                for _ in 0..MAX_INPUTS_PER_ROUND {
+            tokio::select! {
+                _ = ticker.tick() => self.d.tick(),
+                Some(first) = done.recv() => {
+                    self.on_done(first);
+                    while let Ok(next) = done.try_recv() {
+                        self.on_done(next);
+                    }
+                }
+                input = rx.recv() => {
+                    let Some(input) = input else { break };
+                    let mut stop = !self.handle(input);
+                    for _ in 0..MAX_INPUTS_PER_ROUND {
+                        if stop {
+                            break;
+                        }
+                        match rx.try_recv() {
+                            Ok(input) => stop = !self.handle(input),
+                            Err(_) => break,
+                        }
+                    }
                     if stop {
-                        break;
+                        self.d.shutdown("the member is stopping");
+                        return Ok(());
                     }
-                    match rx.try_recv() {
-                        Ok(input) => stop = !handle(&mut d, input),
-                        Err(_) => break,
-                    }
-                }
-                if stop {
-                    d.shutdown("the member is stopping");
-                    return Ok(());
                 }
             }
+            self.d.process_ready();
+            if let Some(why) = self.d.failure() {
+                return Err(why.to_string());
+            }
+            self.refresh_view();
         }
-        d.process_ready();
-        if let Some(why) = d.failure() {
-            return Err(why.to_string());
-        }
+        self.d.shutdown("the member is stopping");
+        Ok(())
     }
-    d.shutdown("the member is stopping");
-    Ok(())
-}
 
-fn on_done(d: &mut KvDriver, done: Done) {
-    match done {
-        Done::Persisted(result) => d.on_persisted(result),
-        Done::Snapshotted(result) => d.on_snapshot(result),
-        Done::Restored(result) => d.on_restored(result),
+    /// Publish what changed of the member's view of its cluster, and reconnect peers if the
+    /// registry changed. Cheap when nothing did: a few comparisons of small values.
+    fn refresh_view(&mut self) {
+        let r = self.d.raft();
+        let (leader, term) = (r.leader(), r.term());
+        let registry = &self.d.machine().registry;
+        let applied = self.d.membership();
+        let changed = {
+            let v = self.view.read().unwrap();
+            v.leader != leader
+                || v.term != term
+                || v.registry != *registry
+                || v.applied.as_ref() != applied
+                || !r.membership().ids().eq(v.latest.iter().copied())
+        };
+        if !changed {
+            return;
+        }
+        let next = View {
+            registry: registry.clone(),
+            applied: applied.cloned(),
+            latest: r.membership().ids().collect(),
+            leader,
+            term,
+        };
+        let mut v = self.view.write().unwrap();
+        if v.registry != next.registry {
+            self.transport.set_members(r.id(), &next.registry);
+        }
+        *v = next;
     }
-}
 
-/// Returns false when the node must stop.
-fn handle(d: &mut KvDriver, input: Input) -> bool {
-    match input {
-        // Messages from strangers, or that break the protocol's rules, are the core's to
-        // refuse (and count).
-        Input::Step(m) => {
-            let _ = d.step(m);
+    /// If this member was removed from the cluster: mark its data directory so that it never
+    /// serves again, and say why it stops.
+    fn removed(&mut self) -> Option<String> {
+        let id = self.d.raft().id();
+        if !self.d.machine().registry.removed.contains(&id) {
+            return None;
         }
-        Input::Write(w, reply) => d.propose(|id| command::encode(id, w), reply),
-        Input::Read(req, linearizable, reply) => d.read(req, linearizable, reply),
-        Input::Status(reply) => {
-            let s = d.status();
-            let store = &d.machine().store;
-            let _ = reply.send(NodeStatus {
-                id: s.id,
-                role: s.role,
-                leader: s.leader,
-                term: s.term,
-                commit: s.commit,
-                applied: s.applied,
-                revision: store.revision(),
-                snapshot_index: s.snapshot_index,
-                db_size: store.size_bytes(),
-            });
-        }
-        Input::Stop => return false,
+        Some(self.stop_removed())
     }
-    true
+
+    fn stop_removed(&mut self) -> String {
+        let marker = self.data_dir.join(REMOVED_MARKER);
+        if let Err(e) = std::fs::write(&marker, format!("{REMOVED}\n")) {
+            tracing::error!("cannot write {}: {e}", marker.display());
+        }
+        self.d.shutdown(REMOVED);
+        REMOVED.to_string()
+    }
+
+    fn on_done(&mut self, done: Done) {
+        match done {
+            Done::Persisted(result) => self.d.on_persisted(result),
+            Done::Snapshotted(result) => self.d.on_snapshot(result),
+            Done::Restored(result) => self.d.on_restored(result),
+        }
+    }
+
+    /// Returns false when the node must stop.
+    fn handle(&mut self, input: Input) -> bool {
+        let d = &mut self.d;
+        match input {
+            // Messages from strangers, or that break the protocol's rules, are the core's to
+            // refuse (and count).
+            Input::Step(m) => {
+                let _ = d.step(m);
+            }
+            Input::Write(w, reply) => d.propose(|id| command::encode(id, w), reply),
+            Input::Read(req, linearizable, reply) => d.read(req, linearizable, reply),
+            Input::Status(reply) => {
+                let s = d.status();
+                let store = &d.machine().store;
+                let _ = reply.send(NodeStatus {
+                    id: s.id,
+                    role: s.role,
+                    leader: s.leader,
+                    term: s.term,
+                    commit: s.commit,
+                    applied: s.applied,
+                    revision: store.revision(),
+                    snapshot_index: s.snapshot_index,
+                    db_size: store.size_bytes(),
+                });
+            }
+            Input::Member(op, reply) => self.change_membership(op, reply),
+            Input::Transfer(to, reply) => {
+                let _ = reply.send(self.transfer(to));
+            }
+            Input::Removed => {
+                let why = self.stop_removed();
+                tracing::error!("{why}");
+                return false;
+            }
+            Input::Stop => return false,
+        }
+        true
+    }
+
+    /// Check a membership change as etcd does, then propose it as one configuration change
+    /// whose context carries the request id (and a new member's peer URLs).
+    fn change_membership(&mut self, op: MemberOp, reply: Waiter<Applied>) {
+        let r = self.d.raft();
+        if r.role() != Role::Leader {
+            return reply.send(Err(Refusal::NoLeader));
+        }
+        let progress = r.progress();
+        let matched = |id| progress.iter().find(|p| p.0 == id).map(|p| p.1);
+        let transport = self.transport.clone();
+        let active = move |id| transport.active(id);
+        let facts = reconfig::Facts {
+            me: r.id(),
+            registry: &self.d.machine().registry,
+            membership: r.membership(),
+            leader_index: r.last_index(),
+            matched: &matched,
+            active: &active,
+        };
+        let change = match reconfig::check(&op, &facts) {
+            Ok(c) => c,
+            Err(status) => {
+                let (term, applied) = (r.term(), r.applied());
+                return reply.send(Ok(Answered {
+                    value: Err(status),
+                    term,
+                    applied,
+                }));
+            }
+        };
+        let peer_urls = match op {
+            MemberOp::Add { peer_urls, .. } => peer_urls,
+            _ => Vec::new(),
+        };
+        self.d.propose_conf_change(
+            |id| ConfChange::simple(change).with_context(members::conf_context(id, peer_urls)),
+            reply,
+        );
+    }
+
+    fn transfer(&mut self, to: NodeId) -> Result<(), Status> {
+        let r = self.d.raft_mut();
+        if r.role() != Role::Leader {
+            return Err(Status::failed_precondition("etcdserver: not leader"));
+        }
+        if !r.membership().is_voter(to) {
+            return Err(Status::failed_precondition(
+                "etcdserver: bad leader transferee",
+            ));
+        }
+        if to == r.id() {
+            return Ok(());
+        }
+        r.transfer_leader(to)
+            .map_err(|e| Status::unavailable(format!("etcdserver: leader transfer failed: {e}")))
+    }
 }
 
 /// The peer transport, as the driver sees it.
@@ -361,10 +655,41 @@ struct Wal {
     /// Writes snapshot files off the raft loop and off the log's thread.
     writer: storage::SnapshotWriter,
     done: mpsc::UnboundedSender<Done>,
+    /// Told of members that configuration entries add, as those entries enter the log.
+    transport: Arc<dyn Transport>,
+    /// A leader's snapshot written before the registry existed restores onto this.
+    bootstrap: Registry,
+}
+
+impl Wal {
+    /// A member added by an entry now entering the log must be reachable before the entry
+    /// applies: a leader of one voter adding a second needs the newcomer's vote to commit
+    /// the very entry that adds it.
+    fn learn_added_members(&self, entries: &[raft::Entry]) {
+        for e in entries.iter().filter(|e| e.kind == EntryKind::ConfChange) {
+            let Ok(conf) = ConfEntry::decode(&e.data) else {
+                continue;
+            };
+            let Ok(ctx) = <crate::pb::raftkvpb::ConfContext as prost::Message>::decode(
+                &conf.change.context[..],
+            ) else {
+                continue;
+            };
+            let Some(url) = ctx.peer_urls.first() else {
+                continue;
+            };
+            for c in &conf.change.changes {
+                if let raft::Change::AddVoter(id) | raft::Change::AddLearner(id) = c {
+                    self.transport.learn_peer(*id, url);
+                }
+            }
+        }
+    }
 }
 
 impl driver::Storage<KvMachine> for Wal {
     fn persist(&mut self, w: driver::Write) {
+        self.learn_added_members(&w.entries);
         let done = self.done.clone();
         self.group.submit(Batch {
             snapshot: w.snapshot,
@@ -380,12 +705,12 @@ impl driver::Storage<KvMachine> for Wal {
 
     /// Serialized and written on a blocking thread, so neither the loop nor the log's
     /// appends wait for a large snapshot.
-    fn snapshot(&mut self, meta: SnapshotMeta, store: kv::Store) {
+    fn snapshot(&mut self, meta: SnapshotMeta, (store, registry): (kv::Store, Registry)) {
         let (writer, done) = (self.writer.clone(), self.done.clone());
         tokio::task::spawn_blocking(move || {
             let snapshot = Snapshot {
                 meta,
-                data: store.snapshot(),
+                data: members::encode_snapshot(&registry, &store.snapshot()),
             };
             let result = writer.write(&snapshot).map(|_| snapshot);
             let _ = done.send(Done::Snapshotted(result.map_err(|e| e.to_string())));
@@ -402,9 +727,9 @@ impl driver::Storage<KvMachine> for Wal {
     /// Decoding a leader's snapshot into a store runs on a blocking thread; the loop keeps
     /// ticking and taking messages meanwhile.
     fn restore(&mut self, snapshot: Snapshot) {
-        let done = self.done.clone();
+        let (done, bootstrap) = (self.done.clone(), self.bootstrap.clone());
         tokio::task::spawn_blocking(move || {
-            let mut machine = KvMachine::default();
+            let mut machine = KvMachine::new(bootstrap);
             let result = driver::StateMachine::restore(&mut machine, &snapshot).map(|_| machine);
             let _ = done.send(Done::Restored(result));
         });

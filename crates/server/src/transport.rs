@@ -2,13 +2,14 @@
 //! messages, reconnecting with backoff. The raft loop never waits on the network: messages
 //! go into a bounded per-peer queue, and a full queue drops (raft retransmits).
 
-use crate::node::{Node, Transport};
+use crate::members::Registry;
+use crate::node::{Node, Transport, REMOVED};
 use crate::pb::raftkvpb::{self as pb, raft_client::RaftClient, raft_server};
 use crate::peer;
 use raft::{Message, NodeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -17,40 +18,125 @@ const PEER_QUEUE: usize = 4096;
 /// Most messages in one frame.
 const MAX_BATCH: usize = 256;
 
-pub struct PeerTransport {
-    peers: HashMap<NodeId, mpsc::Sender<Message>>,
+/// How long after its last frame a peer still counts as connected (etcd's health interval).
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// When each peer was last heard from, as the receiving side saw its frames.
+pub type Heard = Arc<Mutex<HashMap<NodeId, Instant>>>;
+
+struct Peer {
+    url: String,
+    /// Dropping it ends the peer's sender task.
+    tx: mpsc::Sender<Message>,
 }
 
-/// Peers' client URLs as they announced them when their stream opened.
-pub type ClientUrls = Arc<Mutex<HashMap<NodeId, Vec<String>>>>;
+/// The sending side: one task and stream per peer. The set of peers follows the replicated
+/// member registry (`Transport::set_members`) and the configuration entries entering the log
+/// (`learn_peer`), so streams open and close as members come and go.
+pub struct PeerTransport {
+    me: NodeId,
+    hello: pb::Hello,
+    peers: Mutex<HashMap<NodeId, Peer>>,
+    heard: Heard,
+    /// Told when a peer says this member was removed.
+    node: Arc<OnceLock<Node>>,
+}
 
 impl PeerTransport {
-    /// Start one sender task per peer (`urls`: peer id → peer URL). Each stream opens with
-    /// `hello`, which says who we are.
-    pub fn start(urls: HashMap<NodeId, String>, hello: pb::Hello) -> PeerTransport {
-        let peers = urls
-            .into_iter()
-            .map(|(id, url)| {
-                let (tx, rx) = mpsc::channel(PEER_QUEUE);
-                tokio::spawn(run_peer(url, hello.clone(), rx));
-                (id, tx)
-            })
-            .collect();
-        PeerTransport { peers }
+    /// A transport for member `me`, whose streams open with `hello`, starting with `urls`
+    /// (peer id → peer URL).
+    pub fn start(
+        me: NodeId,
+        urls: HashMap<NodeId, String>,
+        hello: pb::Hello,
+        heard: Heard,
+        node: Arc<OnceLock<Node>>,
+    ) -> PeerTransport {
+        let t = PeerTransport {
+            me,
+            hello,
+            peers: Mutex::new(HashMap::new()),
+            heard,
+            node,
+        };
+        for (id, url) in urls {
+            t.ensure(id, &url, true);
+        }
+        t
+    }
+
+    /// Reach `id` at `url`; with `replace`, a known peer at another URL is reconnected.
+    fn ensure(&self, id: NodeId, url: &str, replace: bool) {
+        if id == self.me || url.is_empty() {
+            return;
+        }
+        let mut peers = self.peers.lock().unwrap();
+        if let Some(p) = peers.get(&id) {
+            if p.url == url || !replace {
+                return;
+            }
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        tokio::spawn(run_peer(
+            url.to_string(),
+            self.hello.clone(),
+            rx,
+            self.node.clone(),
+        ));
+        peers.insert(
+            id,
+            Peer {
+                url: url.to_string(),
+                tx,
+            },
+        );
+    }
+
+    /// Peers this transport reaches, with their URLs.
+    pub fn peers(&self) -> HashMap<NodeId, String> {
+        let peers = self.peers.lock().unwrap();
+        peers.iter().map(|(id, p)| (*id, p.url.clone())).collect()
     }
 }
 
 impl Transport for PeerTransport {
     fn send(&self, msgs: Vec<Message>) {
+        let peers = self.peers.lock().unwrap();
         for m in msgs {
-            if let Some(tx) = self.peers.get(&m.to) {
-                let _ = tx.try_send(m);
+            if let Some(p) = peers.get(&m.to) {
+                let _ = p.tx.try_send(m);
             }
         }
     }
+
+    fn set_members(&self, me: NodeId, registry: &Registry) {
+        for m in registry.members.values().filter(|m| m.id != me) {
+            if let Some(url) = m.peer_urls.first() {
+                self.ensure(m.id, url, true);
+            }
+        }
+        let mut peers = self.peers.lock().unwrap();
+        peers.retain(|id, _| !registry.removed.contains(id));
+    }
+
+    fn learn_peer(&self, id: NodeId, url: &str) {
+        self.ensure(id, url, false);
+    }
+
+    fn active(&self, id: NodeId) -> bool {
+        let heard = self.heard.lock().unwrap();
+        heard
+            .get(&id)
+            .is_some_and(|t| t.elapsed() < HEALTH_INTERVAL)
+    }
 }
 
-async fn run_peer(url: String, hello: pb::Hello, mut rx: mpsc::Receiver<Message>) {
+async fn run_peer(
+    url: String,
+    hello: pb::Hello,
+    mut rx: mpsc::Receiver<Message>,
+    node: Arc<OnceLock<Node>>,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let client = match RaftClient::connect(url.clone()).await {
@@ -64,7 +150,7 @@ async fn run_peer(url: String, hello: pb::Hello, mut rx: mpsc::Receiver<Message>
             }
         };
         backoff = Duration::from_millis(50);
-        if !stream_to(client, &url, &hello, &mut rx).await {
+        if !stream_to(client, &url, &hello, &mut rx, &node).await {
             return; // the node stopped
         }
     }
@@ -77,6 +163,7 @@ async fn stream_to(
     url: &str,
     hello: &pb::Hello,
     rx: &mut mpsc::Receiver<Message>,
+    node: &OnceLock<Node>,
 ) -> bool {
     let (frames_tx, frames_rx) = mpsc::channel::<pb::MessageBatch>(64);
     let mut call = tokio::spawn(async move {
@@ -98,6 +185,13 @@ async fn stream_to(
             m = rx.recv() => m,
             ended = &mut call => {
                 if let Ok(Err(status)) = ended {
+                    if status.message() == REMOVED {
+                        tracing::error!(peer = %url, "{REMOVED}");
+                        if let Some(n) = node.get() {
+                            n.removed_by_peer();
+                        }
+                        return false;
+                    }
                     if status.code() == tonic::Code::FailedPrecondition {
                         // Not a network hiccup: the peer will refuse us until someone fixes
                         // the configuration. Say so, and do not hammer it.
@@ -129,26 +223,30 @@ async fn stream_to(
 }
 
 /// The receiving side: checks the stream's hello, then steps every message of every frame
-/// into the local node.
+/// into the local node. Also answers newcomers asking who is in the cluster.
 pub struct RaftService {
     node: Arc<OnceLock<Node>>,
     cluster_id: u64,
-    members: Vec<NodeId>,
-    client_urls: ClientUrls,
+    /// The registry the cluster was bootstrapped with, for newcomers.
+    bootstrap: Registry,
+    transport: Arc<PeerTransport>,
+    heard: Heard,
 }
 
 impl RaftService {
     pub fn new(
         node: Arc<OnceLock<Node>>,
         cluster_id: u64,
-        members: Vec<NodeId>,
-        client_urls: ClientUrls,
+        bootstrap: Registry,
+        transport: Arc<PeerTransport>,
+        heard: Heard,
     ) -> Self {
         RaftService {
             node,
             cluster_id,
-            members,
-            client_urls,
+            bootstrap,
+            transport,
+            heard,
         }
     }
 
@@ -171,16 +269,18 @@ impl RaftService {
                 self.cluster_id, h.cluster_id
             )));
         }
-        if !self.members.contains(&h.member_id) {
-            return Err(Status::failed_precondition(format!(
-                "{:016x} is not a member of its cluster {:016x}",
-                h.member_id, self.cluster_id
-            )));
+        let Some(node) = self.node.get() else {
+            return Err(Status::unavailable("the member is starting"));
+        };
+        node.admits(h.member_id)?;
+        // A member we cannot reach yet (one that joined after us) is reached where it says.
+        if let Some(url) = h.peer_urls.first() {
+            self.transport.learn_peer(h.member_id, url);
         }
-        self.client_urls
+        self.heard
             .lock()
             .unwrap()
-            .insert(h.member_id, h.client_urls);
+            .insert(h.member_id, Instant::now());
         Ok(h.member_id)
     }
 }
@@ -204,6 +304,13 @@ impl raft_server::Raft for RaftService {
             let Some(node) = self.node.get() else {
                 continue;
             };
+            self.heard.lock().unwrap().insert(peer, Instant::now());
+            // A member removed while its stream was open is told on its next frame: it may
+            // not have learned of its removal (the leader stops replicating to it once the
+            // change commits), and must stop rather than campaign forever.
+            if node.is_removed(peer) {
+                return Err(Status::failed_precondition(REMOVED));
+            }
             for m in batch.messages {
                 let m = match peer::from_pb(m) {
                     Ok(m) => m,
@@ -233,5 +340,16 @@ impl raft_server::Raft for RaftService {
             }
         }
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn members(&self, _: Request<pb::Empty>) -> Result<Response<pb::ClusterInfo>, Status> {
+        let Some(node) = self.node.get() else {
+            return Err(Status::unavailable("the member is starting"));
+        };
+        Ok(Response::new(pb::ClusterInfo {
+            cluster_id: self.cluster_id,
+            bootstrap: Some(self.bootstrap.to_pb()),
+            current: Some(node.view().registry.to_pb()),
+        }))
     }
 }

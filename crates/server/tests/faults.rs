@@ -318,6 +318,7 @@ async fn a_peer_stream_carrying_another_members_message_is_closed() {
             cluster_id,
             member_id: n1,
             client_urls: vec![],
+            peer_urls: vec![],
         }),
     };
     let mut client = None;

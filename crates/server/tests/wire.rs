@@ -31,7 +31,10 @@ fn rid(seq: u64) -> driver::RequestId {
 
 fn apply(store: &mut kv::Store, data: &[u8]) -> Result<kv::Response, tonic::Status> {
     let (_, req) = command::decode(data).expect("decodes");
-    store.apply(&req?).map_err(|e| api::status(&e))
+    match req? {
+        command::Decoded::Kv(r) => store.apply(&r).map_err(|e| api::status(&e)),
+        other => panic!("not a kv request: {other:?}"),
+    }
 }
 
 #[test]

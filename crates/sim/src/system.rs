@@ -603,7 +603,12 @@ impl System {
                 o.output = out;
             }
             // Refused before it was proposed or read: it certainly did not happen.
-            Err(Refusal::NoLeader | Refusal::TooManyRequests | Refusal::TooLarge) => {
+            Err(
+                Refusal::NoLeader
+                | Refusal::TooManyRequests
+                | Refusal::TooLarge
+                | Refusal::ConfChange(_),
+            ) => {
                 o.ret = Some(now);
                 self.refused[op] = true;
             }

@@ -93,3 +93,95 @@ fn verify(path: &Path, text: &str, want: Identity) -> Result<()> {
     }
     Ok(())
 }
+
+impl Identity {
+    /// The identity a data directory holds, if it holds one (checked, as at start).
+    pub fn read(dir: &Path) -> Result<Option<Identity>> {
+        let path = dir.join(FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let bad = |what: &str| Error::corrupt(&path, 0, what.to_string());
+        let (body, _) = text
+            .rsplit_once("crc ")
+            .ok_or_else(|| bad("missing checksum line"))?;
+        let field = |name: &str| -> Result<&str> {
+            body.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+                .ok_or_else(|| bad(&format!("missing field '{name}'")))
+        };
+        let want = Identity {
+            cluster_id: u64::from_str_radix(field("cluster")?, 16)
+                .map_err(|_| bad("bad cluster"))?,
+            node_id: field("node")?.parse().map_err(|_| bad("bad node"))?,
+        };
+        // The full check: checksum and format version.
+        verify(&path, &text, want)?;
+        Ok(Some(want))
+    }
+}
+
+/// Write a small file of the application's (the member registry a cluster started with)
+/// into the data directory, whole or not at all: checksummed, written aside, synced, renamed.
+pub fn write_small_file(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(data)
+        .and_then(|_| f.write_all(&crc32c::crc32c(data).to_le_bytes()))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+    crate::sync_dir(dir)
+}
+
+/// Read a file written by [`write_small_file`]; `None` if there is none. A damaged one is an
+/// error that names it.
+pub fn read_small_file(dir: &Path, name: &str) -> Result<Option<Vec<u8>>> {
+    let path = dir.join(name);
+    let mut data = match fs::read(&path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    if data.len() < 4 {
+        return Err(Error::corrupt(&path, 0, "truncated".to_string()));
+    }
+    let crc = u32::from_le_bytes(data[data.len() - 4..].try_into().unwrap());
+    data.truncate(data.len() - 4);
+    if crc != crc32c::crc32c(&data) {
+        return Err(Error::corrupt(&path, 0, "checksum mismatch".to_string()));
+    }
+    Ok(Some(data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_and_small_files_read_back_and_damage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Identity::read(dir.path()).unwrap(), None);
+        let id = Identity {
+            cluster_id: 0xabc,
+            node_id: 7,
+        };
+        check_or_create(dir.path(), id, true).unwrap();
+        assert_eq!(Identity::read(dir.path()).unwrap(), Some(id));
+        assert_eq!(read_small_file(dir.path(), "M").unwrap(), None);
+        write_small_file(dir.path(), "M", b"members").unwrap();
+        assert_eq!(
+            read_small_file(dir.path(), "M").unwrap().unwrap(),
+            b"members"
+        );
+        let mut raw = fs::read(dir.path().join("M")).unwrap();
+        raw[0] ^= 1;
+        fs::write(dir.path().join("M"), &raw).unwrap();
+        let err = read_small_file(dir.path(), "M").unwrap_err().to_string();
+        assert!(err.contains("checksum"), "{err}");
+    }
+}

@@ -21,7 +21,7 @@ mod wal;
 
 pub use error::{Error, Result};
 pub use group::{Batch, GroupCommit, GroupStats, OnDurable};
-pub use ident::{Identity, FORMAT_VERSION};
+pub use ident::{read_small_file, write_small_file, Identity, FORMAT_VERSION};
 pub use wal::Replayed;
 
 use raft::{Entry, HardState, RestoreState, Snapshot};
