@@ -193,6 +193,23 @@ async fn etcdctl_works_unchanged() {
             for endpoint in e.split(',') {
                 assert!(members.contains(&format!("http://{endpoint}")), "{members}");
             }
+            // move-leader: etcdctl finds the leader among the endpoints and asks it to hand
+            // over to a follower.
+            let leader_line = status.lines().find(|l| l.contains("true")).unwrap();
+            let leader_id = leader_line.split('|').nth(2).unwrap().trim().to_string();
+            let follower = members
+                .lines()
+                .map(|l| l.split(',').next().unwrap().trim().to_string())
+                .find(|id| *id != leader_id)
+                .unwrap();
+            let moved = etcdctl(e, &["move-leader", &follower], None);
+            assert_eq!(
+                moved.trim(),
+                format!("Leadership transferred from {leader_id} to {follower}")
+            );
+            let status = etcdctl(e, &["endpoint", "status", "-w", "table"], None);
+            let now = status.lines().find(|l| l.contains("true")).unwrap();
+            assert!(now.contains(&follower), "{status}");
         }
     })
     .await
