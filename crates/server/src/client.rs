@@ -24,7 +24,7 @@ pub fn urls(endpoints: &str) -> Vec<String> {
         .collect()
 }
 
-async fn channel(url: &str) -> Result<Channel, String> {
+pub async fn channel(url: &str) -> Result<Channel, String> {
     Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("{url}: {e}"))?
         .connect_timeout(Duration::from_secs(2))
@@ -35,7 +35,7 @@ async fn channel(url: &str) -> Result<Channel, String> {
 }
 
 /// Run `f` against each endpoint in turn until one answers.
-async fn first<T, F, Fut>(endpoints: &str, f: F) -> Result<T, String>
+pub async fn first<T, F, Fut>(endpoints: &str, f: F) -> Result<T, String>
 where
     F: Fn(Channel) -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,

@@ -67,6 +67,19 @@ enum Cmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Add, remove, promote, update or list members.
+    Member {
+        #[command(subcommand)]
+        cmd: member_cli::MemberCmd,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Hand leadership to another voter (hex member id).
+    MoveLeader {
+        id: String,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
     /// Load generator over the etcd API (works against etcd too): ops/s and latency.
     Bench(bench::BenchArgs),
 }
@@ -74,7 +87,11 @@ enum Cmd {
 #[derive(Parser, Debug)]
 struct ClientArgs {
     /// Comma-separated host:port (or http://host:port) client endpoints; tried in order.
-    #[arg(long, default_value = "127.0.0.1:2379,127.0.0.1:2389,127.0.0.1:2399")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "127.0.0.1:2379,127.0.0.1:2389,127.0.0.1:2399"
+    )]
     endpoints: String,
 }
 
@@ -224,16 +241,26 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
     println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints} endpoint status -w table");
     println!();
     println!("Ctrl-C stops the cluster; running this again brings it back with its data.");
-    // Ctrl-C reaches the whole process group: each member shuts down on its own.
-    let mut exited = Box::pin(futures_wait_any(&mut children));
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminated() => {}
-        which = &mut exited => {
-            return Err(format!("member n{which} exited; see {}", a.data_dir.join(format!("n{which}.log")).display()));
+    // Ctrl-C reaches the whole process group: each member shuts down on its own. A member
+    // that exits (killed, removed from the cluster) is reported and the others keep running:
+    // replacing a member is something to try on this cluster.
+    let mut running: Vec<bool> = vec![true; children.len()];
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminated() => break,
+            (which, status) = wait_any(&mut children, &running) => {
+                running[which] = false;
+                eprintln!(
+                    "raftkv: member n{which} exited ({status}); see {}",
+                    a.data_dir.join(format!("n{which}.log")).display()
+                );
+                if !running.contains(&true) {
+                    return Err("every member has exited".into());
+                }
+            }
         }
     }
-    drop(exited);
     // Members in our process group got the Ctrl-C too; tell them anyway, in case only this
     // process was signalled.
     for child in &children {
@@ -254,12 +281,15 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Resolves with the index of the first child to exit.
-async fn futures_wait_any(children: &mut [tokio::process::Child]) -> usize {
+/// Resolves with the index and exit status of the first running child to exit.
+async fn wait_any(
+    children: &mut [tokio::process::Child],
+    running: &[bool],
+) -> (usize, std::process::ExitStatus) {
     loop {
-        for (i, c) in children.iter_mut().enumerate() {
-            if let Ok(Some(_)) = c.try_wait() {
-                return i;
+        for (i, c) in children.iter_mut().enumerate().filter(|(i, _)| running[*i]) {
+            if let Ok(Some(status)) = c.try_wait() {
+                return (i, status);
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -385,6 +415,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
 mod bench;
 mod client;
 mod h2call;
+mod member_cli;
 
 /// A member's runtime. One thread by default: the raft loop is one task whatever the
 /// thread count, and on a small machine shared by several members (or with the clients),
@@ -431,6 +462,8 @@ fn main() {
             } => client::get(&c.endpoints, key, prefix, serializable).await,
             Cmd::Del { key, prefix, c } => client::del(&c.endpoints, key, prefix).await,
             Cmd::Status { c } => client::status(&c.endpoints).await,
+            Cmd::Member { cmd, c } => member_cli::run(&c.endpoints, cmd).await,
+            Cmd::MoveLeader { id, c } => member_cli::move_leader(&c.endpoints, &id).await,
             Cmd::Bench(a) => bench::run(a).await,
         }
     });

@@ -751,3 +751,61 @@ async fn a_removed_member_stops_for_good_and_strangers_cannot_join() {
     let (code, err) = ms[victim].run(&initial.replace("n0=", "x0="), "new");
     assert_ne!(code, 0, "{err}");
 }
+
+fn raftkv(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raftkvs_own_member_commands_add_list_promote_and_remove() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ms, _) = found(dir.path(), 3);
+    put_retrying(&ms, "k", "v").await;
+    let endpoints = format!(
+        "--endpoints={}",
+        ms.iter()
+            .map(|m| m.client.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let e = endpoints.clone();
+    tokio::task::spawn_blocking(move || {
+        let (ok, out) = raftkv(&[
+            "member",
+            "add",
+            "x",
+            "--peer-urls=http://127.0.0.1:31999",
+            "--learner",
+            &e,
+        ]);
+        assert!(ok, "{out}");
+        assert!(out.contains("added to cluster"), "{out}");
+        assert!(out.contains("--initial-cluster-state=existing"), "{out}");
+        assert!(out.contains("x=http://127.0.0.1:31999"), "{out}");
+        let id = out.split_whitespace().nth(1).unwrap().to_string();
+        let (ok, list) = raftkv(&["member", "list", &e]);
+        assert!(ok, "{list}");
+        let row = list.lines().find(|l| l.starts_with(&id)).expect("listed");
+        assert!(row.contains("unstarted") && row.contains("true"), "{row}");
+        let (ok, out) = raftkv(&["member", "promote", &id, &e]);
+        assert!(!ok && out.contains("in sync with leader"), "{out}");
+        let (ok, out) = raftkv(&["member", "remove", &id, &e]);
+        assert!(ok && out.contains("removed from cluster"), "{out}");
+        let (_, list) = raftkv(&["member", "list", &e]);
+        assert_eq!(
+            list.lines().count(),
+            4,
+            "a header and three members: {list}"
+        );
+        let (ok, out) = raftkv(&["member", "remove", "not-hex", &e]);
+        assert!(!ok && out.contains("is not a member id"), "{out}");
+    })
+    .await
+    .unwrap();
+}
