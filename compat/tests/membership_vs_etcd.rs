@@ -123,7 +123,15 @@ fn normalize(s: &Server, names: &HashMap<String, &str>, text: &str) -> String {
             for (id, name) in names {
                 l = l.replace(id.as_str(), name);
             }
-            l
+            // `member add` prints the cluster in id order too: sort its items.
+            match l.strip_prefix("ETCD_INITIAL_CLUSTER=\"") {
+                Some(rest) => {
+                    let mut items: Vec<&str> = rest.trim_end_matches('"').split(',').collect();
+                    items.sort();
+                    format!("ETCD_INITIAL_CLUSTER=\"{}\"", items.join(","))
+                }
+                None => l,
+            }
         })
         .collect();
     out.sort();
