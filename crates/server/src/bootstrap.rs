@@ -151,6 +151,11 @@ fn save(dir: &Path, r: &Registry) -> Result<(), String> {
     storage::write_small_file(dir, MEMBERS_FILE, &r.encode()).map_err(|e| e.to_string())
 }
 
+/// How long a newcomer keeps asking before it concludes that the cluster does not know it:
+/// `member add` answers once its entry applied on the member that took it, and the member
+/// asked may apply it a moment later.
+const JOIN_PATIENCE: Duration = Duration::from_secs(3);
+
 /// A newcomer's first start: ask the cluster who we are.
 async fn join(f: &Flags) -> Result<Plan, String> {
     let mine = |u: &String| f.advertise_peer_urls.contains(u);
@@ -167,60 +172,77 @@ async fn join(f: &Flags) -> Result<Plan, String> {
                 .into(),
         );
     }
-    let mut last_error = String::new();
-    for url in others {
-        let info = match ask(url).await {
-            Ok(info) => info,
-            Err(e) => {
-                last_error = format!("{url}: {e}");
-                continue;
+    let deadline = tokio::time::Instant::now() + JOIN_PATIENCE;
+    loop {
+        // Every member named is asked: one that answers without us may just be behind.
+        let mut unreachable = None;
+        let mut unknown = None;
+        for url in &others {
+            match ask(url).await {
+                Ok(info) => match find_self(f, info)? {
+                    Ok(plan) => return Ok(plan),
+                    Err(why) => unknown = Some(why),
+                },
+                Err(e) => unreachable = Some(format!("{url}: {e}")),
             }
-        };
-        let current = Registry::from_pb(info.current.unwrap_or_default())?;
-        let bootstrap = Registry::from_pb(info.bootstrap.unwrap_or_default())?;
-        let Some(me) = current
-            .members
-            .values()
-            .find(|m| m.peer_urls.iter().any(mine))
-        else {
-            return Err(format!(
-                "cluster {:016x} has no member with peer URLs {}: add this member first \
-                 (etcdctl member add {} --peer-urls={}), then start it with \
-                 --initial-cluster-state existing",
-                info.cluster_id,
-                f.advertise_peer_urls.join(","),
-                f.name,
-                f.advertise_peer_urls.join(",")
-            ));
-        };
-        if !me.name.is_empty() && me.name != f.name {
-            return Err(format!(
-                "the member with peer URLs {} already runs as {:?}; a new member needs its own \
-                 `member add`",
-                f.advertise_peer_urls.join(","),
-                me.name
-            ));
         }
-        let id = me.id;
-        save(&f.data_dir, &bootstrap)?;
-        let peers = current
-            .members
-            .values()
-            .filter(|m| m.id != id)
-            .filter_map(|m| Some((m.id, m.peer_urls.first()?.clone())))
-            .collect();
-        return Ok(Plan {
-            id,
-            cluster_id: info.cluster_id,
-            voters: Vec::new(),
-            bootstrap,
-            peers,
-        });
+        if tokio::time::Instant::now() >= deadline {
+            return Err(unknown.unwrap_or_else(|| {
+                format!(
+                    "--initial-cluster-state existing: could not reach any member of the \
+                     cluster to join it ({})",
+                    unreachable.unwrap_or_default()
+                )
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(format!(
-        "--initial-cluster-state existing: could not reach any member of the cluster to join \
-         it ({last_error})"
-    ))
+}
+
+/// This member in a cluster's answer: its plan, or (inner error) why the answer does not
+/// name it; the outer error is final (the member runs elsewhere, a malformed answer).
+fn find_self(f: &Flags, info: pb::ClusterInfo) -> Result<Result<Plan, String>, String> {
+    let mine = |u: &String| f.advertise_peer_urls.contains(u);
+    let current = Registry::from_pb(info.current.unwrap_or_default())?;
+    let bootstrap = Registry::from_pb(info.bootstrap.unwrap_or_default())?;
+    let Some(me) = current
+        .members
+        .values()
+        .find(|m| m.peer_urls.iter().any(mine))
+    else {
+        return Ok(Err(format!(
+            "cluster {:016x} has no member with peer URLs {}: add this member first \
+             (etcdctl member add {} --peer-urls={}), then start it with \
+             --initial-cluster-state existing",
+            info.cluster_id,
+            f.advertise_peer_urls.join(","),
+            f.name,
+            f.advertise_peer_urls.join(",")
+        )));
+    };
+    if !me.name.is_empty() && me.name != f.name {
+        return Err(format!(
+            "the member with peer URLs {} already runs as {:?}; a new member needs its own \
+             `member add`",
+            f.advertise_peer_urls.join(","),
+            me.name
+        ));
+    }
+    let id = me.id;
+    save(&f.data_dir, &bootstrap)?;
+    let peers = current
+        .members
+        .values()
+        .filter(|m| m.id != id)
+        .filter_map(|m| Some((m.id, m.peer_urls.first()?.clone())))
+        .collect();
+    Ok(Ok(Plan {
+        id,
+        cluster_id: info.cluster_id,
+        voters: Vec::new(),
+        bootstrap,
+        peers,
+    }))
 }
 
 async fn ask(url: &str) -> Result<pb::ClusterInfo, String> {
