@@ -246,6 +246,24 @@ where
         }
     }
 
+    /// Propose a configuration change whose client the owner answers itself (see the
+    /// server's one-voter growth): returns the index of its entry.
+    pub fn propose_conf_change_at(
+        &mut self,
+        build: impl FnOnce(RequestId) -> raft::ConfChange,
+    ) -> Result<Index, Refusal> {
+        if self.failure.is_some() {
+            return Err(Refusal::Stopped);
+        }
+        let id = self.ids.next_request();
+        self.raft
+            .propose_conf_change(build(id))
+            .map_err(|e| match e {
+                raft::Error::ConfChangeRefused(why) => Refusal::ConfChange(why),
+                e => refusal(e),
+            })
+    }
+
     /// A read: linearizable (confirmed by ReadIndex, then served once applied that far) or
     /// serializable (served from local state at once).
     pub fn read(&mut self, query: M::Query, linearizable: bool, reply: R) {

@@ -177,6 +177,10 @@ impl Raft {
     pub fn applied(&self) -> Index {
         self.log.applied
     }
+    /// The last index of this node's log known to be durable on its own disk.
+    pub fn persisted_index(&self) -> Index {
+        self.log.persisted
+    }
     pub fn hard_state(&self) -> HardState {
         HardState {
             term: self.term,

@@ -40,17 +40,21 @@ where
     F: Fn(Channel) -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
-    let mut last = String::from("no endpoints given");
+    let mut errors = Vec::new();
     for url in urls(endpoints) {
         match channel(&url).await {
             Ok(ch) => match f(ch).await {
                 Ok(v) => return Ok(v),
-                Err(s) => last = format!("{url}: {}", s.message()),
+                Err(s) => errors.push(format!("{url}: {}", s.message())),
             },
-            Err(e) => last = e,
+            Err(e) => errors.push(e),
         }
     }
-    Err(last)
+    if errors.is_empty() {
+        return Err("no endpoints given".into());
+    }
+    // Every endpoint's answer: the one that matters (the leader's) may not be the last.
+    Err(errors.join("; "))
 }
 
 fn range_end(key: &str, prefix: bool) -> Bytes {

@@ -228,7 +228,7 @@ fn new_member_id(v: &View) -> NodeId {
 /// The members as etcd lists them: by id, learners flagged, a member that has not started
 /// yet with an empty name and no client URLs.
 fn member_list(v: &View) -> Vec<pb::Member> {
-    v.registry
+    v.members()
         .members
         .values()
         .map(|m| pb::Member {

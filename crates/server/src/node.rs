@@ -16,8 +16,9 @@ use raft::{
     ConfChange, ConfEntry, EntryKind, Index, Membership, Message, NodeId, Raft, Role, Snapshot,
     SnapshotMeta, Term,
 };
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use storage::{Batch, GroupCommit, Identity, Options, Storage};
 use tokio::sync::{mpsc, oneshot};
@@ -69,8 +70,11 @@ pub struct View {
     pub registry: Registry,
     /// The configuration this member has applied (None until it knows one).
     pub applied: Option<Membership>,
-    /// Every member of the latest configuration in the log, committed or not.
-    pub latest: Vec<NodeId>,
+    /// The latest configuration in the log, committed or not.
+    pub latest: Option<Membership>,
+    /// Members the latest configuration adds that the registry does not hold yet (their
+    /// entry has not applied here), with the peer URLs the entry gives.
+    pub pending: BTreeMap<NodeId, Vec<String>>,
     pub leader: Option<NodeId>,
     pub term: Term,
 }
@@ -78,10 +82,31 @@ pub struct View {
 impl View {
     /// A member this one should talk to: in the registry, or in a configuration on its way.
     pub fn knows(&self, id: NodeId) -> bool {
-        self.registry.members.contains_key(&id) || self.latest.contains(&id)
+        self.registry.members.contains_key(&id)
+            || self.latest.as_ref().is_some_and(|m| m.contains(id))
+    }
+
+    /// The registry with the members still on their way (unnamed, as etcd lists a member
+    /// added but not started).
+    pub fn members(&self) -> Registry {
+        let mut r = self.registry.clone();
+        for (id, urls) in &self.pending {
+            r.members
+                .entry(*id)
+                .or_insert_with(|| members::MemberRecord {
+                    id: *id,
+                    peer_urls: urls.clone(),
+                    ..Default::default()
+                });
+        }
+        r
     }
     pub fn is_learner(&self, id: NodeId) -> bool {
-        self.applied.as_ref().is_some_and(|m| m.is_learner(id))
+        match (&self.applied, &self.latest) {
+            (Some(m), _) if m.contains(id) => m.is_learner(id),
+            (_, Some(m)) => m.is_learner(id),
+            _ => false,
+        }
     }
 }
 
@@ -192,12 +217,14 @@ impl Node {
             .map_err(|e| format!("recovery stopped: {e}"))??;
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let added = Added::default();
         let wal = Wal {
             writer: storage.snapshot_writer(),
             group: GroupCommit::start(storage),
             done: done_tx,
             transport: transport.clone(),
             bootstrap: cfg.bootstrap.clone(),
+            added: added.clone(),
         };
         let dcfg = DriverConfig {
             snapshot_count: cfg.snapshot_count,
@@ -218,6 +245,8 @@ impl Node {
             view: view.clone(),
             transport,
             data_dir: cfg.data_dir.clone(),
+            added,
+            early: Vec::new(),
         };
         lp.refresh_view();
         let task = tokio::spawn(lp.run(cfg.tick, rx, done_rx));
@@ -429,6 +458,10 @@ struct Loop {
     view: Arc<RwLock<View>>,
     transport: Arc<dyn Transport>,
     data_dir: PathBuf,
+    added: Added,
+    /// Membership changes answered once their entry is durable here rather than applied
+    /// (index, term of the entry; the client).
+    early: Vec<(Index, Term, Waiter<Applied>)>,
 }
 
 impl Loop {
@@ -484,17 +517,26 @@ impl Loop {
     /// Publish what changed of the member's view of its cluster, and reconnect peers if the
     /// registry changed. Cheap when nothing did: a few comparisons of small values.
     fn refresh_view(&mut self) {
+        self.answer_early();
         let r = self.d.raft();
         let (leader, term) = (r.leader(), r.term());
         let registry = &self.d.machine().registry;
         let applied = self.d.membership();
+        let latest = r.membership();
+        let pending: BTreeMap<NodeId, Vec<String>> = {
+            let mut added = self.added.lock().unwrap();
+            // Forget what applied, or what the log no longer holds.
+            added.retain(|id, _| latest.contains(*id) && !registry.members.contains_key(id));
+            added.clone()
+        };
         let changed = {
             let v = self.view.read().unwrap();
             v.leader != leader
                 || v.term != term
                 || v.registry != *registry
                 || v.applied.as_ref() != applied
-                || !r.membership().ids().eq(v.latest.iter().copied())
+                || v.latest.as_ref() != Some(latest)
+                || v.pending != pending
         };
         if !changed {
             return;
@@ -502,7 +544,8 @@ impl Loop {
         let next = View {
             registry: registry.clone(),
             applied: applied.cloned(),
-            latest: r.membership().ids().collect(),
+            latest: Some(latest.clone()),
+            pending,
             leader,
             term,
         };
@@ -511,6 +554,36 @@ impl Loop {
             self.transport.set_members(r.id(), &next.registry);
         }
         *v = next;
+    }
+
+    /// Answer the membership changes waiting for their entry to be durable here; one whose
+    /// entry the log no longer holds was lost to a leader change.
+    fn answer_early(&mut self) {
+        if self.early.is_empty() {
+            return;
+        }
+        let r = self.d.raft();
+        let (persisted, now, applied) = (r.persisted_index(), r.term(), r.applied());
+        let revision = self.d.machine().store.revision();
+        let mut waiting = Vec::new();
+        for (index, term, reply) in std::mem::take(&mut self.early) {
+            match r.term_at(index) {
+                Some(t) if t != term => reply.send(Err(Refusal::LeaderChanged)),
+                None if index <= r.snapshot_index() => reply.send(Ok(Answered {
+                    value: Ok((None, revision)),
+                    term: now,
+                    applied,
+                })),
+                None => reply.send(Err(Refusal::LeaderChanged)),
+                Some(_) if index <= persisted => reply.send(Ok(Answered {
+                    value: Ok((None, revision)),
+                    term: now,
+                    applied,
+                })),
+                Some(_) => waiting.push((index, term, reply)),
+            }
+        }
+        self.early = waiting;
     }
 
     /// If this member was removed from the cluster: mark its data directory so that it never
@@ -614,10 +687,24 @@ impl Loop {
             MemberOp::Add { peer_urls, .. } => peer_urls,
             _ => Vec::new(),
         };
-        self.d.propose_conf_change(
-            |id| ConfChange::simple(change).with_context(members::conf_context(id, peer_urls)),
-            reply,
-        );
+        let build =
+            |id| ConfChange::simple(change).with_context(members::conf_context(id, peer_urls));
+        // A lone voter taking a second one cannot commit the change without the newcomer's
+        // acknowledgement (a configuration counts from the moment it enters the log), and the
+        // newcomer is started only once `member add` has answered. So that answer comes once
+        // the entry is durable here, the one log that counts until the newcomer runs — as
+        // etcd, whose lone member commits such a change alone, answers at once.
+        let lone =
+            matches!(change, raft::Change::AddVoter(_)) && r.membership().voters().len() == 1;
+        if lone {
+            let term = r.term();
+            match self.d.propose_conf_change_at(build) {
+                Ok(index) => self.early.push((index, term, reply)),
+                Err(why) => reply.send(Err(why)),
+            }
+            return;
+        }
+        self.d.propose_conf_change(build, reply);
     }
 
     fn transfer(&mut self, to: NodeId) -> Result<(), Status> {
@@ -659,7 +746,12 @@ struct Wal {
     transport: Arc<dyn Transport>,
     /// A leader's snapshot written before the registry existed restores onto this.
     bootstrap: Registry,
+    /// Peer URLs of members added by entries that entered the log (see `View::pending`).
+    added: Added,
 }
+
+/// Members added by configuration entries in the log, with their peer URLs.
+type Added = Arc<Mutex<BTreeMap<NodeId, Vec<String>>>>;
 
 impl Wal {
     /// A member added by an entry now entering the log must be reachable before the entry
@@ -681,6 +773,8 @@ impl Wal {
             for c in &conf.change.changes {
                 if let raft::Change::AddVoter(id) | raft::Change::AddLearner(id) = c {
                     self.transport.learn_peer(*id, url);
+                    let mut added = self.added.lock().unwrap();
+                    added.insert(*id, ctx.peer_urls.clone());
                 }
             }
         }

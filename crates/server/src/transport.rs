@@ -349,7 +349,7 @@ impl raft_server::Raft for RaftService {
         Ok(Response::new(pb::ClusterInfo {
             cluster_id: self.cluster_id,
             bootstrap: Some(self.bootstrap.to_pb()),
-            current: Some(node.view().registry.to_pb()),
+            current: Some(node.view().members().to_pb()),
         }))
     }
 }

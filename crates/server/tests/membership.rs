@@ -184,6 +184,25 @@ where
     }
 }
 
+/// A request that must be refused: its error, once the member has a leader to ask (an
+/// election under the load of the whole suite must not pass for a refusal).
+async fn refusal<T, F, Fut>(url: &str, f: F) -> tonic::Status
+where
+    F: Fn(ClusterClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match f(cluster(url)).await {
+            Ok(_) => panic!("accepted, not refused"),
+            Err(s) if s.message() == "etcdserver: no leader" && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => return s,
+        }
+    }
+}
+
 /// The member list, linearizable (retried while the member has no leader yet).
 async fn members(url: &str) -> Vec<pb::Member> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -193,6 +212,22 @@ async fn members(url: &str) -> Vec<pb::Member> {
             Ok(r) => return r.into_inner().members,
             Err(s) => assert!(Instant::now() < deadline, "member list: {s:?}"),
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The member list once every member in it has published its name and client URLs (a
+/// member publishes itself through the log after it starts, so this may take a moment).
+async fn published(url: &str) -> Vec<pb::Member> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let l = members(url).await;
+        if l.iter()
+            .all(|m| !m.name.is_empty() && !m.client_ur_ls.is_empty())
+        {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "{l:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -515,23 +550,25 @@ async fn a_learner_far_behind_is_not_promoted_and_learners_count_for_nothing() {
     })
     .await;
     let id = added.member.as_ref().unwrap().id;
-    let err = cluster(&ms[0].client)
-        .member_promote(pb::MemberPromoteRequest { id })
-        .await
-        .unwrap_err();
+    let err = refusal(&ms[0].client, |mut c| async move {
+        c.member_promote(pb::MemberPromoteRequest { id }).await
+    })
+    .await;
     assert_eq!(
         err.message(),
         "etcdserver: can only promote a learner member which is in sync with leader"
     );
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     // A second learner is one too many.
-    let err = cluster(&ms[1].client)
-        .member_add(pb::MemberAddRequest {
-            peer_ur_ls: vec![format!("http://127.0.0.1:{}", free_port())],
+    let other = format!("http://127.0.0.1:{}", free_port());
+    let err = refusal(&ms[1].client, |mut c| {
+        let req = pb::MemberAddRequest {
+            peer_ur_ls: vec![other.clone()],
             is_learner: true,
-        })
-        .await
-        .unwrap_err();
+        };
+        async move { c.member_add(req).await }
+    })
+    .await;
     assert_eq!(
         err.message(),
         "etcdserver: too many learner members in cluster"
@@ -573,18 +610,7 @@ async fn bad_membership_requests_get_etcds_errors_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (ms, _) = found(dir.path(), 3);
     put_retrying(&ms, "k", "v").await;
-    // Wait until every member has published itself.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let before = loop {
-        let l = members(&ms[0].client).await;
-        if l.iter()
-            .all(|m| !m.name.is_empty() && !m.client_ur_ls.is_empty())
-        {
-            break l;
-        }
-        assert!(Instant::now() < deadline, "{l:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let before = published(&ms[0].client).await;
     let mut c = cluster(&ms[1].client);
     let expect = |r: Result<_, tonic::Status>, code: tonic::Code, msg: &str| {
         let e = r.expect_err("refused");
@@ -715,13 +741,26 @@ async fn a_removed_member_stops_for_good_and_strangers_cannot_join() {
     let solo_dir = tempfile::tempdir().unwrap();
     let (solo, _) = found(solo_dir.path(), 1);
     put_retrying(&solo, "k", "v").await;
-    let err = cluster(&solo[0].client)
-        .member_remove(pb::MemberRemoveRequest { id: id_of("n0") })
-        .await
-        .unwrap_err();
+    let err = refusal(&solo[0].client, |mut c| async move {
+        c.member_remove(pb::MemberRemoveRequest { id: id_of("n0") })
+            .await
+    })
+    .await;
     assert_eq!(
         err.message(),
         "etcdserver: re-configuration failed due to not enough started members"
+    );
+    // A lone member takes a second voter: the change needs the newcomer's acknowledgement to
+    // commit, so the leader must reach it before any member has applied the change.
+    let mut solo = solo;
+    add_and_start(&mut solo, solo_dir.path(), "n1", false).await;
+    put_retrying(&solo, "k2", "two voters").await;
+    let listed = published(&solo[1].client).await;
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().all(|m| !m.is_learner), "{listed:?}");
+    assert_eq!(
+        get(&solo[1].client, "k").await.unwrap(),
+        Some(Bytes::from("v"))
     );
     // A member started with `existing` that the cluster does not know is refused, plainly.
     let stranger = Member::new(dir.path(), "stranger");
