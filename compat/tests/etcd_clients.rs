@@ -187,12 +187,22 @@ async fn etcdctl_works_unchanged() {
                 1,
                 "exactly one leader: {status}"
             );
-            let members = etcdctl(e, &["member", "list"], None);
+            // Every member's client URL: each member publishes its own through the log once
+            // it has a leader (as etcd's do), so the list may lack one for a moment.
+            let listed = |members: &str| {
+                e.split(',')
+                    .all(|endpoint| members.contains(&format!("http://{endpoint}")))
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let members = loop {
+                let members = etcdctl(e, &["member", "list"], None);
+                if listed(&members) || Instant::now() > deadline {
+                    break members;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
             assert_eq!(members.lines().count(), 3, "{members}");
-            // Every member's client URL, learned from the others' peer streams.
-            for endpoint in e.split(',') {
-                assert!(members.contains(&format!("http://{endpoint}")), "{members}");
-            }
+            assert!(listed(&members), "{members}");
             // move-leader: etcdctl finds the leader among the endpoints and asks it to hand
             // over to a follower.
             let leader_line = status.lines().find(|l| l.contains("true")).unwrap();
