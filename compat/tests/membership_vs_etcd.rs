@@ -99,8 +99,8 @@ fn etcdctl(endpoint: &str, args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-/// Ids (hex, as etcdctl prints them) and this server's ports replaced by names, lines sorted
-/// (members are listed in id order, and ids are random).
+/// Ids (hex, as etcdctl prints them) and this server's ports replaced by names, runs of
+/// spaces made one, lines sorted (members are listed in id order, and ids are random).
 fn normalize(s: &Server, names: &HashMap<String, &str>, text: &str) -> String {
     let mut out: Vec<String> = text
         .lines()
@@ -123,6 +123,8 @@ fn normalize(s: &Server, names: &HashMap<String, &str>, text: &str) -> String {
             for (id, name) in names {
                 l = l.replace(id.as_str(), name);
             }
+            // etcdctl pads ids to 16 hex digits with spaces; ids are random, so is the padding.
+            let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
             // `member add` prints the cluster in id order too: sort its items.
             match l.strip_prefix("ETCD_INITIAL_CLUSTER=\"") {
                 Some(rest) => {
