@@ -140,7 +140,7 @@ pub async fn status(endpoints: &str) -> Result<(), String> {
                 let s = s.into_inner();
                 let member = s.header.map_or(0, |h| h.member_id);
                 println!(
-                    "{:<24} {:>16x} {:>16x} {:>6} {:>10} {:>10} {:>10}",
+                    "{:<24} {:016x} {:016x} {:>6} {:>10} {:>10} {:>10}",
                     url,
                     member,
                     s.leader,
