@@ -403,3 +403,39 @@ fn restarted_nodes_recover_the_joint_configuration_from_log_and_snapshot() {
     commit(&mut c, &mut cmd, 3, 3);
     c.check_acked_durable();
 }
+
+#[test]
+fn a_follower_that_missed_a_change_takes_the_configuration_from_the_leaders_snapshot() {
+    let mut c = cluster_with(3, 12, |cfg| cfg.snapshot_threshold = Some(10));
+    let leader = c.wait_leader(WAIT);
+    let mut cmd = 1;
+    commit(&mut c, &mut cmd, 3, 3);
+    let away = c.ids().into_iter().find(|&id| id != leader).unwrap();
+    c.disconnect(away);
+    // While it is away, a newcomer joins and becomes a voter, and the log is compacted past
+    // both changes: only the snapshot can tell the follower who votes now.
+    let new = c.add_node();
+    c.change_membership(simple(Change::AddLearner(new)), WAIT);
+    let caught_up = c.run_until(WAIT, |c| {
+        c.stable_leader()
+            .is_some_and(|l| c.node(l).raft().lag(new) == Some(0))
+    });
+    assert!(caught_up, "the learner never caught up");
+    let m = c.change_membership(simple(Change::Promote(new)), WAIT);
+    commit(&mut c, &mut cmd, 30, 3);
+    let compacted = c.run_until(WAIT, |c| {
+        c.node(leader).raft().snapshot_index() > c.node(away).raft().last_index() + 20
+    });
+    assert!(compacted, "the leader never compacted past the changes");
+    c.connect(away);
+    let installed = c.run_until(WAIT, |c| c.node(away).disk.snapshot.is_some());
+    assert!(installed, "the follower must catch up by snapshot");
+    let learned = c.run_until(WAIT, |c| c.node(away).raft().membership() == &m);
+    assert!(
+        learned,
+        "node {away} holds {:?}, the cluster {m:?}",
+        c.node(away).raft().membership()
+    );
+    commit(&mut c, &mut cmd, 3, 4);
+    c.check_acked_durable();
+}

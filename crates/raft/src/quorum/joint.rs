@@ -45,11 +45,18 @@ mod tests {
         assert_eq!(majority::committed(&[1, 2, 3], v), 9);
         assert_eq!(committed(&[3, 4, 5], &[1, 2, 3], v), 5);
         assert_eq!(committed(&[1, 2, 3], &[], v), 9, "not joint: one majority");
+        // C_new = {3,4,5} all at 9, C_old's majority only at 1: the old majority holds back.
+        let vals = HashMap::from([(1, 1), (2, 1), (3, 9), (4, 9), (5, 9)]);
+        let v = |id| vals[&id];
+        assert_eq!(committed(&[3, 4, 5], &[1, 2, 3], v), 1);
     }
 
     #[test]
     fn a_joint_election_needs_both_majorities() {
         let (new, old) = ([3, 4, 5], [1, 2, 3]);
+        // C_new won alone is not enough.
+        let only_new = HashMap::from([(3, true), (4, true), (5, true)]);
+        assert_eq!(vote_result(&new, &old, &only_new), VoteResult::Pending);
         let mut votes = HashMap::from([(1, true), (2, true)]);
         assert_eq!(vote_result(&new, &old, &votes), VoteResult::Pending);
         votes.insert(4, true);
