@@ -112,10 +112,13 @@ async fn a_real_three_process_cluster_serves_the_etcd_api_and_survives_kill_9() 
 
 #[test]
 fn wrong_flags_are_explained() {
+    // Ports of its own: the defaults (2379, 2380) may be held by a cluster on this machine.
     let (code, err) = run(&[
         "serve",
         "--name=a",
         "--initial-cluster=b=http://127.0.0.1:1",
+        &format!("--listen-client-urls=http://127.0.0.1:{}", free_port()),
+        &format!("--listen-peer-urls=http://127.0.0.1:{}", free_port()),
     ]);
     assert_ne!(code, 0);
     assert!(err.contains("no member named \"a\""), "{err}");

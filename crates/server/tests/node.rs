@@ -219,10 +219,16 @@ async fn a_node_that_missed_a_compacted_log_catches_up_by_snapshot() {
             .await
             .unwrap();
     }
-    assert!(
-        c.node(l).status().await.unwrap().snapshot_index >= 50,
-        "the leader compacted"
-    );
+    // Snapshots are written in the background: give the last one a moment to land.
+    let mut compacted = false;
+    for _ in 0..300 {
+        if c.node(l).status().await.unwrap().snapshot_index >= 50 {
+            compacted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(compacted, "the leader compacted");
     c.start_node(f).await;
     let mut caught_up = false;
     for _ in 0..300 {

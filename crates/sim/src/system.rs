@@ -330,12 +330,22 @@ impl System {
         c.snapshot_timeout_tick = 3 * self.cfg.heartbeat_tick;
         let mut machine = SimKv::default();
         let m = self.member(id);
+        let mut restored = Ok(());
         if let Some(s) = &m.disk.snapshot {
-            machine.store = kv::Store::restore(&s.data).expect("snapshots on disk are ours");
+            match kv::Store::restore(&s.data) {
+                Ok(store) => machine.store = store,
+                Err(e) => restored = Err(format!("its snapshot does not decode: {e}")),
+            }
             c.applied = s.meta.index;
         }
-        let raft = Raft::new(c, m.disk.restore_state())
-            .unwrap_or_else(|e| panic!("member {id} cannot restart: {e}"));
+        let raft =
+            restored.and_then(|()| Raft::new(c, m.disk.restore_state()).map_err(|e| e.to_string()));
+        // A failure names the seed, as every other failure of the run does.
+        let raft = match raft {
+            Ok(raft) => raft,
+            Err(e) => self.fail(&format!("member {id} cannot restart: {e}")),
+        };
+        let m = self.member(id);
         let io = Shared::default();
         m.io = io.clone();
         let dcfg = DriverConfig {
