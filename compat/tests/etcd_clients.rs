@@ -133,6 +133,19 @@ async fn the_etcd_client_crate_works_unchanged() {
     assert_eq!(members.members().len(), 3);
 }
 
+/// etcdctl's exit status and its stdout and stderr together.
+fn etcdctl_result(endpoints: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"))
+        .args(args)
+        .output()
+        .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
 fn etcdctl(endpoints: &str, args: &[&str], stdin: Option<&str>) -> String {
     use std::io::Write;
     let mut child = Command::new("etcdctl")
@@ -224,4 +237,126 @@ async fn etcdctl_works_unchanged() {
     })
     .await
     .unwrap();
+}
+
+/// etcd's "Replacing a failed etcd member", with Debian's etcdctl against raftkv: the dead
+/// member is removed, the newcomer added as a learner and started with the environment
+/// variables `member add` printed (ETCD_NAME, ETCD_INITIAL_CLUSTER, …), then promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_replaces_a_failed_member_as_etcds_documentation_does() {
+    let c = start().await;
+    let e = c.endpoints.join(",");
+    let bin = std::env::var("RAFTKV_BIN").unwrap();
+    etcdctl(&e, &["put", "before", "1"], None);
+    // n2's machine is gone for good.
+    let n2_data = c._dir.path().join("n2");
+    let killed = Command::new("pkill")
+        .args(["-9", "-f", &format!("data-dir={}", n2_data.display())])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "n2 was running");
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::remove_dir_all(&n2_data).unwrap();
+    let list = etcdctl(&e, &["member", "list"], None);
+    let n2 = list
+        .lines()
+        .find(|l| l.contains(", n2,"))
+        .and_then(|l| l.split(',').next())
+        .unwrap_or_else(|| panic!("{list}"))
+        .to_string();
+    let removed = etcdctl(&e, &["member", "remove", &n2], None);
+    assert!(
+        removed.starts_with(&format!("Member {n2} removed")),
+        "{removed}"
+    );
+    // The newcomer: ports of its own beside the cluster's.
+    let port = |from: u16| {
+        (from..from + 500)
+            .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+            .unwrap()
+    };
+    let first = c.endpoints[2]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<u16>()
+        .unwrap()
+        + 50;
+    let (client, peer) = (port(first), port(first + 1 + 10));
+    let (client, peer) = (
+        format!("http://127.0.0.1:{client}"),
+        format!("http://127.0.0.1:{peer}"),
+    );
+    let added = etcdctl(
+        &e,
+        &[
+            "member",
+            "add",
+            "n3",
+            &format!("--peer-urls={peer}"),
+            "--learner",
+        ],
+        None,
+    );
+    let id = added
+        .split_whitespace()
+        .skip_while(|w| *w != "Member")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{added}"))
+        .to_string();
+    // ETCD_NAME="n3" and the rest, as `export` lines.
+    let env: Vec<(String, String)> = added
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| k.starts_with("ETCD_"))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect();
+    assert_eq!(env.len(), 4, "{added}");
+    assert!(env.contains(&("ETCD_INITIAL_CLUSTER_STATE".into(), "existing".into())));
+    let data = c._dir.path().join("n3");
+    let log = std::fs::File::create(c._dir.path().join("n3.log")).unwrap();
+    let mut newcomer = Command::new(&bin)
+        .arg("serve")
+        .envs(env)
+        .arg(format!("--data-dir={}", data.display()))
+        .arg(format!("--listen-client-urls={client}"))
+        .arg(format!("--advertise-client-urls={client}"))
+        .arg(format!("--listen-peer-urls={peer}"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // Promoted once it has caught up (etcd refuses until then).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out) = etcdctl_result(&e, &["member", "promote", &id]);
+        if ok {
+            assert!(out.contains(&format!("Member {id} promoted")), "{out}");
+            break;
+        }
+        assert!(
+            out.contains("in sync with leader") && Instant::now() < deadline,
+            "{out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let at_newcomer = client.trim_start_matches("http://");
+    assert_eq!(
+        etcdctl(at_newcomer, &["get", "before", "--print-value-only"], None).trim(),
+        "1"
+    );
+    etcdctl(&e, &["put", "after", "2"], None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let list = loop {
+        let list = etcdctl(&e, &["member", "list"], None);
+        if list.contains(&format!("started, n3, {peer}, {client}, false")) {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "{list}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(list.lines().count(), 3, "{list}");
+    assert!(!list.contains(", n2,"), "{list}");
+    let _ = newcomer.kill();
+    let _ = newcomer.wait();
 }

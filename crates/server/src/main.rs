@@ -108,39 +108,66 @@ struct ClusterArgs {
     base_port: u16,
 }
 
+/// etcd's flags, each also taken from its environment variable as etcd does
+/// (`ETCD_NAME`, `ETCD_INITIAL_CLUSTER`, …: what `etcdctl member add` prints); a flag given
+/// on the command line wins.
 #[derive(Parser, Debug)]
 struct ServeArgs {
     /// Human-readable name of this member; must appear in --initial-cluster.
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", env = "ETCD_NAME")]
     name: String,
     /// Where this member keeps its log and snapshots.
-    #[arg(long)]
+    #[arg(long, env = "ETCD_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:2379",
+        env = "ETCD_LISTEN_CLIENT_URLS"
+    )]
     listen_client_urls: String,
-    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:2379",
+        env = "ETCD_ADVERTISE_CLIENT_URLS"
+    )]
     advertise_client_urls: String,
-    #[arg(long, default_value = "http://127.0.0.1:2380")]
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:2380",
+        env = "ETCD_LISTEN_PEER_URLS"
+    )]
     listen_peer_urls: String,
-    #[arg(long, default_value = "http://127.0.0.1:2380")]
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:2380",
+        env = "ETCD_INITIAL_ADVERTISE_PEER_URLS"
+    )]
     initial_advertise_peer_urls: String,
     /// Every member as name=peer-url, comma separated.
-    #[arg(long, default_value = "default=http://127.0.0.1:2380")]
+    #[arg(
+        long,
+        default_value = "default=http://127.0.0.1:2380",
+        env = "ETCD_INITIAL_CLUSTER"
+    )]
     initial_cluster: String,
     /// "new" or "existing".
-    #[arg(long, default_value = "new")]
+    #[arg(long, default_value = "new", env = "ETCD_INITIAL_CLUSTER_STATE")]
     initial_cluster_state: String,
     /// Distinguishes clusters: members of different clusters refuse each other's data.
-    #[arg(long, default_value = "etcd-cluster")]
+    #[arg(
+        long,
+        default_value = "etcd-cluster",
+        env = "ETCD_INITIAL_CLUSTER_TOKEN"
+    )]
     initial_cluster_token: String,
     /// Entries applied between snapshots (log compactions).
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, env = "ETCD_SNAPSHOT_COUNT")]
     snapshot_count: u64,
     /// Heartbeat interval in milliseconds.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, env = "ETCD_HEARTBEAT_INTERVAL")]
     heartbeat_interval: u64,
     /// Election timeout in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, env = "ETCD_ELECTION_TIMEOUT")]
     election_timeout: u64,
     /// Threads serving gRPC and the raft loop (not an etcd flag). 1 suits small machines
     /// and several members per machine; more may help a lone member on many cores.
@@ -199,7 +226,16 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}", log_path.display()))?;
         let client = format!("http://127.0.0.1:{}", port(i, false));
         let peer = format!("http://127.0.0.1:{}", port(i, true));
-        let child = tokio::process::Command::new(&exe)
+        let mut cmd = tokio::process::Command::new(&exe);
+        // The members' flags are all on their command lines: an ETCD_* variable exported
+        // for a member started by hand (ETCD_INITIAL_CLUSTER_STATE=existing, say) must not
+        // reach them.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ETCD_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd
             .arg("serve")
             .arg(format!("--name=n{i}"))
             .arg(format!(
