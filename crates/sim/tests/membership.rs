@@ -37,6 +37,18 @@ fn commit(c: &mut Cluster, cmd: &mut u64, n: usize, expected: usize) {
     }
 }
 
+/// A new node (empty disk) added as a learner, once its log has caught up with the leader's.
+fn add_caught_up_learner(c: &mut Cluster) -> u64 {
+    let new = c.add_node();
+    c.change_membership(simple(Change::AddLearner(new)), WAIT);
+    let caught_up = c.run_until(WAIT, |c| {
+        c.stable_leader()
+            .is_some_and(|l| c.node(l).raft().lag(new) == Some(0))
+    });
+    assert!(caught_up, "the learner never caught up");
+    new
+}
+
 fn removed(c: &Cluster, id: u64) -> bool {
     c.node(id).driver.as_ref().is_some_and(|d| d.removed())
 }
@@ -108,13 +120,7 @@ fn a_crashed_voter_whose_disk_is_gone_is_replaced() {
     c.destroy(dead);
     // The operator's flow: a new machine under a new id joins as a learner, catches up by
     // snapshot, is promoted once it has caught up, and the dead one is removed.
-    let new = c.add_node();
-    c.change_membership(simple(Change::AddLearner(new)), WAIT);
-    let caught_up = c.run_until(WAIT, |c| {
-        c.stable_leader()
-            .is_some_and(|l| c.node(l).raft().lag(new) == Some(0))
-    });
-    assert!(caught_up, "the learner never caught up");
+    let new = add_caught_up_learner(&mut c);
     assert!(
         c.node(new).disk.snapshot.is_some(),
         "the log was compacted: the learner must have started from a snapshot"
@@ -414,13 +420,7 @@ fn a_follower_that_missed_a_change_takes_the_configuration_from_the_leaders_snap
     c.disconnect(away);
     // While it is away, a newcomer joins and becomes a voter, and the log is compacted past
     // both changes: only the snapshot can tell the follower who votes now.
-    let new = c.add_node();
-    c.change_membership(simple(Change::AddLearner(new)), WAIT);
-    let caught_up = c.run_until(WAIT, |c| {
-        c.stable_leader()
-            .is_some_and(|l| c.node(l).raft().lag(new) == Some(0))
-    });
-    assert!(caught_up, "the learner never caught up");
+    let new = add_caught_up_learner(&mut c);
     let m = c.change_membership(simple(Change::Promote(new)), WAIT);
     commit(&mut c, &mut cmd, 30, 3);
     let compacted = c.run_until(WAIT, |c| {
