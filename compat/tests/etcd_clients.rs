@@ -239,6 +239,16 @@ async fn etcdctl_works_unchanged() {
     .unwrap();
 }
 
+/// A process started by a test, killed when the test ends, passed or failed.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs of whitespace made one: etcdctl pads ids to 16 hex digits with spaces.
 fn words(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
@@ -337,17 +347,19 @@ async fn etcdctl_replaces_a_failed_member_as_etcds_documentation_does() {
     assert!(env.contains(&("ETCD_INITIAL_CLUSTER_STATE".into(), "existing".into())));
     let data = c.dir.path().join("n3");
     let log = std::fs::File::create(c.dir.path().join("n3.log")).unwrap();
-    let mut newcomer = Command::new(&bin)
-        .arg("serve")
-        .envs(env)
-        .arg(format!("--data-dir={}", data.display()))
-        .arg(format!("--listen-client-urls={client}"))
-        .arg(format!("--advertise-client-urls={client}"))
-        .arg(format!("--listen-peer-urls={peer}"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let _newcomer = KillOnDrop(
+        Command::new(&bin)
+            .arg("serve")
+            .envs(env)
+            .arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     // Promoted once it has caught up (etcd refuses until then).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -382,6 +394,4 @@ async fn etcdctl_replaces_a_failed_member_as_etcds_documentation_does() {
     };
     assert_eq!(list.lines().count(), 3, "{list}");
     assert!(!list.contains(", n2,"), "{list}");
-    let _ = newcomer.kill();
-    let _ = newcomer.wait();
 }
