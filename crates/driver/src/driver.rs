@@ -236,13 +236,11 @@ where
         if self.waiters.len() >= self.cfg.max_pending_writes {
             return reply.send(Err(Refusal::TooManyRequests));
         }
-        let id = self.ids.next_request();
-        match self.raft.propose_conf_change(build(id)) {
-            Ok(_) => {
+        match self.conf_change(build) {
+            Ok((id, _)) => {
                 self.waiters.insert(id, reply);
             }
-            Err(raft::Error::ConfChangeRefused(why)) => reply.send(Err(Refusal::ConfChange(why))),
-            Err(e) => reply.send(Err(refusal(e))),
+            Err(why) => reply.send(Err(why)),
         }
     }
 
@@ -252,16 +250,23 @@ where
         &mut self,
         build: impl FnOnce(RequestId) -> raft::ConfChange,
     ) -> Result<Index, Refusal> {
+        self.conf_change(build).map(|(_, index)| index)
+    }
+
+    /// A configuration change under a fresh request id: the id and the entry's index.
+    fn conf_change(
+        &mut self,
+        build: impl FnOnce(RequestId) -> raft::ConfChange,
+    ) -> Result<(RequestId, Index), Refusal> {
         if self.failure.is_some() {
             return Err(Refusal::Stopped);
         }
         let id = self.ids.next_request();
-        self.raft
-            .propose_conf_change(build(id))
-            .map_err(|e| match e {
-                raft::Error::ConfChangeRefused(why) => Refusal::ConfChange(why),
-                e => refusal(e),
-            })
+        match self.raft.propose_conf_change(build(id)) {
+            Ok(index) => Ok((id, index)),
+            Err(raft::Error::ConfChangeRefused(why)) => Err(Refusal::ConfChange(why)),
+            Err(e) => Err(refusal(e)),
+        }
     }
 
     /// A read: linearizable (confirmed by ReadIndex, then served once applied that far) or

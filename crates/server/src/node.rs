@@ -523,12 +523,9 @@ impl Loop {
         let registry = &self.d.machine().registry;
         let applied = self.d.membership();
         let latest = r.membership();
-        let pending: BTreeMap<NodeId, Vec<String>> = {
-            let mut added = self.added.lock().unwrap();
-            // Forget what applied, or what the log no longer holds.
-            added.retain(|id, _| latest.contains(*id) && !registry.members.contains_key(id));
-            added.clone()
-        };
+        let mut added = self.added.lock().unwrap();
+        // Forget what applied, or what the log no longer holds.
+        added.retain(|id, _| latest.contains(*id) && !registry.members.contains_key(id));
         let changed = {
             let v = self.view.read().unwrap();
             v.leader != leader
@@ -536,11 +533,14 @@ impl Loop {
                 || v.registry != *registry
                 || v.applied.as_ref() != applied
                 || v.latest.as_ref() != Some(latest)
-                || v.pending != pending
+                || v.pending != *added
         };
         if !changed {
             return;
         }
+        // Copied only when something changed: this runs after every round of the loop.
+        let pending = added.clone();
+        drop(added);
         let next = View {
             registry: registry.clone(),
             applied: applied.cloned(),
@@ -567,20 +567,23 @@ impl Loop {
         let revision = self.d.machine().store.revision();
         let mut waiting = Vec::new();
         for (index, term, reply) in std::mem::take(&mut self.early) {
-            match r.term_at(index) {
-                Some(t) if t != term => reply.send(Err(Refusal::LeaderChanged)),
-                None if index <= r.snapshot_index() => reply.send(Ok(Answered {
+            // Lost: the log holds another entry there, or none and no snapshot covers it.
+            let held = r.term_at(index);
+            let lost = match held {
+                Some(t) => t != term,
+                None => index > r.snapshot_index(),
+            };
+            if lost {
+                reply.send(Err(Refusal::LeaderChanged));
+            } else if held.is_none() || index <= persisted {
+                // Durable here (compacted entries are committed, so durable too).
+                reply.send(Ok(Answered {
                     value: Ok((None, revision)),
                     term: now,
                     applied,
-                })),
-                None => reply.send(Err(Refusal::LeaderChanged)),
-                Some(_) if index <= persisted => reply.send(Ok(Answered {
-                    value: Ok((None, revision)),
-                    term: now,
-                    applied,
-                })),
-                Some(_) => waiting.push((index, term, reply)),
+                }));
+            } else {
+                waiting.push((index, term, reply));
             }
         }
         self.early = waiting;
