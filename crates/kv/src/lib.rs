@@ -6,14 +6,17 @@
 //! DeleteRange, Txn (compares on value, version, create and mod revision and lease; nested
 //! transactions), Compact. Deterministic: the same requests applied in the same order give
 //! the same state and answers on every node. [`Store::snapshot`] and [`Store::restore`]
-//! carry the whole state for raft log compaction.
+//! carry the whole state for raft log compaction. [`Store::events_at`] reports what each
+//! revision changed, as etcd's watch events.
 
 mod error;
+mod events;
 mod snapshot;
 mod store;
 mod types;
 
 pub use error::{Error, Result};
+pub use events::{Event, EventKind};
 pub use store::{Request, Response, Store, MAX_TXN_OPS};
 pub use types::*;
 

@@ -1,21 +1,27 @@
 //! The store as bytes, for raft snapshots. Layout (little endian):
 //!
 //! ```text
-//! magic "RKVKV001" | revision i64 | compact_revision i64 | key count u64 |
+//! magic "RKVKV002" | revision i64 | compact_revision i64 | key count u64 |
 //!   per key: key len u32 | key | version count u32 |
-//!     per version: rev i64 | live u8 | if live: create i64 | version i64 | lease i64 |
-//!                                              value len u32 | value
+//!     per version: rev i64 | sub u32 | live u8 | if live: create i64 | version i64 |
+//!                                                    lease i64 | value len u32 | value
 //! ```
+//!
+//! `sub` is the version's place among the writes of its revision (etcd's sub-revision),
+//! from which the revision index that watchers replay is rebuilt. Version 1 ("RKVKV001")
+//! had no `sub`; its writes of one revision are replayed in key order.
 //!
 //! Integrity is the snapshot file's job (it carries a CRC); decoding still checks every
 //! length and invariant, and never panics on bad bytes.
 
 use crate::error::{Error, Result};
 use crate::store::{cost, Store, Version};
-use crate::types::KeyValue;
+use crate::types::{KeyValue, Revision};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use imbl::Vector;
 
-const MAGIC: &[u8; 8] = b"RKVKV001";
+const MAGIC: &[u8; 8] = b"RKVKV002";
+const MAGIC_V1: &[u8; 8] = b"RKVKV001";
 
 impl Store {
     pub fn snapshot(&self) -> Bytes {
@@ -30,6 +36,7 @@ impl Store {
             b.put_u32_le(history.len() as u32);
             for v in history {
                 b.put_i64_le(v.rev);
+                b.put_u32_le(self.sub_of(key, v.rev));
                 match &v.kv {
                     None => b.put_u8(0),
                     Some(kv) => {
@@ -49,16 +56,24 @@ impl Store {
     /// Rebuild a store from [`Store::snapshot`]'s bytes.
     pub fn restore(data: &Bytes) -> Result<Store> {
         let mut r = Reader(data.clone());
-        if r.take(8)? != MAGIC[..] {
-            return Err(Error::BadSnapshot("not a kv snapshot"));
-        }
+        let v1 = match r.take(8)? {
+            m if m == MAGIC[..] => false,
+            m if m == MAGIC_V1[..] => true,
+            _ => return Err(Error::BadSnapshot("not a kv snapshot")),
+        };
         let mut store = Store {
             revision: r.i64()?,
             compact_revision: r.i64()?,
             ..Store::default()
         };
+        if store.compact_revision < 0 || store.compact_revision > store.revision {
+            return Err(Error::BadSnapshot("compact revision out of range"));
+        }
         let keys = r.u64()?;
         let mut prev_key: Option<Bytes> = None;
+        // (revision, sub-revision, key) of every indexed version.
+        let mut writes: Vec<(Revision, u32, Bytes)> = Vec::new();
+        let first = store.first_indexed();
         for _ in 0..keys {
             let len = r.u32()? as usize;
             let key = r.take(len)?;
@@ -71,6 +86,10 @@ impl Store {
                 let rev = r.i64()?;
                 if history.last().is_some_and(|v| v.rev >= rev) || rev > store.revision {
                     return Err(Error::BadSnapshot("revisions out of order"));
+                }
+                let sub = if v1 { 0 } else { r.u32()? };
+                if rev >= first {
+                    writes.push((rev, sub, key.clone()));
                 }
                 let kv = match r.u8()? {
                     0 => None,
@@ -99,8 +118,49 @@ impl Store {
         if r.0.has_remaining() {
             return Err(Error::BadSnapshot("trailing bytes"));
         }
+        store.by_rev = index(writes, first, store.revision)?;
         Ok(store)
     }
+
+    /// A version's place among its revision's writes (0 if the index no longer holds it).
+    fn sub_of(&self, key: &Bytes, rev: Revision) -> u32 {
+        let first = self.first_indexed();
+        if rev < first {
+            return 0;
+        }
+        self.by_rev
+            .get((rev - first) as usize)
+            .and_then(|w| w.iter().position(|k| k == key))
+            .map_or(0, |p| p as u32)
+    }
+}
+
+/// The revision index from each indexed version's (revision, sub-revision, key): every
+/// revision from `first` to `last` must have written something, except `first` itself,
+/// whose writes compaction may have removed.
+fn index(
+    mut writes: Vec<(Revision, u32, Bytes)>,
+    first: Revision,
+    last: Revision,
+) -> Result<Vector<Vec<Bytes>>> {
+    // Keys come in order, so equal sub-revisions (a version 1 snapshot) stay in key order.
+    writes.sort_by_key(|w| (w.0, w.1));
+    let mut by_rev: Vector<Vec<Bytes>> = Vector::new();
+    let mut writes = writes.into_iter().peekable();
+    for rev in first..=last {
+        let mut written = Vec::new();
+        while let Some((_, sub, key)) = writes.next_if(|w| w.0 == rev) {
+            if sub as usize != written.len() && sub != 0 {
+                return Err(Error::BadSnapshot("sub-revisions out of order"));
+            }
+            written.push(key);
+        }
+        if written.is_empty() && rev != first {
+            return Err(Error::BadSnapshot("a revision without writes"));
+        }
+        by_rev.push_back(written);
+    }
+    Ok(by_rev)
 }
 
 struct Reader(Bytes);

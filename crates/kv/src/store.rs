@@ -11,7 +11,7 @@
 use crate::error::{Error, Result};
 use crate::types::*;
 use bytes::Bytes;
-use imbl::OrdMap;
+use imbl::{OrdMap, Vector};
 use std::ops::Bound;
 
 /// etcd's default `--max-txn-ops`.
@@ -34,6 +34,13 @@ pub struct Store {
     /// Bytes of keys and values across all retained versions, kept up to date as versions
     /// come and go (a restored store recounts, so equality checks the bookkeeping).
     pub(crate) size: u64,
+    /// The keys each revision wrote, in the order it wrote them (etcd's sub-revisions): the
+    /// index watchers catch up from, so replaying revisions costs what they wrote, not a
+    /// scan of the keyspace. Invariant: element `i` is revision `first_indexed() + i`, and
+    /// every revision from there to `revision` is held (each one wrote at least one key);
+    /// every key listed has its version of that revision in `keys`. A persistent vector:
+    /// it clones in O(1) with the rest of the store.
+    pub(crate) by_rev: Vector<Vec<Bytes>>,
 }
 
 /// What one version of a key costs in [`Store::size_bytes`].
@@ -85,7 +92,7 @@ fn at(history: &[Version], rev: Revision) -> Option<&KeyValue> {
     history.get(i.checked_sub(1)?)?.kv.as_ref()
 }
 
-fn in_range(range: &KeyRange, key: &[u8]) -> bool {
+pub(crate) fn in_range(range: &KeyRange, key: &[u8]) -> bool {
     if range.range_end.is_empty() {
         return key == &range.key[..];
     }
@@ -104,6 +111,11 @@ impl Store {
 
     pub fn compact_revision(&self) -> Revision {
         self.compact_revision
+    }
+
+    /// The oldest revision whose writes [`Store::by_rev`] holds: the compact revision (or 1).
+    pub(crate) fn first_indexed(&self) -> Revision {
+        self.compact_revision.max(1)
     }
 
     /// Bytes of keys and values held, across all retained versions (what etcd reports as
@@ -205,6 +217,12 @@ impl Store {
             Ok(resp) => {
                 if txn.wrote {
                     self.revision = txn.rev;
+                    // The undo list is exactly the keys written, in order.
+                    self.by_rev.push_back(txn.undo);
+                    debug_assert_eq!(
+                        self.first_indexed() + self.by_rev.len() as Revision - 1,
+                        self.revision
+                    );
                 }
                 Ok(resp)
             }
@@ -357,8 +375,23 @@ impl Store {
             }
         }
         self.size -= freed;
+        let old_first = self.first_indexed();
         self.compact_revision = rev;
+        self.compact_index(old_first, rev);
         Ok(())
+    }
+
+    /// Drop from the revision index the revisions below `rev`, and at `rev` itself the keys
+    /// whose version compaction removed (a delete at `rev` leaves no tombstone).
+    fn compact_index(&mut self, old_first: Revision, rev: Revision) {
+        self.by_rev = self.by_rev.skip((rev - old_first) as usize);
+        let keys = &self.keys;
+        if let Some(written) = self.by_rev.front_mut() {
+            written.retain(|k| {
+                keys.get(k)
+                    .is_some_and(|h| h.first().is_some_and(|v| v.rev == rev))
+            });
+        }
     }
 }
 

@@ -430,3 +430,96 @@ fn prefix_end_matches_etcd() {
     assert_eq!(prefix_end(b"a\xff"), b("b"));
     assert_eq!(prefix_end(b"\xff\xff"), b("\0"));
 }
+
+/// A transaction's events come in the order it made its writes (etcd's sub-revisions), not
+/// in key order — and keep that order through a snapshot and through compaction.
+#[test]
+fn a_transactions_events_keep_their_order_through_snapshots_and_compaction() {
+    let mut s = Store::new();
+    put(&mut s, "a", "0");
+    let txn = TxnRequest {
+        compare: Vec::new(),
+        success: vec![
+            put_op("c", "1"),
+            RequestOp::DeleteRange(DeleteRangeRequest {
+                range: KeyRange {
+                    key: b("a"),
+                    range_end: Bytes::new(),
+                },
+                prev_kv: false,
+            }),
+            put_op("b", "1"),
+        ],
+        failure: Vec::new(),
+    };
+    s.apply(&Request::Txn(txn)).unwrap();
+    put(&mut s, "c", "2");
+    let order = |s: &Store, rev| -> Vec<(EventKind, Bytes)> {
+        s.events_at(rev, None)
+            .into_iter()
+            .map(|e| (e.kind, e.kv.key))
+            .collect()
+    };
+    let want = vec![
+        (EventKind::Put, b("c")),
+        (EventKind::Delete, b("a")),
+        (EventKind::Put, b("b")),
+    ];
+    assert_eq!(order(&s, 2), want);
+    let restored = Store::restore(&s.snapshot()).unwrap();
+    assert_eq!(order(&restored, 2), want);
+    assert_eq!(restored, s);
+
+    // The delete: a tombstone at revision 2, with the value it removed.
+    let del = &s.events_at(2, None)[1];
+    assert_eq!(
+        del.kv,
+        KeyValue {
+            key: b("a"),
+            mod_revision: 2,
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        del.prev_kv.as_ref().map(|kv| kv.value.clone()),
+        Some(b("0"))
+    );
+    // A put over a value reports it as the previous one.
+    let over = &s.events_at(3, None)[0];
+    assert_eq!(over.prev_kv.as_ref().map(|kv| kv.mod_revision), Some(2));
+
+    // Compacting at 2 drops revision 1 and the tombstone of revision 2; the puts remain.
+    s.compact(2).unwrap();
+    assert_eq!(s.first_event_revision(), 2);
+    assert!(s.events_at(1, None).is_empty());
+    let kept = vec![(EventKind::Put, b("c")), (EventKind::Put, b("b"))];
+    assert_eq!(order(&s, 2), kept);
+    let restored = Store::restore(&s.snapshot()).unwrap();
+    assert_eq!(order(&restored, 2), kept);
+    assert_eq!(restored, s);
+    s.compact(3).unwrap();
+    assert_eq!(order(&s, 3), vec![(EventKind::Put, b("c"))]);
+}
+
+/// A snapshot of the first format (no sub-revisions) still restores, its revisions' writes
+/// in key order.
+#[test]
+fn a_version_one_snapshot_restores() {
+    let mut v1 = b"RKVKV001".to_vec();
+    for x in [1i64, 0, 1] {
+        v1.extend_from_slice(&x.to_le_bytes()); // revision 1, compact 0, one key
+    }
+    v1.extend_from_slice(&1u32.to_le_bytes());
+    v1.push(b'k');
+    v1.extend_from_slice(&1u32.to_le_bytes()); // one version
+    v1.extend_from_slice(&1i64.to_le_bytes()); // at revision 1
+    v1.push(1);
+    for x in [1i64, 1, 0] {
+        v1.extend_from_slice(&x.to_le_bytes()); // create 1, version 1, lease 0
+    }
+    v1.extend_from_slice(&1u32.to_le_bytes());
+    v1.push(b'v');
+    let s = Store::restore(&Bytes::from(v1)).unwrap();
+    assert_eq!(get(&s, "k", 0).unwrap().unwrap().value, b("v"));
+    assert_eq!(s.events_at(1, None).len(), 1);
+}
