@@ -16,8 +16,12 @@ use raft::NodeId;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 
-/// The version reported by Maintenance.Status: the etcd API level raftkv implements.
-pub const API_VERSION: &str = "3.4.0";
+/// The version reported by Maintenance.Status: the etcd API level raftkv implements. 3.4.31
+/// is the first 3.4 release whose progress notifications are ordered with the events and
+/// sent only once every watcher of the stream is caught up — the behaviour raftkv has —
+/// and Kubernetes enables progress requests (consistent reads from its watch cache,
+/// watch-list) only from that version on.
+pub const API_VERSION: &str = "3.4.31";
 /// How long a request may wait for the cluster before "request timed out".
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -17,6 +17,7 @@ pub mod node;
 pub mod peer;
 pub mod reconfig;
 pub mod transport;
+pub mod watch;
 
 /// Generated protobuf types and gRPC services.
 pub mod pb {

@@ -9,9 +9,11 @@ use server::grpc::Services;
 use server::node::{self, Node, NodeConfig};
 use server::pb::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
+    watch_server::WatchServer,
 };
 use server::pb::raftkvpb::{self, raft_server::RaftServer};
 use server::transport::{Heard, PeerTransport, RaftService};
+use server::watch::WatchService;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -169,10 +171,55 @@ struct ServeArgs {
     /// Election timeout in milliseconds.
     #[arg(long, default_value_t = 1000, env = "ETCD_ELECTION_TIMEOUT")]
     election_timeout: u64,
+    /// How often watchers that asked for progress notifications get one (a Go duration:
+    /// "10m", "500ms", "1m30s").
+    #[arg(
+        long,
+        default_value = "10m",
+        value_parser = parse_go_duration,
+        env = "ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL"
+    )]
+    experimental_watch_progress_notify_interval: Duration,
     /// Threads serving gRPC and the raft loop (not an etcd flag). 1 suits small machines
     /// and several members per machine; more may help a lone member on many cores.
     #[arg(long, default_value_t = 1)]
     worker_threads: usize,
+}
+
+/// A duration as Go writes them (etcd's flags take these): numbers with units h, m, s, ms,
+/// us (or µs) and ns, run together ("1m30s"). Zero is refused.
+fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration like 10m, 500ms or 1m30s");
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let n: f64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let secs = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit_len..];
+        total += Duration::try_from_secs_f64(n * secs).map_err(|_| bad())?;
+    }
+    if total.is_zero() {
+        return Err(format!("{s:?}: the interval must be more than zero"));
+    }
+    Ok(total)
 }
 
 /// SIGTERM, as sent by service managers and `kill`.
@@ -391,6 +438,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         tick: Duration::from_millis(a.heartbeat_interval),
         election_ticks: a.election_timeout / a.heartbeat_interval,
         snapshot_count: a.snapshot_count.max(1),
+        watch_progress_interval: a.experimental_watch_progress_notify_interval,
     };
     let cell = Arc::new(OnceLock::new());
     let hello = raftkvpb::Hello {
@@ -422,6 +470,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     let client_server = tonic::transport::Server::builder()
         .add_service(KvServer::new(services.clone()))
         .add_service(MaintenanceServer::new(services.clone()))
+        .add_service(WatchServer::new(WatchService::new(node.clone())))
         .add_service(ClusterServer::new(services))
         .serve_with_incoming(client_listener);
     println!(

@@ -11,6 +11,7 @@ use crate::machine::{Applied, KvMachine, Served};
 use crate::members::{self, Registry};
 use crate::pb::etcdserverpb::ResponseHeader;
 use crate::reconfig::{self, MemberOp};
+use crate::watch::Watchers;
 use driver::{Answered, DriverConfig, Ids, Refusal, Reply};
 use raft::{
     ConfChange, ConfEntry, EntryKind, Index, Membership, Message, NodeId, Raft, Role, Snapshot,
@@ -39,7 +40,16 @@ pub struct NodeConfig {
     pub election_ticks: u64,
     /// Compact the log every this many applied entries.
     pub snapshot_count: u64,
+    /// How often watchers that asked for progress notifications get one (etcd's
+    /// `--experimental-watch-progress-notify-interval`, ten minutes by default).
+    pub watch_progress_interval: Duration,
 }
+
+/// etcd's default interval between progress notifications.
+pub const WATCH_PROGRESS_INTERVAL: Duration = Duration::from_secs(600);
+/// How soon the loop comes back to watchers it could not finish catching up (their
+/// clients' queues were full, or the pass hit its bound).
+const CATCH_UP_PAUSE: Duration = Duration::from_millis(2);
 
 /// How raft messages leave the node. Sending never blocks the raft loop; a transport that
 /// cannot deliver drops (raft retransmits).
@@ -163,6 +173,8 @@ pub struct Node {
     id: NodeId,
     cluster_id: u64,
     view: Arc<RwLock<View>>,
+    watchers: Watchers,
+    election_timeout: Duration,
 }
 
 fn gone() -> Status {
@@ -240,6 +252,9 @@ impl Node {
             dcfg,
         );
         let view = Arc::new(RwLock::new(View::default()));
+        let watchers = Watchers::new(d.machine().store.revision());
+        let progress_ticks =
+            (cfg.watch_progress_interval.as_micros() / cfg.tick.as_micros().max(1)).max(1) as u64;
         let mut lp = Loop {
             d,
             view: view.clone(),
@@ -247,6 +262,9 @@ impl Node {
             data_dir: cfg.data_dir.clone(),
             added,
             early: Vec::new(),
+            watchers: watchers.clone(),
+            progress_ticks,
+            ticks: 0,
         };
         lp.refresh_view();
         let task = tokio::spawn(lp.run(cfg.tick, rx, done_rx));
@@ -255,6 +273,8 @@ impl Node {
             id: cfg.id,
             cluster_id: cfg.cluster_id,
             view,
+            watchers,
+            election_timeout: cfg.tick * cfg.election_ticks as u32,
         };
         Ok((node, task))
     }
@@ -270,6 +290,20 @@ impl Node {
     /// The member's current view of its cluster.
     pub fn view(&self) -> View {
         self.view.read().unwrap().clone()
+    }
+
+    /// The view itself, for services that look at it often (a field, not a copy).
+    pub fn view_handle(&self) -> Arc<RwLock<View>> {
+        self.view.clone()
+    }
+
+    /// The member's watchers (the Watch service adds and removes them).
+    pub fn watchers(&self) -> Watchers {
+        self.watchers.clone()
+    }
+
+    pub fn election_timeout(&self) -> Duration {
+        self.election_timeout
     }
 
     /// Whether `id` was removed from the cluster.
@@ -462,6 +496,10 @@ struct Loop {
     /// Membership changes answered once their entry is durable here rather than applied
     /// (index, term of the entry; the client).
     early: Vec<(Index, Term, Waiter<Applied>)>,
+    watchers: Watchers,
+    /// Ticks between periodic progress notifications, and ticks since the last one.
+    progress_ticks: u64,
+    ticks: u64,
 }
 
 impl Loop {
@@ -474,12 +512,15 @@ impl Loop {
     ) -> Result<(), String> {
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backlog = false;
         loop {
             if let Some(why) = self.removed() {
                 return Err(why);
             }
             tokio::select! {
-                _ = ticker.tick() => self.d.tick(),
+                _ = ticker.tick() => self.on_tick(),
+                _ = self.watchers.wake.notified() => {}
+                _ = tokio::time::sleep(CATCH_UP_PAUSE), if backlog => {}
                 Some(first) = done.recv() => {
                     self.on_done(first);
                     while let Ok(next) = done.try_recv() {
@@ -509,9 +550,32 @@ impl Loop {
                 return Err(why.to_string());
             }
             self.refresh_view();
+            backlog = self.sync_watchers();
         }
         self.d.shutdown("the member is stopping");
         Ok(())
+    }
+
+    fn on_tick(&mut self) {
+        self.d.tick();
+        self.ticks += 1;
+        if self.ticks >= self.progress_ticks {
+            self.ticks = 0;
+            self.watchers.hub.lock().unwrap().progress_tick();
+        }
+    }
+
+    /// Hand the revisions applied this round to the watchers, and replay a bounded slice
+    /// of history to those behind. Returns whether some are still behind (the loop comes
+    /// back soon). Without watchers this is a comparison under an uncontended lock.
+    fn sync_watchers(&mut self) -> bool {
+        let store = &self.d.machine().store;
+        let mut hub = self.watchers.hub.lock().unwrap();
+        if hub.revision() == store.revision() && !hub.backlog() {
+            return false;
+        }
+        hub.sync(store);
+        hub.backlog()
     }
 
     /// Publish what changed of the member's view of its cluster, and reconnect peers if the
@@ -520,6 +584,9 @@ impl Loop {
         self.answer_early();
         let r = self.d.raft();
         let (leader, term) = (r.leader(), r.term());
+        self.watchers
+            .term
+            .store(term, std::sync::atomic::Ordering::Relaxed);
         let registry = &self.d.machine().registry;
         let applied = self.d.membership();
         let latest = r.membership();

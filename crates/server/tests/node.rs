@@ -69,6 +69,7 @@ fn config(dir: &Path, id: u64, snapshot_count: u64) -> NodeConfig {
         tick: Duration::from_millis(10),
         election_ticks: 10,
         snapshot_count,
+        watch_progress_interval: server::node::WATCH_PROGRESS_INTERVAL,
     }
 }
 

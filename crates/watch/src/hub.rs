@@ -563,8 +563,13 @@ impl<S: Sink> Hub<S> {
                 if st.sink.room() == 0 {
                     return; // the queue filled: this slice again, later
                 }
-                st.sink
-                    .send(split(events, self.revision, wid.1, w.fragment, &self.limits));
+                st.sink.send(split(
+                    events,
+                    self.revision,
+                    wid.1,
+                    w.fragment,
+                    &self.limits,
+                ));
                 w.quiet = false;
             }
             w.next_rev = rev;
