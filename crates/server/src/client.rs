@@ -159,3 +159,86 @@ pub async fn status(endpoints: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// `raftkv watch`: print every change of a key (or prefix) as etcdctl does — the event
+/// type, the key and the value, one per line (with `--prev-kv`, the previous key and value
+/// before the new ones). If the stream breaks, it resumes on the next endpoint from the
+/// revision after the last one printed: no change is missed or printed twice.
+pub async fn watch(
+    endpoints: &str,
+    key: String,
+    prefix: bool,
+    rev: i64,
+    prev_kv: bool,
+) -> Result<(), String> {
+    use server::pb::etcdserverpb::{
+        watch_client::WatchClient, watch_request::RequestUnion, WatchCreateRequest, WatchRequest,
+    };
+    let urls = urls(endpoints);
+    if urls.is_empty() {
+        return Err("no endpoints given".into());
+    }
+    let mut next = rev;
+    let mut failures = 0;
+    for url in urls.iter().cycle() {
+        let create = WatchRequest {
+            request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                range_end: range_end(&key, prefix),
+                key: key.clone().into(),
+                start_revision: next,
+                prev_kv,
+                ..Default::default()
+            })),
+        };
+        // The request stream stays open (ending it would not end the watch, but keeping it
+        // is what a client that may cancel later does).
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let _ = tx.send(create).await;
+        let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let stream = match channel(url).await {
+            Ok(ch) => WatchClient::new(ch).watch(requests).await,
+            Err(e) => Err(tonic::Status::unavailable(e)),
+        };
+        let mut stream = match stream {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                failures += 1;
+                if failures >= 3 * urls.len() {
+                    return Err(format!("{url}: {}", e.message()));
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                continue;
+            }
+        };
+        while let Ok(Some(resp)) = stream.message().await {
+            failures = 0;
+            if resp.compact_revision != 0 {
+                return Err(format!(
+                    "watch canceled: revision {next} was compacted (the oldest kept is {})",
+                    resp.compact_revision
+                ));
+            }
+            if resp.canceled {
+                return Err(format!("watch canceled: {}", resp.cancel_reason));
+            }
+            for e in resp.events {
+                let kind = if e.r#type == 1 { "DELETE" } else { "PUT" };
+                println!("{kind}");
+                for kv in e.prev_kv.iter().chain(e.kv.iter()) {
+                    println!("{}", String::from_utf8_lossy(&kv.key));
+                    println!("{}", String::from_utf8_lossy(&kv.value));
+                }
+                if let Some(kv) = &e.kv {
+                    next = kv.mod_revision + 1;
+                }
+            }
+            if next == 0 {
+                // A watch from now: resume after the revision it started at.
+                next = resp.header.map_or(0, |h| h.revision + 1);
+            }
+        }
+        drop(tx);
+        eprintln!("raftkv watch: the stream from {url} ended; resuming at revision {next}");
+    }
+    Ok(())
+}

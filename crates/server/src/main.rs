@@ -64,6 +64,21 @@ enum Cmd {
         #[command(flatten)]
         c: ClientArgs,
     },
+    /// Print every change of a key, or of every key with a prefix, as it happens; resumes
+    /// on another endpoint if the stream breaks.
+    Watch {
+        key: String,
+        #[arg(long)]
+        prefix: bool,
+        /// Start from this revision (0: from now).
+        #[arg(long, default_value_t = 0)]
+        rev: i64,
+        /// Print each change's previous key and value too.
+        #[arg(long)]
+        prev_kv: bool,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
     /// Show each endpoint's member id, leader, term and indexes.
     Status {
         #[command(flatten)]
@@ -546,6 +561,13 @@ fn main() {
                 c,
             } => client::get(&c.endpoints, key, prefix, serializable).await,
             Cmd::Del { key, prefix, c } => client::del(&c.endpoints, key, prefix).await,
+            Cmd::Watch {
+                key,
+                prefix,
+                rev,
+                prev_kv,
+                c,
+            } => client::watch(&c.endpoints, key, prefix, rev, prev_kv).await,
             Cmd::Status { c } => client::status(&c.endpoints).await,
             Cmd::Member { cmd, c } => member_cli::run(&c.endpoints, cmd).await,
             Cmd::MoveLeader { id, c } => member_cli::move_leader(&c.endpoints, &id).await,

@@ -62,11 +62,24 @@ pub fn start(dir: &std::path::Path) -> Vec<Proc> {
     start_with(dir, |_, _, url| url.to_string())
 }
 
+/// Start three members with extra flags.
+pub fn start_flags(dir: &std::path::Path, extra: &[&str]) -> Vec<Proc> {
+    start_members(dir, |_, _, url| url.to_string(), extra)
+}
+
 /// Start three members; `peer_url(viewer, member, real_url)` is the URL member `viewer` is
 /// told to reach `member` at (a test may put a proxy in between).
 pub fn start_with(
     dir: &std::path::Path,
     peer_url: impl Fn(usize, usize, &str) -> String,
+) -> Vec<Proc> {
+    start_members(dir, peer_url, &[])
+}
+
+fn start_members(
+    dir: &std::path::Path,
+    peer_url: impl Fn(usize, usize, &str) -> String,
+    extra: &[&str],
 ) -> Vec<Proc> {
     let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
     let peer = |i: usize| format!("http://127.0.0.1:{}", ports[i].1);
@@ -84,7 +97,7 @@ pub fn start_with(
                 })
                 .collect::<Vec<_>>()
                 .join(",");
-            let args = vec![
+            let mut args: Vec<String> = vec![
                 "serve".into(),
                 format!("--name=n{i}"),
                 format!("--data-dir={}", dir.join(format!("n{i}")).display()),
@@ -98,6 +111,7 @@ pub fn start_with(
                 "--election-timeout=200".into(),
                 "--snapshot-count=50".into(),
             ];
+            args.extend(extra.iter().map(|s| s.to_string()));
             let mut p = Proc {
                 name: format!("n{i}"),
                 client,
