@@ -14,6 +14,7 @@ pub mod network;
 pub mod node;
 pub mod soak;
 pub mod system;
+pub mod watchers;
 
 pub use cluster::{Cluster, SimConfig};
 pub use network::{Faults, Micros, MS};

@@ -12,6 +12,7 @@ use crate::io::{Mailbox, ReadReply, SimDriver, SimIo, WriteReply};
 use crate::linearizability::{self, Input, Operation, Output, Verdict};
 use crate::network::{Faults, Micros, Network, MS};
 use crate::node::Disk;
+use crate::watchers::{self, SimHub, WatchClients};
 use bytes::Bytes;
 use driver::{DriverConfig, Ids, Refusal, RequestId, StateMachine, Write};
 use raft::{Config, Entry, EntryKind, Message, NodeId, Raft, Snapshot};
@@ -239,6 +240,10 @@ pub struct System {
     /// Members that stopped on an injected failure (fail-stop), counted.
     pub fail_stops: u64,
     pub replay: String,
+    /// Watch clients, and each member's watch hub (`None` while it is down).
+    pub watch: WatchClients,
+    hubs: Vec<Option<SimHub>>,
+    watch_rng: ChaCha8Rng,
 }
 
 impl System {
@@ -273,6 +278,9 @@ impl System {
             first_applied: HashMap::new(),
             fail_stops: 0,
             replay,
+            watch: WatchClients::default(),
+            hubs: (0..cfg.nodes).map(|_| None).collect(),
+            watch_rng: ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x3a7c),
             cfg,
         };
         for id in s.ids() {
@@ -362,6 +370,8 @@ impl System {
             Ids::new(id, boot),
             dcfg,
         );
+        let revision = d.machine().store.revision();
+        self.hubs[id as usize - 1] = Some(watch::Hub::new(revision, watchers::limits()));
         let m = self.member(id);
         m.driver = Some(d);
         let inc = m.incarnation;
@@ -416,6 +426,9 @@ impl System {
         m.driver = None;
         m.disk.unsynced = None;
         m.incarnation += 1;
+        self.hubs[id as usize - 1] = None;
+        self.watch.crashed(id);
+        let m = self.member(id);
         m.writes.clear();
         m.io = Shared::default();
     }
@@ -598,6 +611,55 @@ impl System {
             if let Err(v) = self.checker.on_state(d.raft()) {
                 self.fail(&v);
             }
+            self.sync_watchers(id);
+        }
+    }
+
+    /// Hand what `id` applied to its watch hub, and to the history the watchers are checked
+    /// against (which also checks that every member applied the same revisions).
+    fn sync_watchers(&mut self, id: NodeId) {
+        let Some(d) = self.members[id as usize - 1].driver.as_ref() else {
+            return;
+        };
+        let store = &d.machine().store;
+        if let Err(e) = self.watch.history.record(store) {
+            self.fail(&format!("member {id}: {e}"));
+        }
+        if let Some(hub) = self.hubs[id as usize - 1].as_mut() {
+            hub.sync(store);
+        }
+    }
+
+    /// Start `n` watch clients (they open their streams on the next turn).
+    pub fn add_watchers(&mut self, n: usize) {
+        self.watch = WatchClients::new(n, &mut self.watch_rng);
+    }
+
+    /// The watch clients read, and those without a stream open one.
+    pub fn watch_turn(&mut self) {
+        match self.watch.turn(&mut self.watch_rng, &mut self.hubs) {
+            Ok(touched) => {
+                for id in touched {
+                    self.sync_watchers(id);
+                }
+            }
+            Err(e) => self.fail(&format!("watch: {e}")),
+        }
+    }
+
+    /// After convergence: let the watch clients read until each has every revision, then
+    /// check what they got against the history.
+    pub fn check_watchers(&mut self) {
+        let last = self.watch.history.last();
+        for _ in 0..2_000 {
+            self.watch_turn();
+            if self.watch.complete(last).is_ok() {
+                break;
+            }
+            self.run_for(MS);
+        }
+        if let Err(e) = self.watch.complete(last) {
+            self.fail(&format!("watch: {e}"));
         }
     }
 
@@ -808,6 +870,8 @@ pub struct Report {
     pub inconclusive: bool,
     pub checks: u64,
     pub virtual_ms: u64,
+    /// Watch streams resumed on another member after theirs crashed.
+    pub watch_resumes: u64,
 }
 
 /// One seed: a random schedule of faults under clients doing single-key operations on a few
@@ -830,6 +894,7 @@ fn soak_inner(seed: u64, trace: bool) -> (Report, Vec<Operation>) {
     cfg.disk_failure = *[0.0, 0.0, 0.002].choose(&mut plan).unwrap();
     cfg.restore_failure = *[0.0, 0.3].choose(&mut plan).unwrap();
     let mut s = System::new(cfg);
+    s.add_watchers(3);
     if std::thread::current().name().is_some_and(|n| n != "main") {
         s.replay = format!("SIM_SEED={seed} cargo test -p sim --release --test system");
     }
@@ -873,12 +938,15 @@ fn soak_inner(seed: u64, trace: bool) -> (Report, Vec<Operation>) {
             }
             let slice = plan.gen_range(1..30) * MS;
             s.run_for(slice);
+            s.watch_turn();
         }
     }
     s.heal();
     s.check_converged();
     // Requests still waiting get a last chance to be answered.
     s.run_for(1_000 * MS);
+    s.check_watchers();
+    r.watch_resumes = s.watch.clients.iter().map(|c| c.resumes).sum();
     let history = s.checked_history();
     r.operations = history.len();
     r.acknowledged = history.iter().filter(|o| o.ret.is_some()).count();

@@ -24,6 +24,7 @@ fn system_soak_1000_seeds() {
         1_000
     };
     let (mut acked, mut unknown, mut crashes, mut stops, mut inconclusive) = (0, 0, 0, 0, 0);
+    let mut resumes = 0;
     for seed in start..start + count {
         let r = soak(seed, false);
         assert!(r.checks > 0, "seed {seed}: no safety check ran");
@@ -32,10 +33,11 @@ fn system_soak_1000_seeds() {
         crashes += r.crashes;
         stops += r.fail_stops;
         inconclusive += usize::from(r.inconclusive);
+        resumes += r.watch_resumes;
     }
     eprintln!(
         "{count} seeds: {acked} operations answered, {unknown} unknown, {crashes} crashes, \
-         {stops} fail-stops, {inconclusive} inconclusive"
+         {stops} fail-stops, {inconclusive} inconclusive, {resumes} watch streams resumed"
     );
     if count > 1 {
         // The schedules must exercise what they claim to.
@@ -50,6 +52,8 @@ fn system_soak_1000_seeds() {
             inconclusive <= count as usize / 20,
             "{inconclusive} inconclusive"
         );
+        // Watch clients lost streams to crashes and resumed elsewhere.
+        assert!(resumes > count / 2, "{resumes} watch streams resumed");
     }
 }
 

@@ -19,12 +19,24 @@ pub struct History {
 
 impl History {
     /// Record the revisions `store` holds that the history lacks. Call after every apply,
-    /// before any compaction of what was applied.
-    pub fn record(&mut self, store: &Store) {
+    /// before any compaction of what was applied. Several stores (the members of one
+    /// cluster) may feed one history: a store whose newest revision the history has with
+    /// other events has diverged, and that is the error.
+    pub fn record(&mut self, store: &Store) -> Result<(), String> {
+        let newest = store.revision();
+        if let Some(known) = self.events.get(&newest) {
+            let own = store.events_at(newest, None);
+            if newest >= store.first_event_revision() && *known != own {
+                return Err(format!(
+                    "revision {newest} changed {own:?} here but {known:?} elsewhere"
+                ));
+            }
+        }
         let from = self.last() + 1;
-        for rev in from.max(store.first_event_revision())..=store.revision() {
+        for rev in from.max(store.first_event_revision())..=newest {
             self.events.insert(rev, store.events_at(rev, None));
         }
+        Ok(())
     }
 
     pub fn compacted(&mut self, rev: Revision) {

@@ -97,7 +97,7 @@ impl World {
                 self.history.compacted(rev);
             }
         }
-        self.history.record(&self.store);
+        self.history.record(&self.store).unwrap();
         self.hub.sync(&self.store);
     }
 
