@@ -10,11 +10,18 @@
 #   bench/compare-etcd.sh                    # defaults: RUNS=3, 50,000 requests per run
 #   TOTAL=100000 RUNS=5 bench/compare-etcd.sh
 #   SYSTEMS=raftkv bench/compare-etcd.sh     # only one side (while tuning)
+#   WATCH_SECONDS=20 bench/compare-etcd.sh   # length of the watch workload (default 20 s)
+#
+# The watch workload (`raftkv bench-watch`): 10,000 watchers over 100 streams on the first
+# member, 1,000 puts/s to it for WATCH_SECONDS; delivery latency is from the put leaving the
+# client to its event reaching the watcher, and memory is the member's resident set before
+# and after the watchers were created, divided by their number.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOTAL=${TOTAL:-50000}
 RUNS=${RUNS:-3}
 SYSTEMS=${SYSTEMS:-"etcd raftkv"}
+WATCH_SECONDS=${WATCH_SECONDS:-20}
 
 if [[ $SYSTEMS == *etcd* ]] && ! command -v etcd >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -81,6 +88,14 @@ args_of() {
     "linearizable get, 64 clients") echo get --clients 64 --conns 16 ;;
   esac
 }
+WATCH_LABEL="watch: 10k watchers, 1k puts/s"
+run_watch() { # $1 system
+  local line
+  line=$("$RAFTKV" bench-watch --endpoint 127.0.0.1:32379 --member-pid "${PIDS[0]}" \
+    --watchers 10000 --streams 100 --rate 1000 --seconds "$WATCH_SECONDS" | grep '^RESULT')
+  R[$1,$WATCH_LABEL]+="$line"$'\n'
+  echo "$1 $WATCH_LABEL: ${line#RESULT }"
+}
 run() { # $1 system, $2 label
   local line
   # shellcheck disable=SC2046
@@ -99,6 +114,7 @@ for round in $(seq "$RUNS"); do
     echo "== $sys, round $round of $RUNS"
     start "$sys"
     for label in "${WORKLOADS[@]}"; do run "$sys" "$label"; done
+    run_watch "$sys"
     stop
   done
 done
@@ -111,6 +127,8 @@ if [[ $SYSTEMS != *etcd* || $SYSTEMS != *raftkv* ]]; then
       printf '%-8s %-30s %8s ops/s  p50 %7s ms  p99 %7s ms\n' "$sys" "$label" "$(median "$sys,$label" ops_per_sec)" \
         "$(median "$sys,$label" p50_ms)" "$(median "$sys,$label" p99_ms)"
     done
+    printf '%-8s %-30s delivery p50 %7s ms  p99 %7s ms  %s bytes per idle watcher\n' "$sys" "$WATCH_LABEL" \
+      "$(median "$sys,$WATCH_LABEL" p50_ms)" "$(median "$sys,$WATCH_LABEL" p99_ms)" "$(median "$sys,$WATCH_LABEL" bytes_per_watcher)"
   done
   exit 0
 fi
@@ -121,3 +139,10 @@ for label in "${WORKLOADS[@]}"; do
   printf '| %-30s | %12s | %12s | %6.2fx | %7s/%-8s | %7s/%-8s |\n' "$label" "$e" "$r" "$(awk -v r="$r" -v e="$e" 'BEGIN { print r / e }')" \
     "$(median "etcd,$label" p50_ms)" "$(median "raftkv,$label" p50_ms)" "$(median "etcd,$label" p99_ms)" "$(median "raftkv,$label" p99_ms)"
 done
+echo
+printf '| %-30s | %20s | %20s | %22s |\n' workload "delivery p50 etcd/rkv" "delivery p99 etcd/rkv" "bytes/idle watcher e/r"
+printf '|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..32})" "$(printf -- '-%.0s' {1..22})" "$(printf -- '-%.0s' {1..22})" "$(printf -- '-%.0s' {1..24})"
+printf '| %-30s | %9s/%-10s | %9s/%-10s | %10s/%-11s |\n' "$WATCH_LABEL" \
+  "$(median "etcd,$WATCH_LABEL" p50_ms)" "$(median "raftkv,$WATCH_LABEL" p50_ms)" \
+  "$(median "etcd,$WATCH_LABEL" p99_ms)" "$(median "raftkv,$WATCH_LABEL" p99_ms)" \
+  "$(median "etcd,$WATCH_LABEL" bytes_per_watcher)" "$(median "raftkv,$WATCH_LABEL" bytes_per_watcher)"

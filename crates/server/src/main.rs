@@ -99,6 +99,9 @@ enum Cmd {
     },
     /// Load generator over the etcd API (works against etcd too): ops/s and latency.
     Bench(bench::BenchArgs),
+    /// Benchmark watch: many idle watchers on one member, a steady put rate; reports event
+    /// delivery latency and memory per watcher.
+    BenchWatch(bench_watch::WatchArgs),
 }
 
 #[derive(Parser, Debug)]
@@ -513,6 +516,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
 }
 
 mod bench;
+mod bench_watch;
 mod client;
 mod h2call;
 mod member_cli;
@@ -572,6 +576,7 @@ fn main() {
             Cmd::Member { cmd, c } => member_cli::run(&c.endpoints, cmd).await,
             Cmd::MoveLeader { id, c } => member_cli::move_leader(&c.endpoints, &id).await,
             Cmd::Bench(a) => bench::run(a).await,
+            Cmd::BenchWatch(a) => bench_watch::run(a).await,
         }
     });
     if let Err(e) = result {
