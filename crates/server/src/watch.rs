@@ -14,6 +14,7 @@ use crate::node::{Node, View};
 use crate::pb::etcdserverpb::{self as pb, watch_request::RequestUnion, watch_server};
 use crate::pb::mvccpb;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -164,6 +165,8 @@ pub struct Outgoing {
     ended: bool,
     hub: Arc<Mutex<::watch::Hub<StreamSink>>>,
     stream: ::watch::StreamId,
+    /// Wakes the loop when this queue had been full: its watchers may be waiting for room.
+    wake: Arc<Notify>,
 }
 
 impl tokio_stream::Stream for Outgoing {
@@ -187,6 +190,9 @@ impl tokio_stream::Stream for Outgoing {
         }
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(rs)) => {
+                if self.rx.len() + 1 >= STREAM_QUEUE {
+                    self.wake.notify_one();
+                }
                 self.ready.extend(rs);
                 Poll::Ready(self.ready.pop_front().map(Ok))
             }
@@ -203,8 +209,6 @@ impl Drop for Outgoing {
         }
     }
 }
-
-use std::future::Future;
 
 #[tonic::async_trait]
 impl watch_server::Watch for WatchService {
@@ -242,6 +246,7 @@ impl watch_server::Watch for WatchService {
             ended: false,
             hub: self.watchers.hub.clone(),
             stream,
+            wake: self.watchers.wake.clone(),
         }))
     }
 }

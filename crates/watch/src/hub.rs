@@ -111,13 +111,15 @@ struct Stream<S> {
 pub struct Hub<S> {
     /// Every revision up to here has been dispatched to the synced watchers.
     revision: Revision,
-    streams: HashMap<StreamId, Stream<S>>,
+    /// Ordered, so that every pass visits streams in the same order on every run (the
+    /// simulator replays runs exactly).
+    streams: BTreeMap<StreamId, Stream<S>>,
     next_stream: StreamId,
     watchers: BTreeMap<Wid, Watcher>,
     synced: Index<Wid>,
     unsynced: BTreeSet<Wid>,
-    /// Where the last catch-up pass stopped, so that slow watchers take turns.
-    cursor: Option<Wid>,
+    /// The stream the last catch-up pass stopped at, so that slow streams take turns.
+    cursor: Option<StreamId>,
     limits: Limits,
 }
 
@@ -126,7 +128,7 @@ impl<S: Sink> Hub<S> {
     pub fn new(revision: Revision, limits: Limits) -> Self {
         Hub {
             revision,
-            streams: HashMap::new(),
+            streams: BTreeMap::new(),
             next_stream: 1,
             watchers: BTreeMap::new(),
             synced: Index::default(),
@@ -145,14 +147,19 @@ impl<S: Sink> Hub<S> {
         self.watchers.len()
     }
 
-    /// Whether [`Hub::sync`] has work besides new revisions: slow watchers to catch up, a
-    /// progress response to send.
+    /// Watchers off the fast path, waiting to be caught up.
+    pub fn unsynced(&self) -> usize {
+        self.unsynced.len()
+    }
+
+    /// Whether [`Hub::sync`] has work it can do now besides new revisions: slow watchers
+    /// whose queues have room again, a progress response that may go. A client that reads
+    /// nothing makes no work (its owner should call `sync` again once it reads).
     pub fn backlog(&self) -> bool {
-        !self.unsynced.is_empty()
-            || self
-                .streams
-                .iter()
-                .any(|(id, s)| s.progress_wanted && self.progress_ready(*id))
+        self.streams.iter().any(|(id, s)| {
+            s.sink.room() > 0
+                && ((s.unsynced > 0) || (s.progress_wanted && self.progress_ready(*id)))
+        })
     }
 
     /// Whether a progress response may go on `stream` now: every watcher has been given
@@ -503,26 +510,38 @@ impl<S: Sink> Hub<S> {
         }
     }
 
-    /// Replay history to unsynced watchers, taking turns, within `catch_up_writes`.
+    /// Replay history to unsynced watchers within `catch_up_writes`, stream by stream,
+    /// the streams taking turns. Only streams with room are visited: a stuck client costs
+    /// nothing per pass.
     fn catch_up(&mut self, store: &Store) {
         debug_assert_eq!(store.revision(), self.revision);
         let mut budget = self.limits.catch_up_writes;
-        let start = self
-            .cursor
-            .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
-        let turn: Vec<Wid> = self
-            .unsynced
-            .range((start, std::ops::Bound::Unbounded))
-            .chain(self.unsynced.range(..))
-            .copied()
-            .take(self.unsynced.len())
+        let mut ready: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.unsynced > 0 && s.sink.room() > 0)
+            .map(|(id, _)| *id)
             .collect();
-        for wid in turn {
+        // Start after the stream the last pass stopped at.
+        let after = ready.partition_point(|id| self.cursor.is_some_and(|c| *id <= c));
+        ready.rotate_left(after);
+        for stream in ready {
             if budget == 0 {
                 break;
             }
-            self.cursor = Some(wid);
-            self.catch_up_one(wid, store, &mut budget);
+            self.cursor = Some(stream);
+            let wids: Vec<Wid> = self
+                .unsynced
+                .range((stream, WatchId::MIN)..=(stream, WatchId::MAX))
+                .copied()
+                .collect();
+            for wid in wids {
+                let room = self.streams.get(&stream).map_or(0, |s| s.sink.room());
+                if budget == 0 || room == 0 {
+                    break;
+                }
+                self.catch_up_one(wid, store, &mut budget);
+            }
         }
     }
 
