@@ -340,6 +340,7 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
     println!("Try it (etcd's own client, etcdctl 3.4+):");
     println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints} put hello world");
     println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints} endpoint status -w table");
+    println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints} watch hello --prev-kv   # in another terminal");
     println!();
     println!("Ctrl-C stops the cluster; running this again brings it back with its data.");
     // Ctrl-C reaches the whole process group: each member shuts down on its own. A member
