@@ -394,12 +394,20 @@ fn a_slow_watcher_is_caught_up_from_history_without_loss_or_repeats() {
 /// it: while a watcher of the stream is behind, the response waits.
 #[test]
 fn progress_never_runs_ahead_of_pending_events() {
-    let mut w = World::new(2, 1, 3, Limits::default());
+    // Two revisions per catch-up pass: ten past revisions take five passes, with room in
+    // the queue all along.
+    let limits = Limits {
+        revisions_per_response: 1,
+        catch_up_writes: 2,
+        ..Limits::default()
+    };
+    let mut w = World::new(2, 1, 64, limits);
     for i in 0..10 {
         put(&mut w, "a", &i.to_string());
     }
     w.create(0, create("a", "", 1)); // from the past: unsynced, its queue small
     w.create(0, create("b", "", 0));
+    assert_eq!(w.hub.unsynced(), 1, "still catching up");
     w.hub.request_progress(w.clients[0].stream);
     w.drain();
     let seen = &w.clients[0].seen;
