@@ -24,7 +24,7 @@ pub(crate) struct Version {
     pub(crate) kv: Option<KeyValue>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Store {
     /// Invariant: each history is non-empty, its revisions strictly increase, and at most
     /// its first version is at or below `compact_revision` (and that one is live).
@@ -41,6 +41,21 @@ pub struct Store {
     /// every key listed has its version of that revision in `keys`. A persistent vector:
     /// it clones in O(1) with the rest of the store.
     pub(crate) by_rev: Vector<Vec<Bytes>>,
+}
+
+/// A new store is at revision 1, as etcd's is (its first write is revision 2): revision 1
+/// wrote nothing. Clients and tools that treat revision 0 as "none" or "any" (Kubernetes'
+/// resource version 0, say) never see it as a real revision.
+impl Default for Store {
+    fn default() -> Store {
+        Store {
+            keys: OrdMap::new(),
+            revision: 1,
+            compact_revision: 0,
+            size: 0,
+            by_rev: Vector::unit(Vec::new()),
+        }
+    }
 }
 
 /// What one version of a key costs in [`Store::size_bytes`].
@@ -160,24 +175,40 @@ impl Store {
         if rev < self.compact_revision {
             return Err(Error::Compacted);
         }
-        let mut kvs: Vec<KeyValue> = self
-            .histories(&req.range)
-            .filter_map(|(_, h)| at(h, rev))
-            .filter(|kv| passes_filters(req, kv))
-            .cloned()
-            .collect();
-        let count = kvs.len() as i64;
-        sort(&mut kvs, req.sort_order, req.sort_target);
-        let limit = if req.limit > 0 {
-            req.limit as usize
-        } else {
+        // etcd's order of work, which its answers show: the keys live at `rev` are counted
+        // (before any filter), and the first `limit + 1` of them in key order are taken —
+        // all of them when the answer is to be sorted or filtered; the revision filters
+        // prune those; a sort on another target than the key is ascending unless told
+        // otherwise (so with order NONE it sorts only the keys taken); then the limit cuts.
+        let filtered = req.min_mod_revision != 0
+            || req.max_mod_revision != 0
+            || req.min_create_revision != 0
+            || req.max_create_revision != 0;
+        let fetch = if req.limit <= 0 || req.sort_order != SortOrder::None || filtered {
             usize::MAX
+        } else {
+            req.limit as usize + 1
         };
-        let more = kvs.len() > limit;
-        kvs.truncate(limit);
-        if req.count_only {
-            kvs.clear();
-        } else if req.keys_only {
+        let mut count = 0;
+        let mut kvs: Vec<KeyValue> = Vec::new();
+        for kv in self.histories(&req.range).filter_map(|(_, h)| at(h, rev)) {
+            count += 1;
+            if !req.count_only && kvs.len() < fetch {
+                kvs.push(kv.clone());
+            }
+        }
+        kvs.retain(|kv| passes_filters(req, kv));
+        let order = match (req.sort_order, req.sort_target) {
+            (SortOrder::None, SortTarget::Key) => SortOrder::None,
+            (SortOrder::None, _) => SortOrder::Ascend,
+            (o, _) => o,
+        };
+        sort(&mut kvs, order, req.sort_target);
+        let more = req.limit > 0 && kvs.len() > req.limit as usize;
+        if more {
+            kvs.truncate(req.limit as usize);
+        }
+        if req.keys_only {
             for kv in &mut kvs {
                 kv.value = Bytes::new();
             }
@@ -213,7 +244,12 @@ impl Store {
             wrote: false,
             undo: Vec::new(),
         };
-        match self.run_txn(req, &mut txn) {
+        // etcd decides every branch first, nested transactions' too, on the state before the
+        // transaction; then it runs the operations on that path.
+        let mut path = Vec::new();
+        self.choose(req, txn.read_rev(), &mut path);
+        let mut path = path.into_iter();
+        match self.run_txn(req, &mut txn, &mut path) {
             Ok(resp) => {
                 if txn.wrote {
                     self.revision = txn.rev;
@@ -233,26 +269,53 @@ impl Store {
         }
     }
 
-    fn run_txn(&mut self, req: &TxnRequest, txn: &mut Txn) -> Result<TxnResponse> {
-        let read = txn.read_rev();
-        let succeeded = req.compare.iter().all(|c| self.compare(c, read));
+    /// The branch each transaction on the path takes (this one's, then its nested ones' in
+    /// order), every compare read at `rev`.
+    fn choose(&self, req: &TxnRequest, rev: Revision, path: &mut Vec<bool>) {
+        let succeeded = req.compare.iter().all(|c| self.compare(c, rev));
+        path.push(succeeded);
+        let ops = if succeeded {
+            &req.success
+        } else {
+            &req.failure
+        };
+        for op in ops {
+            if let RequestOp::Txn(t) = op {
+                self.choose(t, rev, path);
+            }
+        }
+    }
+
+    fn run_txn(
+        &mut self,
+        req: &TxnRequest,
+        txn: &mut Txn,
+        path: &mut impl Iterator<Item = bool>,
+    ) -> Result<TxnResponse> {
+        let succeeded = path.next().expect("a branch chosen for every transaction");
         let ops = if succeeded {
             &req.success
         } else {
             &req.failure
         };
         let mut responses = Vec::with_capacity(ops.len());
+        let mut revisions = Vec::with_capacity(ops.len());
         for op in ops {
             responses.push(match op {
                 RequestOp::Range(r) => ResponseOp::Range(self.range(r, txn.read_rev())?),
                 RequestOp::Put(p) => ResponseOp::Put(self.put(p, txn)?),
                 RequestOp::DeleteRange(d) => ResponseOp::DeleteRange(self.delete(d, txn)),
-                RequestOp::Txn(t) => ResponseOp::Txn(self.run_txn(t, txn)?),
+                RequestOp::Txn(t) => ResponseOp::Txn(self.run_txn(t, txn, path)?),
+            });
+            revisions.push(match op {
+                RequestOp::Txn(_) => 0,
+                _ => txn.read_rev(),
             });
         }
         Ok(TxnResponse {
             succeeded,
             responses,
+            revisions,
         })
     }
 
@@ -337,6 +400,10 @@ impl Store {
                 .map(Some)
                 .collect()
         };
+        // A range that holds no key compares as one missing key (etcd's empty key-value).
+        if kvs.is_empty() {
+            return compare_one(c, None);
+        }
         kvs.iter().all(|kv| compare_one(c, *kv))
     }
 

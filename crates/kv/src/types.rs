@@ -160,4 +160,8 @@ pub struct TxnRequest {
 pub struct TxnResponse {
     pub succeeded: bool,
     pub responses: Vec<ResponseOp>,
+    /// The revision each response's header carries, as etcd fills it: what the transaction
+    /// read at once that operation had run (the revision before the transaction's writes,
+    /// or its own once it has written). A nested transaction's own header has none (0).
+    pub revisions: Vec<Revision>,
 }

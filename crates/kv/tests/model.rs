@@ -108,7 +108,11 @@ fn all_at(s: &Store, rev: Revision) -> Result<Vec<KeyValue>> {
 
 fn run(ops: Vec<Op>) {
     let mut s = Store::new();
-    let mut m = Model::default();
+    // A new store is at revision 1 (etcd's): its first write is revision 2.
+    let mut m = Model {
+        revision: 1,
+        ..Model::default()
+    };
     for op in ops {
         match op {
             Op::Put(k, v) => {

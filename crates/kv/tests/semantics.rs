@@ -62,18 +62,20 @@ fn del(s: &mut Store, range: KeyRange) -> DeleteRangeResponse {
 #[test]
 fn puts_count_versions_and_revisions() {
     let mut s = Store::new();
-    assert_eq!(s.revision(), 0);
+    // etcd's numbering: a new store is at revision 1, its first write is revision 2.
+    assert_eq!(s.revision(), 1);
+    assert_eq!(get(&s, "a", 1).unwrap(), None);
     assert_eq!(put(&mut s, "a", "1").prev_kv, None);
     let prev = put(&mut s, "a", "2").prev_kv.unwrap();
     assert_eq!((prev.value, prev.version), (b("1"), 1));
     put(&mut s, "b", "x");
     let a = get(&s, "a", 0).unwrap().unwrap();
-    assert_eq!((a.create_revision, a.mod_revision, a.version), (1, 2, 2));
-    assert_eq!(s.revision(), 3);
+    assert_eq!((a.create_revision, a.mod_revision, a.version), (2, 3, 2));
+    assert_eq!(s.revision(), 4);
     // Past revisions stay readable.
-    assert_eq!(get(&s, "a", 1).unwrap().unwrap().value, b("1"));
-    assert_eq!(get(&s, "b", 2).unwrap(), None);
-    assert_eq!(get(&s, "a", 4), Err(Error::FutureRevision));
+    assert_eq!(get(&s, "a", 2).unwrap().unwrap().value, b("1"));
+    assert_eq!(get(&s, "b", 3).unwrap(), None);
+    assert_eq!(get(&s, "a", 5), Err(Error::FutureRevision));
 }
 
 #[test]
@@ -90,7 +92,7 @@ fn delete_bumps_the_revision_only_when_it_deletes_and_resets_the_version() {
     );
     assert_eq!(
         (d.deleted, s.revision()),
-        (0, 2),
+        (0, 3),
         "deleting nothing is no write"
     );
     let d = del(
@@ -102,12 +104,12 @@ fn delete_bumps_the_revision_only_when_it_deletes_and_resets_the_version() {
     );
     assert_eq!(
         (d.deleted, d.prev_kvs[0].value.clone(), s.revision()),
-        (1, b("2"), 3)
+        (1, b("2"), 4)
     );
     assert_eq!(get(&s, "a", 0).unwrap(), None);
     put(&mut s, "a", "3");
     let a = get(&s, "a", 0).unwrap().unwrap();
-    assert_eq!((a.create_revision, a.version), (4, 1), "a new generation");
+    assert_eq!((a.create_revision, a.version), (5, 1), "a new generation");
 }
 
 #[test]
@@ -186,16 +188,17 @@ fn ranges_prefixes_limits_counts_and_sorting() {
     );
     let vals: Vec<_> = r.kvs.iter().map(|kv| kv.value.clone()).collect();
     assert_eq!(vals, vec![b("3"), b("2"), b("1")]);
-    // Filtered by mod revision.
+    // Filtered by mod revision (foo/a, b, c are revisions 2, 3, 4): etcd counts the keys
+    // in the range before the filter.
     let r = range(
         &s,
         RangeRequest {
             range: prefix("foo/"),
-            min_mod_revision: 2,
+            min_mod_revision: 3,
             ..Default::default()
         },
     );
-    assert_eq!(r.count, 2);
+    assert_eq!((r.kvs.len(), r.count), (2, 3));
 }
 
 fn cmp(k: &str, result: CompareResult, target: CompareTarget) -> Compare {
@@ -249,7 +252,7 @@ fn txn_compares_pick_a_branch_and_write_at_one_revision() {
     };
     let r = txn(&mut s, t.clone()).unwrap();
     assert!(r.succeeded);
-    assert_eq!(s.revision(), 2, "one revision for the whole transaction");
+    assert_eq!(s.revision(), 3, "one revision for the whole transaction");
     match &r.responses[2] {
         ResponseOp::Range(rr) => assert_eq!(rr.kvs[0].value, b("v2"), "reads see the txn's writes"),
         other => panic!("{other:?}"),
@@ -339,33 +342,33 @@ fn txns_that_write_a_key_twice_or_are_too_big_are_refused() {
         ..Default::default()
     };
     assert_eq!(txn(&mut s, big), Err(Error::TooManyOps));
-    assert_eq!(s.revision(), 0);
+    assert_eq!(s.revision(), 1);
 }
 
 #[test]
 fn compaction_forgets_history_but_not_the_present() {
     let mut s = Store::new();
-    put(&mut s, "a", "1"); // rev 1
-    put(&mut s, "a", "2"); // rev 2
-    put(&mut s, "gone", "x"); // rev 3
+    put(&mut s, "a", "1"); // rev 2
+    put(&mut s, "a", "2"); // rev 3
+    put(&mut s, "gone", "x"); // rev 4
     del(
         &mut s,
         KeyRange {
             key: b("gone"),
             range_end: Bytes::new(),
         },
-    ); // rev 4
-    put(&mut s, "a", "3"); // rev 5
-    s.apply(&Request::Compact(4)).unwrap();
-    assert_eq!(get(&s, "a", 3), Err(Error::Compacted));
+    ); // rev 5
+    put(&mut s, "a", "3"); // rev 6
+    s.apply(&Request::Compact(5)).unwrap();
+    assert_eq!(get(&s, "a", 4), Err(Error::Compacted));
     assert_eq!(
-        get(&s, "a", 4).unwrap().unwrap().value,
+        get(&s, "a", 5).unwrap().unwrap().value,
         b("2"),
         "the compact revision itself stays readable"
     );
     assert_eq!(get(&s, "a", 0).unwrap().unwrap().value, b("3"));
-    assert_eq!(get(&s, "gone", 4).unwrap(), None);
-    assert_eq!(s.apply(&Request::Compact(4)), Err(Error::Compacted));
+    assert_eq!(get(&s, "gone", 5).unwrap(), None);
+    assert_eq!(s.apply(&Request::Compact(5)), Err(Error::Compacted));
     assert_eq!(s.apply(&Request::Compact(9)), Err(Error::FutureRevision));
     // The version count survives compaction.
     assert_eq!(get(&s, "a", 0).unwrap().unwrap().version, 3);
@@ -465,18 +468,18 @@ fn a_transactions_events_keep_their_order_through_snapshots_and_compaction() {
         (EventKind::Delete, b("a")),
         (EventKind::Put, b("b")),
     ];
-    assert_eq!(order(&s, 2), want);
+    assert_eq!(order(&s, 3), want);
     let restored = Store::restore(&s.snapshot()).unwrap();
-    assert_eq!(order(&restored, 2), want);
+    assert_eq!(order(&restored, 3), want);
     assert_eq!(restored, s);
 
     // The delete: a tombstone at revision 2, with the value it removed.
-    let del = &s.events_at(2, None)[1];
+    let del = &s.events_at(3, None)[1];
     assert_eq!(
         del.kv,
         KeyValue {
             key: b("a"),
-            mod_revision: 2,
+            mod_revision: 3,
             ..Default::default()
         }
     );
@@ -485,20 +488,20 @@ fn a_transactions_events_keep_their_order_through_snapshots_and_compaction() {
         Some(b("0"))
     );
     // A put over a value reports it as the previous one.
-    let over = &s.events_at(3, None)[0];
-    assert_eq!(over.prev_kv.as_ref().map(|kv| kv.mod_revision), Some(2));
+    let over = &s.events_at(4, None)[0];
+    assert_eq!(over.prev_kv.as_ref().map(|kv| kv.mod_revision), Some(3));
 
-    // Compacting at 2 drops revision 1 and the tombstone of revision 2; the puts remain.
-    s.compact(2).unwrap();
-    assert_eq!(s.first_event_revision(), 2);
-    assert!(s.events_at(1, None).is_empty());
-    let kept = vec![(EventKind::Put, b("c")), (EventKind::Put, b("b"))];
-    assert_eq!(order(&s, 2), kept);
-    let restored = Store::restore(&s.snapshot()).unwrap();
-    assert_eq!(order(&restored, 2), kept);
-    assert_eq!(restored, s);
+    // Compacting at 3 drops revision 2 and the tombstone of revision 3; the puts remain.
     s.compact(3).unwrap();
-    assert_eq!(order(&s, 3), vec![(EventKind::Put, b("c"))]);
+    assert_eq!(s.first_event_revision(), 3);
+    assert!(s.events_at(2, None).is_empty());
+    let kept = vec![(EventKind::Put, b("c")), (EventKind::Put, b("b"))];
+    assert_eq!(order(&s, 3), kept);
+    let restored = Store::restore(&s.snapshot()).unwrap();
+    assert_eq!(order(&restored, 3), kept);
+    assert_eq!(restored, s);
+    s.compact(4).unwrap();
+    assert_eq!(order(&s, 4), vec![(EventKind::Put, b("c"))]);
 }
 
 /// A snapshot of the first format (no sub-revisions) still restores, its revisions' writes
@@ -522,4 +525,87 @@ fn a_version_one_snapshot_restores() {
     let s = Store::restore(&Bytes::from(v1)).unwrap();
     assert_eq!(get(&s, "k", 0).unwrap().unwrap().value, b("v"));
     assert_eq!(s.events_at(1, None).len(), 1);
+}
+
+/// Details etcd 3.4 shows that the differential test (compat/tests/watch_vs_etcd.rs) found
+/// raftkv answering otherwise: each now answered as etcd does.
+#[test]
+fn ranges_and_transactions_answer_in_etcds_detail() {
+    let mut s = Store::new();
+    for (k, v) in [("s/1", "c"), ("s/2", "b"), ("s/3", "a")] {
+        put(&mut s, k, v); // revisions 2, 3, 4
+    }
+    // count_only with a limit: no key-values, so never `more`.
+    let r = range(
+        &s,
+        RangeRequest {
+            range: prefix("s/"),
+            count_only: true,
+            limit: 1,
+            ..Default::default()
+        },
+    );
+    assert_eq!((r.kvs.len(), r.count, r.more), (0, 3, false));
+    // Sort order NONE on the value with a limit: etcd sorts (ascending) only the first
+    // limit + 1 keys in key order, then cuts.
+    let r = range(
+        &s,
+        RangeRequest {
+            range: prefix("s/"),
+            sort_target: SortTarget::Value,
+            limit: 1,
+            ..Default::default()
+        },
+    );
+    assert_eq!((r.kvs[0].key.clone(), r.more), (b("s/2"), true));
+    // A compare over a range that holds no key compares one missing key.
+    let empty = |target, result| TxnRequest {
+        compare: vec![Compare {
+            range: KeyRange {
+                key: b("q"),
+                range_end: b("r"),
+            },
+            result,
+            target,
+        }],
+        ..Default::default()
+    };
+    let t = empty(CompareTarget::Version(3), CompareResult::Equal);
+    assert!(!txn(&mut s, t).unwrap().succeeded);
+    let t = empty(CompareTarget::Version(0), CompareResult::Equal);
+    assert!(txn(&mut s, t).unwrap().succeeded);
+    let t = empty(CompareTarget::Value(b("x")), CompareResult::NotEqual);
+    assert!(!txn(&mut s, t).unwrap().succeeded);
+    // Every compare on the path is read before the transaction writes: the nested compare
+    // sees "x" missing although the transaction put it first.
+    let nested = TxnRequest {
+        compare: vec![cmp("x", CompareResult::Equal, CompareTarget::Value(b("1")))],
+        success: vec![put_op("then", "1")],
+        failure: vec![put_op("else", "1")],
+    };
+    let t = TxnRequest {
+        success: vec![
+            RequestOp::Range(RangeRequest {
+                range: prefix("s/"),
+                ..Default::default()
+            }),
+            put_op("x", "1"),
+            RequestOp::Txn(nested),
+            RequestOp::DeleteRange(DeleteRangeRequest {
+                range: prefix("zz"),
+                prev_kv: false,
+            }),
+        ],
+        ..Default::default()
+    };
+    let r = txn(&mut s, t).unwrap();
+    assert_eq!(get(&s, "else", 0).unwrap().unwrap().value, b("1"));
+    assert_eq!(get(&s, "then", 0).unwrap(), None);
+    // Each answer's header revision: a read before the writes sees 4, what follows 5; a
+    // nested transaction's own header has none, its inner answers their own.
+    assert_eq!(r.revisions, vec![4, 5, 0, 5]);
+    match &r.responses[2] {
+        ResponseOp::Txn(inner) => assert_eq!(inner.revisions, vec![5]),
+        other => panic!("{other:?}"),
+    }
 }

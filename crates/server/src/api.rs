@@ -73,6 +73,13 @@ pub fn put_request(p: &pb::PutRequest) -> Result<kv::PutRequest, Status> {
     if p.key.is_empty() {
         return Err(invalid("key is not provided"));
     }
+    // etcd refuses these before looking at the store.
+    if p.ignore_value && !p.value.is_empty() {
+        return Err(invalid("value is provided"));
+    }
+    if p.ignore_lease && p.lease != 0 {
+        return Err(invalid("lease is provided"));
+    }
     Ok(kv::PutRequest {
         key: p.key.clone(),
         value: p.value.clone(),
@@ -194,17 +201,24 @@ pub fn delete_response(
 
 pub fn txn_response(r: kv::TxnResponse, header: &pb::ResponseHeader) -> pb::TxnResponse {
     use pb::response_op::Response as R;
+    // The answers inside carry only a revision in their headers, as etcd's do: what the
+    // transaction read once each had run (a nested transaction's own header is empty).
+    let inner = |revision| pb::ResponseHeader {
+        revision,
+        ..Default::default()
+    };
     let responses = r
         .responses
         .into_iter()
-        .map(|op| pb::ResponseOp {
+        .zip(r.revisions.into_iter().chain(std::iter::repeat(0)))
+        .map(|(op, rev)| pb::ResponseOp {
             response: Some(match op {
-                kv::ResponseOp::Range(r) => R::ResponseRange(range_response(r, header)),
-                kv::ResponseOp::Put(p) => R::ResponsePut(put_response(p, header)),
+                kv::ResponseOp::Range(r) => R::ResponseRange(range_response(r, &inner(rev))),
+                kv::ResponseOp::Put(p) => R::ResponsePut(put_response(p, &inner(rev))),
                 kv::ResponseOp::DeleteRange(d) => {
-                    R::ResponseDeleteRange(delete_response(d, header))
+                    R::ResponseDeleteRange(delete_response(d, &inner(rev)))
                 }
-                kv::ResponseOp::Txn(t) => R::ResponseTxn(txn_response(t, header)),
+                kv::ResponseOp::Txn(t) => R::ResponseTxn(txn_response(t, &inner(0))),
             }),
         })
         .collect();

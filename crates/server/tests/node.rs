@@ -165,7 +165,7 @@ async fn writes_commit_everywhere_and_reads_are_linearizable_on_every_node() {
             .write(put(&format!("k{i}"), &format!("v{i}")))
             .await
             .unwrap();
-        assert_eq!(h.revision, i + 1);
+        assert_eq!(h.revision, i + 2, "a new store is at revision 1");
         assert_eq!((h.cluster_id, h.member_id), (0xfeed, l));
     }
     // A linearizable read on any node (followers ask the leader) sees every acknowledged write.
@@ -180,12 +180,12 @@ async fn writes_commit_everywhere_and_reads_are_linearizable_on_every_node() {
     // once it has applied the entry itself.
     let f = (1..=3).find(|&i| i != l).unwrap();
     let (_, h) = c.node(f).write(put("x", "y")).await.unwrap();
-    assert_eq!((h.revision, h.member_id), (21, f));
+    assert_eq!((h.revision, h.member_id), (22, f));
     assert_eq!(value(&c.node(f), "x", false).await, Some(Bytes::from("y")));
     // Every node applied the same history.
     tokio::time::sleep(Duration::from_millis(100)).await;
     for id in 1..=3 {
-        assert_eq!(c.node(id).status().await.unwrap().revision, 21, "node {id}");
+        assert_eq!(c.node(id).status().await.unwrap().revision, 22, "node {id}");
     }
 }
 
@@ -205,7 +205,7 @@ async fn a_restarted_cluster_comes_back_with_its_data() {
     let l = c.leader().await;
     assert_eq!(value(&c.node(l), "k9", true).await, Some(Bytes::from("v")));
     let (_, h) = c.node(l).write(put("after", "restart")).await.unwrap();
-    assert_eq!(h.revision, 11, "the revision continues where it was");
+    assert_eq!(h.revision, 12, "the revision continues where it was");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -234,7 +234,7 @@ async fn a_node_that_missed_a_compacted_log_catches_up_by_snapshot() {
     let mut caught_up = false;
     for _ in 0..300 {
         let s = c.node(f).status().await.unwrap();
-        if s.revision == 60 {
+        if s.revision == 61 {
             assert!(s.snapshot_index > 0, "caught up without a snapshot");
             caught_up = true;
             break;

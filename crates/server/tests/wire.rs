@@ -88,13 +88,22 @@ fn an_etcd_txn_travels_through_the_log_and_applies_with_etcd_semantics() {
     };
     let resp = api::txn_response(resp, &header(store.revision()));
     assert!(resp.succeeded);
-    assert_eq!(resp.header.unwrap().revision, 2);
+    assert_eq!(resp.header.unwrap().revision, 3);
     use pb::response_op::Response as R;
     match (&resp.responses[0].response, &resp.responses[1].response) {
         (Some(R::ResponsePut(p)), Some(R::ResponseRange(r))) => {
             assert_eq!(p.prev_kv.as_ref().unwrap().value, Bytes::from_static(b"v1"));
             assert_eq!(r.kvs[0].value, Bytes::from_static(b"v2"));
-            assert_eq!((r.kvs[0].version, r.kvs[0].create_revision), (2, 1));
+            assert_eq!((r.kvs[0].version, r.kvs[0].create_revision), (2, 2));
+            // The answers inside carry the revision they saw, and nothing else (etcd's).
+            assert_eq!(p.header.unwrap().revision, 3);
+            assert_eq!(
+                r.header.unwrap(),
+                pb::ResponseHeader {
+                    revision: 3,
+                    ..Default::default()
+                }
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -129,6 +138,30 @@ fn bad_requests_get_etcds_codes_and_messages() {
         api::request_too_large().message(),
         "etcdserver: request is too large"
     );
+    // ignore_value with a value, ignore_lease with a lease: refused first, as etcd does.
+    for (p, why) in [
+        (
+            pb::PutRequest {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from_static(b"v"),
+                ignore_value: true,
+                ..Default::default()
+            },
+            "etcdserver: value is provided",
+        ),
+        (
+            pb::PutRequest {
+                key: Bytes::from_static(b"k"),
+                lease: 5,
+                ignore_lease: true,
+                ..Default::default()
+            },
+            "etcdserver: lease is provided",
+        ),
+    ] {
+        let e = api::put_request(&p).unwrap_err();
+        assert_eq!((e.code(), e.message()), (Code::InvalidArgument, why));
+    }
     // A write that converts badly still decodes, so every node fails it the same way.
     let mut store = kv::Store::new();
     let bad = command::encode(rid(1), Write::Put(pb::PutRequest::default()));
@@ -136,7 +169,11 @@ fn bad_requests_get_etcds_codes_and_messages() {
         apply(&mut store, &bad).unwrap_err().code(),
         Code::InvalidArgument
     );
-    assert_eq!(store.revision(), 0);
+    assert_eq!(
+        store.revision(),
+        1,
+        "nothing written: still a new store's revision"
+    );
     // Bytes that are not a command at all.
     assert!(command::decode(&[0xff, 0xff, 0xff]).is_err());
 }

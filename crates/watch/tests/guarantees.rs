@@ -65,7 +65,7 @@ struct World {
 
 impl World {
     fn new(seed: u64, streams: usize, cap: usize, limits: Limits) -> World {
-        let mut hub = Hub::new(0, limits);
+        let mut hub = Hub::new(1, limits); // a new store's revision
         let mut clients = Vec::new();
         for _ in 0..streams {
             let queue = Queue {
@@ -382,7 +382,7 @@ fn a_slow_watcher_is_caught_up_from_history_without_loss_or_repeats() {
     );
     assert_eq!(events_of(&w.clients[0].seen).len(), 50);
     w.drain();
-    let want: Vec<_> = (1..=50).map(|r| (EventKind::Put, "k".into(), r)).collect();
+    let want: Vec<_> = (2..=51).map(|r| (EventKind::Put, "k".into(), r)).collect();
     assert_eq!(events_of(&w.clients[1].seen), want);
     assert!(!w.hub.backlog());
     // Back on the fast path: the next put arrives as it applies.
@@ -415,7 +415,7 @@ fn progress_never_runs_ahead_of_pending_events() {
         .iter()
         .position(|r| r.is_progress())
         .expect("a progress response");
-    assert_eq!(seen[progress].revision, 10);
+    assert_eq!(seen[progress].revision, 11);
     assert_eq!(seen[progress].watch_id, watch::INVALID_WATCH_ID);
     assert_eq!(
         events_of(&seen[..progress]).len(),
@@ -444,7 +444,7 @@ fn prev_kv_and_created_are_set_as_etcd_sets_them() {
     put(&mut w, "k", "v3");
     w.drain();
     let seen = &w.clients[0].seen;
-    assert!(seen[0].created && seen[0].watch_id == 0 && seen[0].revision == 1);
+    assert!(seen[0].created && seen[0].watch_id == 0 && seen[0].revision == 2);
     assert!(seen[1].created && seen[1].watch_id == 1);
     let of = |id| -> Vec<&Event> {
         seen.iter()
@@ -469,7 +469,7 @@ fn prev_kv_and_created_are_set_as_etcd_sets_them() {
         del.kv,
         KeyValue {
             key: b("k"),
-            mod_revision: 3,
+            mod_revision: 4,
             ..Default::default()
         }
     );
@@ -498,8 +498,8 @@ fn filters_drop_what_they_name_and_send_nothing_for_an_emptied_revision() {
                 .collect::<Vec<_>>(),
         )
     };
-    assert_eq!(of(0), vec![(EventKind::Delete, "k".into(), 2)]);
-    assert_eq!(of(1), vec![(EventKind::Put, "k".into(), 1)]);
+    assert_eq!(of(0), vec![(EventKind::Delete, "k".into(), 3)]);
+    assert_eq!(of(1), vec![(EventKind::Put, "k".into(), 2)]);
     // Two created responses and one response per watcher: nothing empty.
     assert_eq!(seen.len(), 4);
 }
@@ -509,14 +509,14 @@ fn filters_drop_what_they_name_and_send_nothing_for_an_emptied_revision() {
 fn a_watch_on_a_future_revision_waits_and_then_delivers() {
     let mut w = World::new(6, 1, 64, Limits::default());
     put(&mut w, "k", "1");
-    w.create(0, create("k", "", 4));
+    w.create(0, create("k", "", 5)); // revisions 2, 3 and 4 come first
     put(&mut w, "k", "2");
     put(&mut w, "k", "3");
     w.drain();
     assert_eq!(
         w.clients[0].seen.len(),
         1,
-        "only created, nothing before revision 4"
+        "only created, nothing before revision 5"
     );
     put(&mut w, "k", "4");
     put(&mut w, "k", "5");
@@ -524,8 +524,8 @@ fn a_watch_on_a_future_revision_waits_and_then_delivers() {
     assert_eq!(
         events_of(&w.clients[0].seen),
         vec![
-            (EventKind::Put, "k".into(), 4),
-            (EventKind::Put, "k".into(), 5)
+            (EventKind::Put, "k".into(), 5),
+            (EventKind::Put, "k".into(), 6)
         ]
     );
 }
@@ -553,7 +553,7 @@ fn a_watch_from_a_compacted_revision_is_canceled_with_the_compact_revision() {
         .filter(|r| r.watch_id == 1)
         .flat_map(|r| r.events.iter().map(|e| e.kv.mod_revision))
         .collect();
-    assert_eq!(served, vec![3, 4, 5]);
+    assert_eq!(served, vec![3, 4, 5, 6]);
     // The client's cancel of the compacted watch is still answered.
     w.hub.cancel(w.clients[0].stream, 0).unwrap();
     w.drain();
