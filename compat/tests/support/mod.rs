@@ -1,0 +1,216 @@
+//! What the watch tests share: clusters of real processes — Debian's etcd 3.4 or raftkv,
+//! started with the same etcd flags — on loopback ports below the ephemeral range, killed
+//! when the test ends, passed or failed.
+
+#![allow(dead_code)] // each test file uses part of this
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The raftkv binary under test.
+pub fn raftkv_bin() -> String {
+    std::env::var("RAFTKV_BIN").expect("set RAFTKV_BIN to the raftkv binary (see .ci/run)")
+}
+
+/// A process started by a test, killed when the test ends, passed or failed.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Which server a cluster runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Etcd,
+    Raftkv,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Etcd => "etcd",
+            Kind::Raftkv => "raftkv",
+        }
+    }
+}
+
+pub struct Cluster {
+    pub kind: Kind,
+    /// host:port of each member's client URL, in member order.
+    pub endpoints: Vec<String>,
+    peer_urls: Vec<String>,
+    procs: Vec<KillOnDrop>,
+    pub dir: tempfile::TempDir,
+}
+
+/// A block of `2 * members` ports, `base + 10 * i` (client) and `+ 1` (peer) for member
+/// `i`, in `[from, to)`: fixed ports below the ephemeral range (32768 and up), so no
+/// outgoing connection can hold them. Each call of a test binary starts at a different
+/// block (tests of one file run in parallel), offset by the process id (so that two runs at
+/// once rarely meet); a block some other process holds is skipped.
+pub fn port_block(from: u16, to: u16, members: u16) -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(to - from);
+    let blocks = span / 100;
+    let first = std::process::id() % blocks + NEXT.fetch_add(1, Ordering::Relaxed);
+    for k in 0..blocks {
+        let base = from + (((first + k) % blocks) * 100) as u16;
+        let free = (0..members).all(|i| {
+            (0..2).all(|p| std::net::TcpListener::bind(("127.0.0.1", base + 10 * i + p)).is_ok())
+        });
+        if free {
+            return base;
+        }
+    }
+    panic!("no free block of ports in {from}..{to}");
+}
+
+/// Somewhere quick for the members' data: a tmpfs when there is one (both servers fsync
+/// every write; the comparison is about answers, not disks).
+fn data_dir(prefix: &str) -> tempfile::TempDir {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(d) = tempfile::Builder::new().prefix(prefix).tempdir_in(shm) {
+            return d;
+        }
+    }
+    tempfile::Builder::new().prefix(prefix).tempdir().unwrap()
+}
+
+/// Start a cluster of `members` members named a, b, c… with etcd's flags (raftkv's `serve`
+/// takes the same), ports from `port_block(from, to, …)`, heartbeat 50 ms and election
+/// timeout 500 ms for both. Returns once every member answers a linearizable read and
+/// lists this cluster's members (a test run beside this one may have taken the ports
+/// between the check and the start: then the next block).
+pub async fn start(kind: Kind, members: u16, from: u16, to: u16) -> Cluster {
+    let mut last = String::new();
+    for _ in 0..5 {
+        let mut c = spawn(kind, members, port_block(from, to, members));
+        match c.ready().await {
+            Ok(()) => return c,
+            Err(e) => last = e,
+        }
+    }
+    panic!("{} did not start: {last}", kind.name());
+}
+
+fn spawn(kind: Kind, members: u16, base: u16) -> Cluster {
+    let (program, extra): (String, &[&str]) = match kind {
+        Kind::Etcd => ("etcd".to_string(), &[]),
+        Kind::Raftkv => (raftkv_bin(), &["serve"]),
+    };
+    let dir = data_dir(&format!("watch-{}-", kind.name()));
+    let name = |i: u16| ((b'a' + i as u8) as char).to_string();
+    let peer = |i: u16| format!("http://127.0.0.1:{}", base + 10 * i + 1);
+    let initial: Vec<String> = (0..members)
+        .map(|i| format!("{}={}", name(i), peer(i)))
+        .collect();
+    let token = format!("watch-{}-{base}", kind.name());
+    let mut procs = Vec::new();
+    for i in 0..members {
+        let client = format!("http://127.0.0.1:{}", base + 10 * i);
+        let log = std::fs::File::create(dir.path().join(format!("{}.log", name(i)))).unwrap();
+        let child = Command::new(&program)
+            .args(extra)
+            .arg(format!("--name={}", name(i)))
+            .arg(format!("--data-dir={}", dir.path().join(name(i)).display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={}", peer(i)))
+            .arg(format!("--initial-advertise-peer-urls={}", peer(i)))
+            .arg(format!("--initial-cluster={}", initial.join(",")))
+            .arg(format!("--initial-cluster-token={token}"))
+            .arg("--initial-cluster-state=new")
+            .arg("--heartbeat-interval=50")
+            .arg("--election-timeout=500")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {program}: {e} (see .ci/run for the packages)"));
+        procs.push(KillOnDrop(child));
+    }
+    Cluster {
+        kind,
+        endpoints: (0..members)
+            .map(|i| format!("127.0.0.1:{}", base + 10 * i))
+            .collect(),
+        peer_urls: (0..members).map(peer).collect(),
+        procs,
+        dir,
+    }
+}
+
+impl Cluster {
+    /// Every member answers a linearizable read (no write: a write retried after a timeout
+    /// could apply twice, and the two clusters' revisions must stay in step) and lists
+    /// this cluster's peer URLs, and every process still runs.
+    async fn ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for e in &self.endpoints {
+            loop {
+                let ok = async {
+                    let mut c = etcd_client::Client::connect([e], None).await.ok()?;
+                    c.get("ready?", None).await.ok()?;
+                    let list = c.member_list().await.ok()?;
+                    Some(
+                        self.peer_urls
+                            .iter()
+                            .all(|u| list.members().iter().any(|m| m.peer_urls().contains(u))),
+                    )
+                };
+                match tokio::time::timeout(Duration::from_secs(2), ok).await {
+                    Ok(Some(true)) => break,
+                    Ok(Some(false)) => return Err(format!("{e} is another cluster's")),
+                    _ => {}
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("member {e} did not become ready:\n{}", self.logs()));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        for i in 0..self.procs.len() {
+            if let Ok(Some(status)) = self.procs[i].0.try_wait() {
+                return Err(format!("member {i} exited ({status}):\n{}", self.logs()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The last lines of every member's log, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for i in 0..self.procs.len() {
+            let name = ((b'a' + i as u8) as char).to_string();
+            let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
+                .unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(15)..];
+            out.push_str(&format!(
+                "--- {} {name}\n{}\n",
+                self.kind.name(),
+                tail.join("\n")
+            ));
+        }
+        out
+    }
+
+    /// Kill member `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.procs[i].0.kill();
+        let _ = self.procs[i].0.wait();
+    }
+
+    /// A client that talks to member `i` only.
+    pub async fn client(&self, i: usize) -> etcd_client::Client {
+        etcd_client::Client::connect([&self.endpoints[i]], None)
+            .await
+            .unwrap()
+    }
+}
