@@ -350,3 +350,55 @@ async fn quiet_watchers_that_ask_get_periodic_progress_notifications() {
     }
     assert!(notes >= 3, "{notes} notifications in 3 s at 300 ms");
 }
+
+/// `raftkv watch` prints each change as etcdctl does, from a past revision on, and goes on
+/// through the death of the member it watched on (it resumes on the next endpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raftkv_watch_prints_changes_and_resumes_on_another_endpoint() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = start(dir.path());
+    let _ = leader(&procs).await;
+    put_any(&procs, "cli", "one").await;
+    let endpoints: Vec<String> = procs
+        .iter()
+        .map(|p| p.client.trim_start_matches("http://").to_string())
+        .collect();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_raftkv"))
+        .args(["watch", "cli", "--prev-kv", "--rev", "1"])
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let mut read = |n: usize, lines: &mut Vec<String>| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while lines.len() < n && Instant::now() < deadline {
+            match rx.try_recv() {
+                Ok(l) => lines.push(l),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    };
+    read(3, &mut lines);
+    assert_eq!(lines, ["PUT", "cli", "one"], "the first put, from history");
+    // The first endpoint's member goes; the watch goes on from the next.
+    procs[0].kill();
+    put_any(&procs, "cli", "two").await;
+    read(8, &mut lines);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        lines[3..],
+        ["PUT", "cli", "one", "cli", "two"],
+        "the second put with its previous value, once"
+    );
+}
