@@ -67,7 +67,7 @@ impl Store {
         };
         written
             .iter()
-            .filter(|k| range.is_none_or(|r| crate::store::in_range(r, k)))
+            .filter(|k| range.is_none_or(|r| r.contains(k)))
             .filter_map(|k| Event::of(k, self.keys.get(k)?, rev))
             .collect()
     }

@@ -107,13 +107,6 @@ fn at(history: &[Version], rev: Revision) -> Option<&KeyValue> {
     history.get(i.checked_sub(1)?)?.kv.as_ref()
 }
 
-pub(crate) fn in_range(range: &KeyRange, key: &[u8]) -> bool {
-    if range.range_end.is_empty() {
-        return key == &range.key[..];
-    }
-    key >= &range.key[..] && (&range.range_end[..] == b"\0" || key < &range.range_end[..])
-}
-
 impl Store {
     pub fn new() -> Store {
         Store::default()
@@ -538,7 +531,7 @@ fn check_branch<'a>(
         return Err(Error::TooManyOps);
     }
     let conflicts = |key: &Bytes, puts: &[&Bytes], deletes: &[&KeyRange]| {
-        puts.contains(&key) || deletes.iter().any(|r| in_range(r, key))
+        puts.contains(&key) || deletes.iter().any(|r| r.contains(key))
     };
     for op in ops {
         match op {
@@ -549,7 +542,7 @@ fn check_branch<'a>(
                 puts.push(&p.key);
             }
             RequestOp::DeleteRange(d) => {
-                if puts.iter().any(|k| in_range(&d.range, k)) {
+                if puts.iter().any(|k| d.range.contains(k)) {
                     return Err(Error::DuplicateKey);
                 }
                 deletes.push(&d.range);

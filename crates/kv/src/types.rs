@@ -28,6 +28,16 @@ pub struct KeyRange {
     pub range_end: Bytes,
 }
 
+impl KeyRange {
+    /// Whether `key` falls in the range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        if self.range_end.is_empty() {
+            return key == &self.key[..];
+        }
+        key >= &self.key[..] && (&self.range_end[..] == b"\0" || key < &self.range_end[..])
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SortOrder {
     #[default]

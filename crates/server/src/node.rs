@@ -292,9 +292,9 @@ impl Node {
         self.view.read().unwrap().clone()
     }
 
-    /// The view itself, for services that look at it often (a field, not a copy).
-    pub fn view_handle(&self) -> Arc<RwLock<View>> {
-        self.view.clone()
+    /// Whether the member knows a leader (read without copying the view).
+    pub fn has_leader(&self) -> bool {
+        self.view.read().unwrap().leader.is_some()
     }
 
     /// The member's watchers (the Watch service adds and removes them).
@@ -567,15 +567,10 @@ impl Loop {
 
     /// Hand the revisions applied this round to the watchers, and replay a bounded slice
     /// of history to those behind. Returns whether some are still behind (the loop comes
-    /// back soon). Without watchers this is a comparison under an uncontended lock.
+    /// back soon). Without watchers this is a few comparisons under an uncontended lock.
     fn sync_watchers(&mut self) -> bool {
         let store = &self.d.machine().store;
-        let mut hub = self.watchers.hub.lock().unwrap();
-        if hub.revision() == store.revision() && !hub.backlog() {
-            return false;
-        }
-        hub.sync(store);
-        hub.backlog()
+        self.watchers.hub.lock().unwrap().sync(store)
     }
 
     /// Publish what changed of the member's view of its cluster, and reconnect peers if the

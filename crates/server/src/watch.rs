@@ -10,14 +10,14 @@
 //! waits for the client to read, as its answer must not be dropped.
 
 use crate::api;
-use crate::node::{Node, View};
+use crate::node::Node;
 use crate::pb::etcdserverpb::{self as pb, watch_request::RequestUnion, watch_server};
 use crate::pb::mvccpb;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -136,22 +136,14 @@ fn create_request(c: pb::WatchCreateRequest) -> ::watch::CreateRequest {
 pub struct WatchService {
     node: Node,
     watchers: Watchers,
-    view: Arc<RwLock<View>>,
-    election_timeout: Duration,
 }
 
 impl WatchService {
     pub fn new(node: Node) -> Self {
         WatchService {
             watchers: node.watchers(),
-            view: node.view_handle(),
-            election_timeout: node.election_timeout(),
             node,
         }
-    }
-
-    fn has_leader(&self) -> bool {
-        self.view.read().unwrap().leader.is_some()
     }
 }
 
@@ -222,7 +214,7 @@ impl watch_server::Watch for WatchService {
             .metadata()
             .get(HAS_LEADER)
             .is_some_and(|v| v.as_bytes() == b"true");
-        if require_leader && !self.has_leader() {
+        if require_leader && !self.node.has_leader() {
             return Err(no_leader());
         }
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
@@ -296,9 +288,13 @@ impl WatchService {
         loop {
             tokio::select! {
                 _ = stop.closed() => return,
-                _ = tokio::time::sleep(self.election_timeout) => {}
+                _ = tokio::time::sleep(self.node.election_timeout()) => {}
             }
-            without = if self.has_leader() { 0 } else { without + 1 };
+            without = if self.node.has_leader() {
+                0
+            } else {
+                without + 1
+            };
             if without >= NO_LEADER_CHECKS {
                 let _ = stop.send(no_leader());
                 return;

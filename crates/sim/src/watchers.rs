@@ -10,28 +10,8 @@
 use kv::Revision;
 use raft::NodeId;
 use rand::Rng;
-use std::cell::RefCell;
-use std::collections::VecDeque;
-use std::rc::Rc;
-use watch::check::{History, StreamCheck};
-use watch::{CreateRequest, Hub, Limits, Response, Sink, StreamId};
-
-/// A client's bounded queue of responses.
-#[derive(Clone)]
-pub struct Queue {
-    slots: Rc<RefCell<VecDeque<Vec<Response>>>>,
-    cap: usize,
-}
-
-impl Sink for Queue {
-    fn room(&self) -> usize {
-        self.cap.saturating_sub(self.slots.borrow().len())
-    }
-    fn send(&mut self, rs: Vec<Response>) {
-        assert!(self.room() > 0, "the hub sent beyond a queue's room");
-        self.slots.borrow_mut().push_back(rs);
-    }
-}
+use watch::check::{History, Queue, StreamCheck};
+use watch::{CreateRequest, Hub, Limits, StreamId};
 
 /// Small bounds, so that catching up takes many passes and fragments happen.
 pub fn limits() -> Limits {
@@ -130,7 +110,7 @@ impl WatchClients {
         for c in &mut self.clients {
             if let Some(o) = &mut c.open {
                 for _ in 0..c.pace {
-                    let Some(slot) = o.queue.slots.borrow_mut().pop_front() else {
+                    let Some(slot) = o.queue.pop() else {
                         break;
                     };
                     for r in &slot {
@@ -155,10 +135,7 @@ impl WatchClients {
             let Some(h) = hubs[member as usize - 1].as_mut() else {
                 continue;
             };
-            let queue = Queue {
-                slots: Default::default(),
-                cap: 3,
-            };
+            let queue = Queue::new(3);
             let stream = h.open(queue.clone());
             let mut want = c.want.clone();
             want.start_revision = c.got.last().map_or(1, |g| g.0 + 1);
@@ -190,17 +167,15 @@ impl WatchClients {
                     .complete(&self.history, last)
                     .map_err(|e| format!("watch client {i}: {e}"))?;
             }
+            let range = kv::KeyRange {
+                key: c.want.key.clone(),
+                range_end: c.want.range_end.clone(),
+            };
             let mut want = Vec::new();
             for rev in 1..=last {
                 for e in self.history.events_at(rev) {
-                    let k = &e.kv.key;
-                    let wanted = if c.want.range_end.is_empty() {
-                        *k == c.want.key
-                    } else {
-                        true
-                    };
-                    if wanted {
-                        want.push((rev, k.clone()));
+                    if range.contains(&e.kv.key) {
+                        want.push((rev, e.kv.key.clone()));
                     }
                 }
             }

@@ -85,17 +85,11 @@ struct Spec {
 }
 
 impl Spec {
-    fn new(req: &CreateRequest, created_at: Revision) -> Spec {
-        let key = if req.key.is_empty() {
-            bytes::Bytes::from_static(b"\0")
-        } else {
-            req.key.clone()
-        };
-        Spec {
-            range: KeyRange {
-                key,
-                range_end: req.range_end.clone(),
-            },
+    fn new(req: &CreateRequest, created_at: Revision) -> Result<Spec, String> {
+        let range = crate::hub::watched_range(req)
+            .map_err(|why| format!("created although refusable ({why}): {req:?}"))?;
+        Ok(Spec {
+            range,
             start: if req.start_revision == 0 {
                 created_at + 1
             } else {
@@ -104,15 +98,7 @@ impl Spec {
             no_put: req.no_put,
             no_delete: req.no_delete,
             prev_kv: req.prev_kv,
-        }
-    }
-
-    fn holds(&self, key: &[u8]) -> bool {
-        let r = &self.range;
-        if r.range_end.is_empty() {
-            return key == &r.key[..];
-        }
-        key >= &r.key[..] && (&r.range_end[..] == b"\0" || key < &r.range_end[..])
+        })
     }
 
     fn take(&self, e: &Event) -> Option<Event> {
@@ -120,7 +106,7 @@ impl Spec {
             EventKind::Put => !self.no_put,
             EventKind::Delete => !self.no_delete,
         };
-        if !wanted || !self.holds(&e.kv.key) {
+        if !wanted || !self.range.contains(&e.kv.key) {
             return None;
         }
         let mut e = e.clone();
@@ -174,7 +160,7 @@ impl StreamCheck {
             if self.watches.get(&r.watch_id).is_some_and(|w| !w.done) {
                 return Err(format!("watch id {} created twice", r.watch_id));
             }
-            let spec = Spec::new(&req, r.revision);
+            let spec = Spec::new(&req, r.revision)?;
             let cursor = spec.start;
             self.watches.insert(
                 r.watch_id,
@@ -321,4 +307,47 @@ fn deliver(history: &History, w: &mut Watch, events: &[Event]) -> Result<(), Str
         i += n;
     }
     Ok(())
+}
+
+/// A bounded in-memory sink that its owner reads at its own pace, a slot at a time; clones
+/// share the queue (the hub holds one, the test client another). It asserts the hub's side
+/// of the contract: never a send beyond the room it reported, never an empty slot.
+#[derive(Clone)]
+pub struct Queue {
+    slots: std::rc::Rc<std::cell::RefCell<std::collections::VecDeque<Vec<Response>>>>,
+    cap: usize,
+}
+
+impl Queue {
+    pub fn new(cap: usize) -> Queue {
+        Queue {
+            slots: Default::default(),
+            cap,
+        }
+    }
+
+    /// The oldest slot: one response, or the fragments of one.
+    pub fn pop(&self) -> Option<Vec<Response>> {
+        self.slots.borrow_mut().pop_front()
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl crate::Sink for Queue {
+    fn room(&self) -> usize {
+        self.cap.saturating_sub(self.len())
+    }
+
+    fn send(&mut self, rs: Vec<Response>) {
+        assert!(self.room() > 0, "the hub sent beyond a queue's room");
+        assert!(!rs.is_empty(), "the hub sent an empty slot");
+        self.slots.borrow_mut().push_back(rs);
+    }
 }

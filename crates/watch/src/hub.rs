@@ -55,11 +55,37 @@ impl Default for Limits {
 
 type Wid = (StreamId, WatchId);
 
+/// The range a create request watches, normalized as etcd does (an empty key is "\0"; a
+/// range end of "\0" is every key from the key), copied out of the request's buffer; or
+/// etcd's refusal of an empty range.
+pub(crate) fn watched_range(req: &CreateRequest) -> Result<KeyRange, &'static str> {
+    let key = if req.key.is_empty() {
+        Bytes::from_static(b"\0")
+    } else {
+        Bytes::copy_from_slice(&req.key)
+    };
+    let bounded = !req.range_end.is_empty() && &req.range_end[..] != b"\0";
+    if bounded && req.range_end[..] <= key[..] {
+        return Err(EMPTY_RANGE);
+    }
+    Ok(KeyRange {
+        key,
+        range_end: Bytes::copy_from_slice(&req.range_end),
+    })
+}
+
+/// A range's end as the index takes it: `None` for a single key.
+fn index_end(range: &KeyRange) -> Option<End> {
+    match &range.range_end[..] {
+        [] => None,
+        [0] => Some(End::Unbounded),
+        _ => Some(End::Key(range.range_end.clone())),
+    }
+}
+
 struct Watcher {
-    /// Normalized as etcd does: an empty key is "\0"; `range.range_end` as in the store.
+    /// See [`watched_range`].
     range: KeyRange,
-    /// `None` for a single key.
-    end: Option<End>,
     /// The first revision this watcher has not been given. Invariant: for a synced watcher,
     /// every event below `max(next_rev, hub.revision + 1)` in its range is queued.
     next_rev: Revision,
@@ -222,17 +248,9 @@ impl<S: Sink> Hub<S> {
             }]);
             Ok(())
         };
-        // etcd: an empty key means "\0"; a range end of "\0" means every key from `key`.
-        let key = if req.key.is_empty() {
-            Bytes::from_static(b"\0")
-        } else {
-            Bytes::copy_from_slice(&req.key)
-        };
-        let end = match &req.range_end[..] {
-            [] => None,
-            [0] => Some(End::Unbounded),
-            e if e <= &key[..] => return refuse(st, EMPTY_RANGE),
-            e => Some(End::Key(Bytes::copy_from_slice(e))),
+        let range = match watched_range(req) {
+            Ok(r) => r,
+            Err(why) => return refuse(st, why),
         };
         if req.start_revision < 0 {
             return refuse(st, COMPACTED);
@@ -257,14 +275,8 @@ impl<S: Sink> Hub<S> {
         // From now (0), or a future revision: synced, the index delivers as revisions
         // apply. From the past: unsynced, replayed from the store's history.
         let synced = req.start_revision == 0 || req.start_revision > revision;
-        let range_end = match &end {
-            None => Bytes::new(),
-            Some(End::Unbounded) => Bytes::from_static(b"\0"),
-            Some(End::Key(e)) => e.clone(),
-        };
         let w = Watcher {
-            range: KeyRange { key, range_end },
-            end,
+            range,
             next_rev: if req.start_revision == 0 {
                 revision + 1
             } else {
@@ -280,8 +292,8 @@ impl<S: Sink> Hub<S> {
             quiet: true,
         };
         if synced {
-            self.synced
-                .insert(&w.range.key, w.end.as_ref(), (stream, id));
+            let end = index_end(&w.range);
+            self.synced.insert(&w.range.key, end.as_ref(), (stream, id));
         } else {
             st.unsynced += 1;
             self.unsynced.insert((stream, id));
@@ -370,7 +382,8 @@ impl<S: Sink> Hub<S> {
             return;
         }
         if w.synced {
-            self.synced.remove(&w.range.key, w.end.as_ref(), wid);
+            self.synced
+                .remove(&w.range.key, index_end(&w.range).as_ref(), wid);
         } else {
             self.unsynced.remove(&wid);
             if let Some(st) = self.streams.get_mut(&wid.0) {
@@ -384,7 +397,8 @@ impl<S: Sink> Hub<S> {
             return;
         };
         debug_assert!(w.synced);
-        self.synced.remove(&w.range.key, w.end.as_ref(), wid);
+        self.synced
+            .remove(&w.range.key, index_end(&w.range).as_ref(), wid);
         w.synced = false;
         w.next_rev = w.next_rev.max(next_rev);
         self.unsynced.insert(wid);
@@ -400,7 +414,8 @@ impl<S: Sink> Hub<S> {
         debug_assert!(!w.synced && w.next_rev > self.revision);
         w.synced = true;
         self.unsynced.remove(&wid);
-        self.synced.insert(&w.range.key, w.end.as_ref(), wid);
+        self.synced
+            .insert(&w.range.key, index_end(&w.range).as_ref(), wid);
         if let Some(st) = self.streams.get_mut(&wid.0) {
             st.unsynced -= 1;
         }
@@ -409,9 +424,9 @@ impl<S: Sink> Hub<S> {
 
     /// Bring the watchers up to `store`, the member's applied state: dispatch the revisions
     /// applied since the last call to the synced watchers, then replay a bounded slice of
-    /// history to the unsynced ones. Call after every apply, and again while
-    /// [`Hub::backlog`] says there is more.
-    pub fn sync(&mut self, store: &Store) {
+    /// history to the unsynced ones. Call after every apply, and again soon while it
+    /// returns true ([`Hub::backlog`]: there is more it can do now).
+    pub fn sync(&mut self, store: &Store) -> bool {
         self.drop_closed();
         self.advance(store);
         if !self.unsynced.is_empty() {
@@ -426,6 +441,7 @@ impl<S: Sink> Hub<S> {
         for stream in waiting {
             self.flush_progress(stream);
         }
+        self.backlog()
     }
 
     fn drop_closed(&mut self) {

@@ -9,32 +9,9 @@ use bytes::Bytes;
 use kv::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::rc::Rc;
-use watch::check::{History, StreamCheck};
-use watch::{CreateRequest, Hub, Limits, Response, Sink, StreamId};
-
-/// A bounded queue its test client reads at its own pace.
-#[derive(Clone)]
-struct Queue {
-    q: Rc<RefCell<VecDeque<Vec<Response>>>>,
-    cap: usize,
-}
-
-impl Sink for Queue {
-    fn room(&self) -> usize {
-        self.cap - self.q.borrow().len()
-    }
-    fn send(&mut self, rs: Vec<Response>) {
-        assert!(
-            self.q.borrow().len() < self.cap,
-            "a send beyond the queue's room"
-        );
-        assert!(!rs.is_empty());
-        self.q.borrow_mut().push_back(rs);
-    }
-}
+use watch::check::{History, Queue, StreamCheck};
+use watch::{CreateRequest, Hub, Limits, Response, StreamId};
 
 const KEYS: [&str; 6] = ["a", "a/1", "a/2", "b", "b/1", "c"];
 
@@ -68,10 +45,7 @@ impl World {
         let mut hub = Hub::new(1, limits); // a new store's revision
         let mut clients = Vec::new();
         for _ in 0..streams {
-            let queue = Queue {
-                q: Default::default(),
-                cap,
-            };
+            let queue = Queue::new(cap);
             let stream = hub.open(queue.clone());
             clients.push(Client {
                 stream,
@@ -192,7 +166,7 @@ impl World {
     /// Let client `c` read up to `n` responses, checking each.
     fn read(&mut self, c: usize, n: usize) {
         for _ in 0..n {
-            let Some(slot) = self.clients[c].queue.q.borrow_mut().pop_front() else {
+            let Some(slot) = self.clients[c].queue.pop() else {
                 break;
             };
             for r in slot {
@@ -227,7 +201,7 @@ impl World {
                 self.read(c, usize::MAX);
             }
             let idle = !self.hub.backlog()
-                && self.clients.iter().all(|c| c.queue.q.borrow().is_empty())
+                && self.clients.iter().all(|c| c.queue.is_empty())
                 && self.clients.iter().all(|c| c.waiting.is_empty());
             if idle {
                 return;
@@ -375,11 +349,7 @@ fn a_slow_watcher_is_caught_up_from_history_without_loss_or_repeats() {
         !w.hub.backlog(),
         "a client that reads nothing makes no work"
     );
-    assert_eq!(
-        w.clients[1].queue.q.borrow().len(),
-        2,
-        "bounded by its queue"
-    );
+    assert_eq!(w.clients[1].queue.len(), 2, "bounded by its queue");
     assert_eq!(events_of(&w.clients[0].seen).len(), 50);
     w.drain();
     let want: Vec<_> = (2..=51).map(|r| (EventKind::Put, "k".into(), r)).collect();
@@ -387,7 +357,7 @@ fn a_slow_watcher_is_caught_up_from_history_without_loss_or_repeats() {
     assert!(!w.hub.backlog());
     // Back on the fast path: the next put arrives as it applies.
     put(&mut w, "k", "x");
-    assert_eq!(w.clients[1].queue.q.borrow().len(), 1);
+    assert_eq!(w.clients[1].queue.len(), 1);
 }
 
 /// A progress response claims a revision only once every event up to it is queued ahead of
