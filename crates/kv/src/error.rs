@@ -18,6 +18,18 @@ pub enum Error {
     EmptyKey,
     /// A snapshot that cannot be decoded.
     BadSnapshot(&'static str),
+    /// A lease named by a request does not exist (or no longer does).
+    LeaseNotFound,
+    /// A grant of an id already taken.
+    LeaseExists,
+    /// A TTL above [`crate::MAX_LEASE_TTL`].
+    LeaseTtlTooLarge,
+    /// A session's sequence number older than the last one it applied.
+    StaleSequence { last: u64 },
+    /// Sequence number 0 (numbers start at 1).
+    BadSequence,
+    /// Only puts, deletes and transactions run in a session.
+    NotInSession,
 }
 
 impl fmt::Display for Error {
@@ -30,6 +42,17 @@ impl fmt::Display for Error {
             Error::TooManyOps => "etcdserver: too many operations in txn request",
             Error::EmptyKey => "etcdserver: key is not provided",
             Error::BadSnapshot(why) => return write!(f, "kv snapshot: {why}"),
+            Error::LeaseNotFound => "etcdserver: requested lease not found",
+            Error::LeaseExists => "etcdserver: lease already exists",
+            Error::LeaseTtlTooLarge => "etcdserver: too large lease TTL",
+            Error::StaleSequence { last } => {
+                return write!(
+                    f,
+                    "raftkv: session sequence number is older than the last applied ({last})"
+                )
+            }
+            Error::BadSequence => "raftkv: session sequence numbers start at 1",
+            Error::NotInSession => "raftkv: only puts, deletes and txns run in a session",
         })
     }
 }

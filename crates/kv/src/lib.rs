@@ -7,16 +7,23 @@
 //! transactions), Compact. Deterministic: the same requests applied in the same order give
 //! the same state and answers on every node. [`Store::snapshot`] and [`Store::restore`]
 //! carry the whole state for raft log compaction. [`Store::events_at`] reports what each
-//! revision changed, as etcd's watch events.
+//! revision changed, as etcd's watch events. Leases (`lease.rs`) are replicated state; when
+//! one expires is the leader's [`lessor::Lessor`]'s call, by its clock, made known through
+//! the log. Sessions (`session.rs`) make a client's numbered writes run exactly once.
 
 mod error;
 mod events;
+mod lease;
+pub mod lessor;
+mod session;
 mod snapshot;
 mod store;
 mod types;
 
 pub use error::{Error, Result};
 pub use events::{Event, EventKind};
+pub use lease::{Lease, LeaseId, LeaseResponse, MAX_LEASE_TTL};
+pub use session::{Remembered, Session};
 pub use store::{Request, Response, Store, MAX_TXN_OPS};
 pub use types::*;
 

@@ -1,27 +1,37 @@
 //! The store as bytes, for raft snapshots. Layout (little endian):
 //!
 //! ```text
-//! magic "RKVKV002" | revision i64 | compact_revision i64 | key count u64 |
+//! magic "RKVKV003" | revision i64 | compact_revision i64 | key count u64 |
 //!   per key: key len u32 | key | version count u32 |
 //!     per version: rev i64 | sub u32 | live u8 | if live: create i64 | version i64 |
 //!                                                    lease i64 | value len u32 | value
+//! lease count u64 | per lease: id i64 | ttl i64 | remaining i64
+//! session count u64 | per session: lease i64 | seq u64 | revision i64 | result
 //! ```
 //!
 //! `sub` is the version's place among the writes of its revision (etcd's sub-revision),
-//! from which the revision index that watchers replay is rebuilt. Version 1 ("RKVKV001")
-//! had no `sub`; its writes of one revision are replayed in key order.
+//! from which the revision index that watchers replay is rebuilt. A lease's keys are not
+//! stored: they are the live keys naming it. A session's result is its last command's
+//! answer (see `encode_result`). Version 2 ("RKVKV002") had no leases or sessions; version
+//! 1 ("RKVKV001") had no `sub` either, and its writes of one revision replay in key order.
 //!
 //! Integrity is the snapshot file's job (it carries a CRC); decoding still checks every
 //! length and invariant, and never panics on bad bytes.
 
 use crate::error::{Error, Result};
-use crate::store::{cost, Store, Version};
-use crate::types::{KeyValue, Revision};
+use crate::lease::Lease;
+use crate::session::Remembered;
+use crate::store::{cost, Response, Store, Version};
+use crate::types::*;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use imbl::Vector;
+use imbl::{OrdSet, Vector};
 
-const MAGIC: &[u8; 8] = b"RKVKV002";
+const MAGIC: &[u8; 8] = b"RKVKV003";
+const MAGIC_V2: &[u8; 8] = b"RKVKV002";
 const MAGIC_V1: &[u8; 8] = b"RKVKV001";
+/// Deepest nesting of transactions a remembered answer may have (the store's own limit on
+/// a request's size bounds it far below this).
+const MAX_DEPTH: usize = 64;
 
 impl Store {
     pub fn snapshot(&self) -> Bytes {
@@ -50,17 +60,32 @@ impl Store {
                 }
             }
         }
+        b.put_u64_le(self.leases.len() as u64);
+        for l in self.leases.values() {
+            b.put_i64_le(l.id);
+            b.put_i64_le(l.ttl);
+            b.put_i64_le(l.remaining);
+        }
+        b.put_u64_le(self.sessions.len() as u64);
+        for (lease, s) in &self.sessions {
+            b.put_i64_le(*lease);
+            b.put_u64_le(s.seq);
+            b.put_i64_le(s.revision);
+            encode_result(&mut b, &s.result);
+        }
         b.freeze()
     }
 
     /// Rebuild a store from [`Store::snapshot`]'s bytes.
     pub fn restore(data: &Bytes) -> Result<Store> {
         let mut r = Reader(data.clone());
-        let v1 = match r.take(8)? {
-            m if m == MAGIC[..] => false,
-            m if m == MAGIC_V1[..] => true,
+        let version = match r.take(8)? {
+            m if m == MAGIC[..] => 3,
+            m if m == MAGIC_V2[..] => 2,
+            m if m == MAGIC_V1[..] => 1,
             _ => return Err(Error::BadSnapshot("not a kv snapshot")),
         };
+        let v1 = version == 1;
         let mut store = Store {
             revision: r.i64()?,
             compact_revision: r.i64()?,
@@ -115,10 +140,14 @@ impl Store {
             store.keys.insert(key.clone(), history);
             prev_key = Some(key);
         }
+        if version >= 3 {
+            restore_leases(&mut r, &mut store)?;
+        }
         if r.0.has_remaining() {
             return Err(Error::BadSnapshot("trailing bytes"));
         }
         store.by_rev = index(writes, first, store.revision)?;
+        store.rebuild_attachments()?;
         Ok(store)
     }
 
@@ -163,6 +192,244 @@ fn index(
     Ok(by_rev)
 }
 
+fn restore_leases(r: &mut Reader, store: &mut Store) -> Result<()> {
+    let n = r.u64()?;
+    for _ in 0..n {
+        let (id, ttl, remaining) = (r.i64()?, r.i64()?, r.i64()?);
+        if id == 0 || store.leases.get_max().is_some_and(|(last, _)| *last >= id) {
+            return Err(Error::BadSnapshot("leases out of order"));
+        }
+        let keys = OrdSet::new();
+        store.leases.insert(
+            id,
+            Lease {
+                id,
+                ttl,
+                remaining,
+                keys,
+            },
+        );
+    }
+    let n = r.u64()?;
+    for _ in 0..n {
+        let lease = r.i64()?;
+        if !store.leases.contains_key(&lease) || store.sessions.contains_key(&lease) {
+            return Err(Error::BadSnapshot("a session without its lease"));
+        }
+        let (seq, revision) = (r.u64()?, r.i64()?);
+        let result = decode_result(r)?;
+        store.sessions.insert(
+            lease,
+            Remembered {
+                seq,
+                result,
+                revision,
+            },
+        );
+    }
+    Ok(())
+}
+
+// ---- remembered answers -------------------------------------------------------------------
+//
+// result:   0 | response    or    1 | error code u8 (| last u64 for a stale sequence)
+// response: 1 range | 2 put | 3 delete | 4 txn (only writes run in a session)
+// range:    more u8 | count i64 | kv count u32 | kvs
+// put:      has prev u8 | prev kv
+// delete:   deleted i64 | kv count u32 | kvs
+// txn:      succeeded u8 | op count u32 | per op: revision i64 | response
+// kv:       key len u32 | key | create i64 | mod i64 | version i64 | lease i64 |
+//           value len u32 | value
+
+fn encode_result(b: &mut BytesMut, r: &Result<Response>) {
+    match r {
+        Ok(resp) => {
+            b.put_u8(0);
+            encode_response(b, resp);
+        }
+        Err(e) => {
+            b.put_u8(1);
+            let (code, last) = error_code(e);
+            b.put_u8(code);
+            if let Some(last) = last {
+                b.put_u64_le(last);
+            }
+        }
+    }
+}
+
+fn error_code(e: &Error) -> (u8, Option<u64>) {
+    match e {
+        Error::Compacted => (1, None),
+        Error::FutureRevision => (2, None),
+        Error::KeyNotFound => (3, None),
+        Error::DuplicateKey => (4, None),
+        Error::TooManyOps => (5, None),
+        Error::EmptyKey => (6, None),
+        Error::LeaseNotFound => (7, None),
+        Error::LeaseExists => (8, None),
+        Error::LeaseTtlTooLarge => (9, None),
+        Error::StaleSequence { last } => (10, Some(*last)),
+        Error::BadSequence => (11, None),
+        Error::NotInSession => (12, None),
+        // Never an answer to a command.
+        Error::BadSnapshot(_) => (0, None),
+    }
+}
+
+fn decode_error(r: &mut Reader) -> Result<Error> {
+    Ok(match r.u8()? {
+        1 => Error::Compacted,
+        2 => Error::FutureRevision,
+        3 => Error::KeyNotFound,
+        4 => Error::DuplicateKey,
+        5 => Error::TooManyOps,
+        6 => Error::EmptyKey,
+        7 => Error::LeaseNotFound,
+        8 => Error::LeaseExists,
+        9 => Error::LeaseTtlTooLarge,
+        10 => Error::StaleSequence { last: r.u64()? },
+        11 => Error::BadSequence,
+        12 => Error::NotInSession,
+        _ => return Err(Error::BadSnapshot("bad error code")),
+    })
+}
+
+fn decode_result(r: &mut Reader) -> Result<Result<Response>> {
+    Ok(match r.u8()? {
+        0 => Ok(match decode_op(r, 0)? {
+            ResponseOp::Range(x) => Response::Range(x),
+            ResponseOp::Put(x) => Response::Put(x),
+            ResponseOp::DeleteRange(x) => Response::DeleteRange(x),
+            ResponseOp::Txn(x) => Response::Txn(x),
+        }),
+        1 => Err(decode_error(r)?),
+        _ => return Err(Error::BadSnapshot("bad result tag")),
+    })
+}
+
+fn encode_response(b: &mut BytesMut, r: &Response) {
+    match r {
+        Response::Range(x) => encode_op(b, &ResponseOp::Range(x.clone())),
+        Response::Put(x) => encode_op(b, &ResponseOp::Put(x.clone())),
+        Response::DeleteRange(x) => encode_op(b, &ResponseOp::DeleteRange(x.clone())),
+        Response::Txn(x) => encode_txn(b, x),
+        // Not run in a session (see `Store::apply_in_session`).
+        Response::Compact | Response::Lease(_) => b.put_u8(0),
+    }
+}
+
+fn encode_txn(b: &mut BytesMut, t: &TxnResponse) {
+    b.put_u8(4);
+    b.put_u8(t.succeeded as u8);
+    b.put_u32_le(t.responses.len() as u32);
+    for (op, rev) in t.responses.iter().zip(&t.revisions) {
+        b.put_i64_le(*rev);
+        encode_op(b, op);
+    }
+}
+
+fn encode_op(b: &mut BytesMut, op: &ResponseOp) {
+    match op {
+        ResponseOp::Range(x) => {
+            b.put_u8(1);
+            b.put_u8(x.more as u8);
+            b.put_i64_le(x.count);
+            encode_kvs(b, &x.kvs);
+        }
+        ResponseOp::Put(x) => {
+            b.put_u8(2);
+            b.put_u8(x.prev_kv.is_some() as u8);
+            if let Some(kv) = &x.prev_kv {
+                encode_kv(b, kv);
+            }
+        }
+        ResponseOp::DeleteRange(x) => {
+            b.put_u8(3);
+            b.put_i64_le(x.deleted);
+            encode_kvs(b, &x.prev_kvs);
+        }
+        ResponseOp::Txn(t) => encode_txn(b, t),
+    }
+}
+
+fn decode_op(r: &mut Reader, depth: usize) -> Result<ResponseOp> {
+    if depth > MAX_DEPTH {
+        return Err(Error::BadSnapshot("answers nested too deep"));
+    }
+    Ok(match r.u8()? {
+        1 => ResponseOp::Range(RangeResponse {
+            more: r.bool()?,
+            count: r.i64()?,
+            kvs: decode_kvs(r)?,
+        }),
+        2 => ResponseOp::Put(PutResponse {
+            prev_kv: if r.bool()? { Some(decode_kv(r)?) } else { None },
+        }),
+        3 => ResponseOp::DeleteRange(DeleteRangeResponse {
+            deleted: r.i64()?,
+            prev_kvs: decode_kvs(r)?,
+        }),
+        4 => {
+            let succeeded = r.bool()?;
+            let n = r.u32()? as usize;
+            let (mut responses, mut revisions) = (Vec::new(), Vec::new());
+            for _ in 0..n {
+                revisions.push(r.i64()?);
+                responses.push(decode_op(r, depth + 1)?);
+            }
+            ResponseOp::Txn(TxnResponse {
+                succeeded,
+                responses,
+                revisions,
+            })
+        }
+        _ => return Err(Error::BadSnapshot("bad answer tag")),
+    })
+}
+
+fn encode_kvs(b: &mut BytesMut, kvs: &[KeyValue]) {
+    b.put_u32_le(kvs.len() as u32);
+    for kv in kvs {
+        encode_kv(b, kv);
+    }
+}
+
+fn decode_kvs(r: &mut Reader) -> Result<Vec<KeyValue>> {
+    let n = r.u32()? as usize;
+    // Each key-value takes at least 44 bytes: a bad count cannot make a huge allocation.
+    let mut kvs = Vec::with_capacity(n.min(r.0.remaining() / 44));
+    for _ in 0..n {
+        kvs.push(decode_kv(r)?);
+    }
+    Ok(kvs)
+}
+
+fn encode_kv(b: &mut BytesMut, kv: &KeyValue) {
+    b.put_u32_le(kv.key.len() as u32);
+    b.put_slice(&kv.key);
+    for x in [kv.create_revision, kv.mod_revision, kv.version, kv.lease] {
+        b.put_i64_le(x);
+    }
+    b.put_u32_le(kv.value.len() as u32);
+    b.put_slice(&kv.value);
+}
+
+fn decode_kv(r: &mut Reader) -> Result<KeyValue> {
+    let len = r.u32()? as usize;
+    Ok(KeyValue {
+        key: r.take(len)?,
+        create_revision: r.i64()?,
+        mod_revision: r.i64()?,
+        version: r.i64()?,
+        lease: r.i64()?,
+        value: {
+            let len = r.u32()? as usize;
+            r.take(len)?
+        },
+    })
+}
+
 struct Reader(Bytes);
 
 impl Reader {
@@ -174,6 +441,13 @@ impl Reader {
     }
     fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
+    }
+    fn bool(&mut self) -> Result<bool> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(Error::BadSnapshot("bad flag")),
+        }
     }
     fn u32(&mut self) -> Result<u32> {
         Ok(u32::from_le_bytes(self.take(4)?[..].try_into().unwrap()))

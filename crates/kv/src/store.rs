@@ -9,6 +9,8 @@
 //! store in O(1) on the raft loop and serializes the frozen copy on another thread.
 
 use crate::error::{Error, Result};
+use crate::lease::{Lease, LeaseId, LeaseResponse};
+use crate::session::Remembered;
 use crate::types::*;
 use bytes::Bytes;
 use imbl::{OrdMap, Vector};
@@ -41,6 +43,12 @@ pub struct Store {
     /// every key listed has its version of that revision in `keys`. A persistent vector:
     /// it clones in O(1) with the rest of the store.
     pub(crate) by_rev: Vector<Vec<Bytes>>,
+    /// Every lease, by id (see `lease.rs`). Invariant: a lease's keys are exactly the keys
+    /// whose live version names it.
+    pub(crate) leases: OrdMap<LeaseId, Lease>,
+    /// Per session (a lease), its last command (see `session.rs`). Invariant: every
+    /// session's lease exists.
+    pub(crate) sessions: OrdMap<LeaseId, Remembered>,
 }
 
 /// A new store is at revision 1, as etcd's is (its first write is revision 2): revision 1
@@ -54,6 +62,8 @@ impl Default for Store {
             compact_revision: 0,
             size: 0,
             by_rev: Vector::unit(Vec::new()),
+            leases: OrdMap::new(),
+            sessions: OrdMap::new(),
         }
     }
 }
@@ -71,6 +81,16 @@ pub enum Request {
     DeleteRange(DeleteRangeRequest),
     Txn(TxnRequest),
     Compact(Revision),
+    /// Create a lease with this id and TTL (seconds).
+    LeaseGrant {
+        id: LeaseId,
+        ttl: i64,
+    },
+    /// End a lease, deleting its keys: asked by a client, or decided by the leader when the
+    /// lease expired.
+    LeaseRevoke(LeaseId),
+    /// The leader's record of leases' remaining TTLs (seconds).
+    LeaseCheckpoint(Vec<(LeaseId, i64)>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,6 +100,7 @@ pub enum Response {
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     Compact,
+    Lease(LeaseResponse),
 }
 
 /// The state of one transaction being applied.
@@ -152,6 +173,9 @@ impl Store {
                 })
             }
             Request::Txn(t) => self.txn(t).map(Response::Txn),
+            Request::LeaseGrant { id, ttl } => self.grant(*id, *ttl).map(Response::Lease),
+            Request::LeaseRevoke(id) => self.revoke(*id).map(Response::Lease),
+            Request::LeaseCheckpoint(c) => Ok(Response::Lease(self.checkpoint(c))),
         }
     }
 
@@ -232,6 +256,11 @@ impl Store {
     /// Run a transaction atomically: if any operation fails, nothing it did remains.
     pub fn txn(&mut self, req: &TxnRequest) -> Result<TxnResponse> {
         check_txn(req)?;
+        self.run_unchecked(req)
+    }
+
+    /// A transaction already checked (or made by the store itself).
+    pub(crate) fn run_unchecked(&mut self, req: &TxnRequest) -> Result<TxnResponse> {
         let mut txn = Txn {
             rev: self.revision + 1,
             wrote: false,
@@ -246,6 +275,7 @@ impl Store {
             Ok(resp) => {
                 if txn.wrote {
                     self.revision = txn.rev;
+                    self.reattach(&txn.undo, txn.rev);
                     // The undo list is exactly the keys written, in order.
                     self.by_rev.push_back(txn.undo);
                     debug_assert_eq!(
@@ -324,6 +354,7 @@ impl Store {
         if (req.ignore_value || req.ignore_lease) && prev.is_none() {
             return Err(Error::KeyNotFound);
         }
+        self.check_lease(req.lease)?;
         let p = prev.as_ref();
         let kv = KeyValue {
             key: req.key.clone(),

@@ -377,6 +377,9 @@ fn compaction_forgets_history_but_not_the_present() {
 #[test]
 fn ignore_value_and_lease_keep_what_is_there() {
     let mut s = Store::new();
+    for id in [7, 9] {
+        s.apply(&Request::LeaseGrant { id, ttl: 60 }).unwrap();
+    }
     s.apply(&Request::Put(PutRequest {
         key: b("k"),
         value: b("v"),
