@@ -6,10 +6,14 @@
 //! The rules that keep a lease that was kept alive from being revoked:
 //! - **Only a leader that has applied its own term's first entry counts time.** Before that
 //!   its store may lack leases granted (or renewals cleared) in entries it has not applied.
-//! - **A new leader extends every lease** by `extend` (an election timeout) on top of its
-//!   full TTL — or of its checkpointed remaining TTL — before it may expire any: the old
-//!   leader may have renewed a lease just before it lost office, and with CheckQuorum it
-//!   keeps answering keep-alives for at most an election timeout after losing its quorum.
+//! - **A renewal counts only once a quorum confirmed the renewing leader** after the
+//!   keep-alive arrived (the owner's job: a ReadIndex round), and is dated from the
+//!   arrival. A successor is elected by a quorum that includes a confirming member, so it
+//!   takes office after every renewal its predecessor granted.
+//! - **A new leader extends every lease** by `extend` (an election timeout, etcd's rule) on
+//!   top of its full TTL — or of its checkpointed remaining TTL — before it may expire
+//!   any. The extension absorbs what the previous rule cannot see: the two leaders' clocks
+//!   running at different rates, and the keep-alive's answer still in flight.
 //! - **Checkpoints** (etcd's): for leases with more than `checkpoint_interval` left, the
 //!   leader records the remaining TTL in the log every interval, so a long lease is not
 //!   reset to its full TTL by every leader change. A renewal of a lease with a recorded
@@ -62,8 +66,12 @@ pub enum Renewal {
     /// Renewed for `ttl` seconds. If `clear_checkpoint`, the caller must commit
     /// `LeaseCheckpoint([(id, 0)])` before telling the client.
     Renewed { ttl: i64, clear_checkpoint: bool },
-    /// No such lease, or it expired and its revoke is on its way.
+    /// No such lease.
     NotFound,
+    /// It expired and its revoke is on its way, but has not applied: ask again. (If this
+    /// member lost office without knowing it, the revoke never commits and the real leader
+    /// renews; if not, the next answer is `NotFound`.)
+    Expiring,
     /// This member does not count time (not the leader, or not caught up yet).
     NotLeader,
 }
@@ -159,10 +167,14 @@ impl Lessor {
             return Renewal::NotFound;
         };
         if self.revoking.contains_key(&id) || self.expiry.get(&id).is_some_and(|d| *d <= now) {
-            return Renewal::NotFound;
+            return Renewal::Expiring;
         }
-        self.set_deadline(id, now.saturating_add(ms(lease.ttl)));
-        self.schedule_checkpoint(id, lease.ttl, now);
+        // Renewals may be dated a little in the past (from their arrival): never shorten.
+        let deadline = now.saturating_add(ms(lease.ttl));
+        if self.expiry.get(&id).is_none_or(|d| *d < deadline) {
+            self.set_deadline(id, deadline);
+            self.schedule_checkpoint(id, lease.ttl, now);
+        }
         Renewal::Renewed {
             ttl: lease.ttl,
             clear_checkpoint: lease.remaining > 0,

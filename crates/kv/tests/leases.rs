@@ -290,10 +290,12 @@ fn a_new_leader_extends_every_lease_before_expiring_it() {
     assert_eq!(l.poll(t0 + 6000, true, &s).revoke, vec![1]);
     // Proposed once; again only after the retry interval if it never applied.
     assert!(l.poll(t0 + 6001, true, &s).revoke.is_empty());
-    assert_eq!(l.renew(1, t0 + 6002, &s), Renewal::NotFound);
+    assert_eq!(l.renew(1, t0 + 6002, &s), Renewal::Expiring);
     assert_eq!(l.poll(t0 + 9000, true, &s).revoke, vec![1]);
+    s.apply(&Request::LeaseRevoke(1)).unwrap();
     l.changed(&LeaseResponse::Revoked { id: 1, deleted: 0 }, t0 + 9001);
     assert_eq!(l.timed(), 0);
+    assert_eq!(l.renew(1, t0 + 9002, &s), Renewal::NotFound);
 }
 
 #[test]

@@ -15,6 +15,9 @@ pub fn status(e: &kv::Error) -> Status {
     let code = match e {
         kv::Error::Compacted | kv::Error::FutureRevision => Code::OutOfRange,
         kv::Error::BadSnapshot(_) => Code::Internal,
+        kv::Error::LeaseNotFound => Code::NotFound,
+        kv::Error::LeaseExists | kv::Error::StaleSequence { .. } => Code::FailedPrecondition,
+        kv::Error::LeaseTtlTooLarge => Code::OutOfRange,
         _ => Code::InvalidArgument,
     };
     Status::new(code, e.to_string())

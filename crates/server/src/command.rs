@@ -20,17 +20,32 @@ pub enum Write {
     Publish(rpb::MemberAttributes),
     /// Cluster.MemberUpdate.
     UpdatePeerUrls(rpb::MemberPeerUrls),
+    /// A lease with its id chosen and its TTL raised to the minimum.
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+    },
+    LeaseRevoke(i64),
+    /// Remaining TTLs the leader records (seconds).
+    LeaseCheckpoint(Vec<(i64, i64)>),
+    /// A write that must run once however often it is retried (see `kv::Session`).
+    InSession(kv::Session, Box<Write>),
 }
 
 /// What a log command asks of the state machine.
 #[derive(Debug)]
 pub enum Decoded {
     Kv(kv::Request),
+    InSession(kv::Session, kv::Request),
     Publish(rpb::MemberAttributes),
     UpdatePeerUrls(rpb::MemberPeerUrls),
 }
 
 pub fn encode(id: RequestId, write: Write) -> bytes::Bytes {
+    let (session, write) = match write {
+        Write::InSession(s, w) => (Some(s), *w),
+        w => (None, w),
+    };
     let command = match write {
         Write::Put(p) => Command::Put(p),
         Write::DeleteRange(d) => Command::DeleteRange(d),
@@ -38,12 +53,24 @@ pub fn encode(id: RequestId, write: Write) -> bytes::Bytes {
         Write::Compact(c) => Command::Compaction(c),
         Write::Publish(a) => Command::Publish(a),
         Write::UpdatePeerUrls(u) => Command::UpdatePeerUrls(u),
+        Write::LeaseGrant { id, ttl } => Command::LeaseGrant(pb::LeaseGrantRequest { id, ttl }),
+        Write::LeaseRevoke(id) => Command::LeaseRevoke(pb::LeaseRevokeRequest { id }),
+        Write::LeaseCheckpoint(c) => Command::LeaseCheckpoint(pb::LeaseCheckpointRequest {
+            checkpoints: c
+                .into_iter()
+                .map(|(id, remaining_ttl)| pb::LeaseCheckpoint { id, remaining_ttl })
+                .collect(),
+        }),
+        // Sessions do not nest.
+        Write::InSession(_, w) => return encode(id, *w),
     };
     LogCommand {
         request_id: id.seq,
         member: id.member,
         boot: id.boot,
         command: Some(command),
+        session: session.map_or(0, |s| s.lease),
+        seq: session.map_or(0, |s| s.seq),
     }
     .encode_to_vec()
     .into()
@@ -63,7 +90,28 @@ pub fn decode(data: &[u8]) -> Result<(RequestId, Result<Decoded, Status>), prost
         Some(Command::Compaction(c)) => Ok(Decoded::Kv(kv::Request::Compact(c.revision))),
         Some(Command::Publish(a)) => Ok(Decoded::Publish(a)),
         Some(Command::UpdatePeerUrls(u)) => Ok(Decoded::UpdatePeerUrls(u)),
+        Some(Command::LeaseGrant(g)) => Ok(Decoded::Kv(kv::Request::LeaseGrant {
+            id: g.id,
+            ttl: g.ttl,
+        })),
+        Some(Command::LeaseRevoke(r)) => Ok(Decoded::Kv(kv::Request::LeaseRevoke(r.id))),
+        Some(Command::LeaseCheckpoint(c)) => Ok(Decoded::Kv(kv::Request::LeaseCheckpoint(
+            c.checkpoints
+                .iter()
+                .map(|c| (c.id, c.remaining_ttl))
+                .collect(),
+        ))),
         None => Err(Status::invalid_argument("etcdserver: empty log command")),
+    };
+    let request = match (request, cmd.session) {
+        (Ok(Decoded::Kv(r)), lease) if lease != 0 => Ok(Decoded::InSession(
+            kv::Session {
+                lease,
+                seq: cmd.seq,
+            },
+            r,
+        )),
+        (r, _) => r,
     };
     let id = RequestId {
         member: cmd.member,

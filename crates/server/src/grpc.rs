@@ -84,6 +84,47 @@ fn too_large<M: prost::Message>(m: &M) -> Result<(), Status> {
     Ok(())
 }
 
+/// The gRPC metadata that makes a write exactly-once: the session (a lease id the client
+/// holds, in decimal) and the write's number in it (1, 2, 3… one write at a time).
+pub const SESSION: &str = "raftkv-session";
+pub const SEQ: &str = "raftkv-seq";
+
+/// A write's session, if its metadata names one. Both keys or neither.
+fn session(md: &tonic::metadata::MetadataMap) -> Result<Option<kv::Session>, Status> {
+    let field = |name: &str| -> Result<Option<&str>, Status> {
+        md.get(name)
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| Status::invalid_argument(format!("raftkv: {name} is not text")))
+            })
+            .transpose()
+    };
+    let bad = |name: &str| Status::invalid_argument(format!("raftkv: {name} must be a number"));
+    match (field(SESSION)?, field(SEQ)?) {
+        (None, None) => Ok(None),
+        (Some(lease), Some(seq)) => {
+            let lease: i64 = lease.trim().parse().map_err(|_| bad(SESSION))?;
+            if lease == 0 {
+                return Err(Status::invalid_argument(format!(
+                    "raftkv: {SESSION} must name a lease (not 0)"
+                )));
+            }
+            let seq = seq.trim().parse().map_err(|_| bad(SEQ))?;
+            Ok(Some(kv::Session { lease, seq }))
+        }
+        _ => Err(Status::invalid_argument(format!(
+            "raftkv: {SESSION} and {SEQ} go together"
+        ))),
+    }
+}
+
+fn tagged(session: Option<kv::Session>, w: Write) -> Write {
+    match session {
+        Some(s) => Write::InSession(s, Box::new(w)),
+        None => w,
+    }
+}
+
 #[tonic::async_trait]
 impl kv_server::Kv for Services {
     async fn range(
@@ -101,6 +142,7 @@ impl kv_server::Kv for Services {
     }
 
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let session = session(req.metadata())?;
         let p = req.into_inner();
         too_large(&p)?;
         api::put_request(&p)?;
@@ -108,13 +150,14 @@ impl kv_server::Kv for Services {
             kv::Response::Put(r) => Some(api::put_response(r, h)),
             _ => None,
         };
-        self.write_as(Write::Put(p), answer).await
+        self.write_as(tagged(session, Write::Put(p)), answer).await
     }
 
     async fn delete_range(
         &self,
         req: Request<pb::DeleteRangeRequest>,
     ) -> Result<Response<pb::DeleteRangeResponse>, Status> {
+        let session = session(req.metadata())?;
         let d = req.into_inner();
         too_large(&d)?;
         api::delete_request(&d)?;
@@ -122,10 +165,12 @@ impl kv_server::Kv for Services {
             kv::Response::DeleteRange(r) => Some(api::delete_response(r, h)),
             _ => None,
         };
-        self.write_as(Write::DeleteRange(d), answer).await
+        self.write_as(tagged(session, Write::DeleteRange(d)), answer)
+            .await
     }
 
     async fn txn(&self, req: Request<pb::TxnRequest>) -> Result<Response<pb::TxnResponse>, Status> {
+        let session = session(req.metadata())?;
         let t = req.into_inner();
         too_large(&t)?;
         api::txn_request(&t)?;
@@ -133,7 +178,7 @@ impl kv_server::Kv for Services {
             kv::Response::Txn(r) => Some(api::txn_response(r, h)),
             _ => None,
         };
-        self.write_as(Write::Txn(t), answer).await
+        self.write_as(tagged(session, Write::Txn(t)), answer).await
     }
 
     async fn compact(

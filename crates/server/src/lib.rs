@@ -11,6 +11,7 @@ pub mod api;
 pub mod bootstrap;
 pub mod command;
 pub mod grpc;
+pub mod lease;
 pub mod machine;
 pub mod members;
 pub mod node;

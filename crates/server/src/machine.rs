@@ -19,6 +19,9 @@ pub type Served = Result<(kv::RangeResponse, i64), Status>;
 pub struct KvMachine {
     pub store: kv::Store,
     pub registry: Registry,
+    /// Lease grants and revokes applied since the owner last took them: the leader's lease
+    /// clock learns of them here (bounded by one round's entries).
+    pub lease_changes: Vec<kv::LeaseResponse>,
 }
 
 impl KvMachine {
@@ -42,6 +45,47 @@ impl KvMachine {
         };
         let id = self.registry.apply_conf(&conf)?;
         Some((id, Ok((None, self.store.revision()))))
+    }
+
+    fn apply_decoded(&mut self, r: Decoded) -> Applied {
+        let revision = |m: &Self| m.store.revision();
+        match r {
+            Decoded::Kv(r) => {
+                let result = self.store.apply(&r);
+                self.note_lease_change(&result);
+                let result = result.map_err(|e| api::status(&e))?;
+                Ok((Some(result), revision(self)))
+            }
+            Decoded::InSession(s, r) => {
+                let remembered = self
+                    .store
+                    .apply_in_session(s, &r)
+                    .map_err(|e| api::status(&e))?;
+                // A retry answers with the revision of the first run, not today's.
+                let response = remembered.result.map_err(|e| api::status(&e))?;
+                Ok((Some(response), remembered.revision))
+            }
+            Decoded::Publish(a) => {
+                self.registry.publish(&a);
+                Ok((None, revision(self)))
+            }
+            Decoded::UpdatePeerUrls(u) => {
+                if self.registry.update_peer_urls(&u) {
+                    Ok((None, revision(self)))
+                } else {
+                    Err(Status::not_found("etcdserver: member not found"))
+                }
+            }
+        }
+    }
+
+    /// The leader's lease clock learns of grants and revokes from here.
+    fn note_lease_change(&mut self, result: &kv::Result<kv::Response>) {
+        if let Ok(kv::Response::Lease(change)) = result {
+            if !matches!(change, kv::LeaseResponse::Checkpointed) {
+                self.lease_changes.push(change.clone());
+            }
+        }
     }
 }
 
@@ -69,21 +113,11 @@ impl StateMachine for KvMachine {
         };
         // A request etcd refuses (a compacted revision, a missing key in a txn's rules…) is
         // the client's answer, the same on every member: not a failure of the member.
-        let result = request.and_then(|r| match r {
-            Decoded::Kv(r) => self.store.apply(&r).map(Some).map_err(|e| api::status(&e)),
-            Decoded::Publish(a) => {
-                self.registry.publish(&a);
-                Ok(None)
-            }
-            Decoded::UpdatePeerUrls(u) => {
-                if self.registry.update_peer_urls(&u) {
-                    Ok(None)
-                } else {
-                    Err(Status::not_found("etcdserver: member not found"))
-                }
-            }
-        });
-        Ok(Some((id, result.map(|r| (r, self.store.revision())))))
+        let applied = match request {
+            Err(status) => Err(status),
+            Ok(r) => self.apply_decoded(r),
+        };
+        Ok(Some((id, applied)))
     }
 
     fn query(&self, req: &kv::RangeRequest) -> Served {

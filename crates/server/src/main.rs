@@ -6,12 +6,15 @@
 use clap::{Parser, Subcommand};
 use server::bootstrap;
 use server::grpc::Services;
+use server::lease::LeaseService;
 use server::node::{self, Node, NodeConfig};
 use server::pb::etcdserverpb::{
-    cluster_server::ClusterServer, kv_server::KvServer, maintenance_server::MaintenanceServer,
-    watch_server::WatchServer,
+    cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
-use server::pb::raftkvpb::{self, raft_server::RaftServer};
+use server::pb::raftkvpb::{
+    self, lease_forward_server::LeaseForwardServer, raft_server::RaftServer,
+};
 use server::transport::{Heard, PeerTransport, RaftService};
 use server::watch::WatchService;
 use std::net::SocketAddr;
@@ -483,6 +486,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     ));
     let raft_service = RaftService::new(cell, cluster_id, plan.bootstrap, transport, heard);
     let services = Services::new(node.clone());
+    let leases = LeaseService::new(node.clone());
     let peer_server = tonic::transport::Server::builder()
         .add_service(RaftServer::new(raft_service))
         .serve_with_incoming(peer_listener);
@@ -491,6 +495,8 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         .add_service(MaintenanceServer::new(services.clone()))
         .add_service(WatchServer::new(WatchService::new(node.clone())))
         .add_service(ClusterServer::new(services))
+        .add_service(LeaseServer::new(leases.clone()))
+        .add_service(LeaseForwardServer::new(leases))
         .serve_with_incoming(client_listener);
     println!(
         "raftkv member {} ({me:016x}) of cluster {cluster_id:016x} serving clients on {} and peers on {}",

@@ -13,6 +13,7 @@ use crate::pb::etcdserverpb::ResponseHeader;
 use crate::reconfig::{self, MemberOp};
 use crate::watch::Watchers;
 use driver::{Answered, DriverConfig, Ids, Refusal, Reply};
+use kv::lessor::{Lessor, LessorConfig, Renewal};
 use raft::{
     ConfChange, ConfEntry, EntryKind, Index, Membership, Message, NodeId, Raft, Role, Snapshot,
     SnapshotMeta, Term,
@@ -133,6 +134,15 @@ pub struct NodeStatus {
     pub db_size: u64,
 }
 
+/// A lease as LeaseTimeToLive reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseInfo {
+    /// Milliseconds left on the leader's clock.
+    pub remaining: u64,
+    pub granted_ttl: i64,
+    pub keys: Vec<bytes::Bytes>,
+}
+
 pub type WriteResult = Result<(kv::Response, ResponseHeader), Status>;
 pub type ReadResult = Result<(kv::RangeResponse, ResponseHeader), Status>;
 
@@ -148,6 +158,15 @@ enum Input {
     Member(MemberOp, Waiter<Applied>),
     /// Hand leadership to a voter.
     Transfer(NodeId, oneshot::Sender<Result<(), Status>>),
+    /// A keep-alive: only the leader's lease clock renews, once its leadership is confirmed.
+    Renew(i64, oneshot::Sender<Renewal>),
+    /// A keep-alive received at this time on the loop's clock, whose leadership check
+    /// (a ReadIndex round) has passed.
+    Confirmed(i64, kv::lessor::Millis, oneshot::Sender<Renewal>),
+    /// A lease's time left (on the leader), granted TTL and keys.
+    TimeToLive(i64, oneshot::Sender<Result<Option<LeaseInfo>, Status>>),
+    /// Every lease's id.
+    Leases(oneshot::Sender<Vec<i64>>),
     /// A peer says this member was removed from the cluster.
     Removed,
     Stop,
@@ -175,6 +194,7 @@ pub struct Node {
     view: Arc<RwLock<View>>,
     watchers: Watchers,
     election_timeout: Duration,
+    min_lease_ttl: i64,
 }
 
 fn gone() -> Status {
@@ -200,6 +220,13 @@ fn refused(r: Refusal) -> Status {
 
 /// A client waiting on the loop.
 pub struct Waiter<T>(oneshot::Sender<Result<Answered<T>, Refusal>>);
+
+impl<T> Waiter<T> {
+    /// For the member's own proposals (lease revokes and checkpoints): nobody waits.
+    fn detached() -> Self {
+        Waiter(oneshot::channel().0)
+    }
+}
 
 impl<T> Reply<T> for Waiter<T> {
     fn send(self, result: Result<Answered<T>, Refusal>) {
@@ -255,6 +282,16 @@ impl Node {
         let watchers = Watchers::new(d.machine().store.revision());
         let progress_ticks =
             (cfg.watch_progress_interval.as_micros() / cfg.tick.as_micros().max(1)).max(1) as u64;
+        let election_timeout = cfg.tick * cfg.election_ticks as u32;
+        let lessor = Lessor::new(LessorConfig {
+            // etcd's rule: a new leader adds an election timeout to every lease. Renewals
+            // count only once a quorum confirmed the renewing leader (see `Loop::renew`),
+            // so a successor always starts after the last renewal its predecessor granted;
+            // the extension covers the difference in the two members' clock rates (up to
+            // its ratio to the TTL) and the time a keep-alive's answer spends in flight.
+            extend: election_timeout.as_millis() as u64,
+            ..LessorConfig::default()
+        });
         let mut lp = Loop {
             d,
             view: view.clone(),
@@ -265,6 +302,9 @@ impl Node {
             watchers: watchers.clone(),
             progress_ticks,
             ticks: 0,
+            lessor,
+            clock: std::time::Instant::now(),
+            inputs: tx.downgrade(),
         };
         lp.refresh_view();
         let task = tokio::spawn(lp.run(cfg.tick, rx, done_rx));
@@ -274,7 +314,8 @@ impl Node {
             cluster_id: cfg.cluster_id,
             view,
             watchers,
-            election_timeout: cfg.tick * cfg.election_ticks as u32,
+            election_timeout,
+            min_lease_ttl: min_lease_ttl(cfg.tick, cfg.election_ticks),
         };
         Ok((node, task))
     }
@@ -304,6 +345,34 @@ impl Node {
 
     pub fn election_timeout(&self) -> Duration {
         self.election_timeout
+    }
+
+    /// The shortest TTL a lease gets (etcd's rule: one and a half election timeouts, in
+    /// whole seconds rounded up).
+    pub fn min_lease_ttl(&self) -> i64 {
+        self.min_lease_ttl
+    }
+
+    /// Renew a lease on this member's lease clock (`NotLeader` unless it leads).
+    pub async fn renew(&self, id: i64) -> Result<Renewal, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Input::Renew(id, reply))?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// A lease's time left, on the leader (`Ok(None)`: no such lease); fails elsewhere with
+    /// "not leader".
+    pub async fn time_to_live(&self, id: i64) -> Result<Option<LeaseInfo>, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Input::TimeToLive(id, reply))?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Every lease this member's store holds.
+    pub async fn leases(&self) -> Result<Vec<i64>, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Input::Leases(reply))?;
+        rx.await.map_err(|_| gone())
     }
 
     /// Whether `id` was removed from the cluster.
@@ -434,6 +503,16 @@ impl Node {
     }
 }
 
+fn min_lease_ttl(tick: Duration, election_ticks: u64) -> i64 {
+    let min = tick * ((3 * election_ticks) / 2) as u32;
+    min.as_millis().div_ceil(1000).max(1) as i64
+}
+
+/// The error a lease request gets from a member whose lease clock does not run.
+pub fn not_leader() -> Status {
+    Status::unavailable("etcdserver: not leader")
+}
+
 /// What a member finds on its disk: the log, the core restored from it, and the store
 /// restored from the latest snapshot.
 fn recover(cfg: &NodeConfig) -> Result<(Storage, Raft, KvMachine, u64), String> {
@@ -500,6 +579,12 @@ struct Loop {
     /// Ticks between periodic progress notifications, and ticks since the last one.
     progress_ticks: u64,
     ticks: u64,
+    /// The lease clock: it counts only while this member leads.
+    lessor: Lessor,
+    clock: std::time::Instant,
+    /// The loop's own queue, for keep-alives coming back from their leadership check (weak:
+    /// the loop must still end when every handle is gone).
+    inputs: mpsc::WeakSender<Input>,
 }
 
 impl Loop {
@@ -550,6 +635,7 @@ impl Loop {
                 return Err(why.to_string());
             }
             self.refresh_view();
+            self.keep_leases();
             backlog = self.sync_watchers();
         }
         self.d.shutdown("the member is stopping");
@@ -571,6 +657,40 @@ impl Loop {
     fn sync_watchers(&mut self) -> bool {
         let store = &self.d.machine().store;
         self.watchers.hub.lock().unwrap().sync(store)
+    }
+
+    fn now(&self) -> kv::lessor::Millis {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Whether this member's lease clock runs: it leads and has applied its own term's
+    /// first entry, so its store holds every lease the cluster granted.
+    fn leading(&self) -> bool {
+        let r = self.d.raft();
+        r.role() == Role::Leader && r.term_at(r.applied()) == Some(r.term())
+    }
+
+    /// Tell the lease clock what applied, and propose what it found: revokes of expired
+    /// leases, and checkpoints of long ones. Without leases this is a few comparisons.
+    fn keep_leases(&mut self) {
+        let now = self.now();
+        for change in std::mem::take(&mut self.d.machine_mut().lease_changes) {
+            self.lessor.changed(&change, now);
+        }
+        let leading = self.leading();
+        let work = self.lessor.poll(now, leading, &self.d.machine().store);
+        for id in work.revoke {
+            tracing::debug!(lease = id, "lease expired; revoking");
+            self.propose_own(Write::LeaseRevoke(id));
+        }
+        if !work.checkpoint.is_empty() {
+            self.propose_own(Write::LeaseCheckpoint(work.checkpoint));
+        }
+    }
+
+    fn propose_own(&mut self, w: Write) {
+        self.d
+            .propose(|id| command::encode(id, w), Waiter::detached());
     }
 
     /// Publish what changed of the member's view of its cluster, and reconnect peers if the
@@ -708,6 +828,18 @@ impl Loop {
             Input::Transfer(to, reply) => {
                 let _ = reply.send(self.transfer(to));
             }
+            Input::Renew(id, reply) => self.renew(id, reply),
+            Input::Confirmed(id, received, reply) => {
+                let store = &self.d.machine().store;
+                let _ = reply.send(self.lessor.renew(id, received, store));
+            }
+            Input::TimeToLive(id, reply) => {
+                let _ = reply.send(self.time_to_live(id));
+            }
+            Input::Leases(reply) => {
+                let store = &self.d.machine().store;
+                let _ = reply.send(store.leases().map(|l| l.id).collect());
+            }
             Input::Removed => {
                 let why = self.stop_removed();
                 tracing::error!("{why}");
@@ -770,6 +902,52 @@ impl Loop {
             return;
         }
         self.d.propose_conf_change(build, reply);
+    }
+
+    /// A keep-alive counts only once a quorum has confirmed this member still leads (a
+    /// ReadIndex round begun after it arrived). A leader paused (SIGSTOP, a long GC, a
+    /// starved VM) while another was elected would otherwise renew on its own stale word,
+    /// and the client would count on a lease the real leader is about to expire. The
+    /// renewal is then dated from the keep-alive's arrival, never later.
+    fn renew(&mut self, id: i64, reply: oneshot::Sender<Renewal>) {
+        if !self.lessor.is_primary() {
+            let _ = reply.send(Renewal::NotLeader);
+            return;
+        }
+        let received = self.now();
+        let (tx, rx) = oneshot::channel();
+        let probe = kv::RangeRequest::default();
+        self.d.read(probe, true, Waiter(tx));
+        let back = self.inputs.clone();
+        tokio::spawn(async move {
+            let confirmed = matches!(rx.await, Ok(Ok(_)));
+            match back.upgrade() {
+                Some(back) if confirmed => {
+                    if let Err(e) = back.send(Input::Confirmed(id, received, reply)).await {
+                        if let Input::Confirmed(_, _, reply) = e.0 {
+                            let _ = reply.send(Renewal::NotLeader);
+                        }
+                    }
+                }
+                _ => {
+                    let _ = reply.send(Renewal::NotLeader);
+                }
+            }
+        });
+    }
+
+    fn time_to_live(&self, id: i64) -> Result<Option<LeaseInfo>, Status> {
+        if !self.lessor.is_primary() {
+            return Err(not_leader());
+        }
+        let Some(lease) = self.d.machine().store.lease(id) else {
+            return Ok(None);
+        };
+        Ok(Some(LeaseInfo {
+            remaining: self.lessor.remaining(id, self.now()).unwrap_or(0),
+            granted_ttl: lease.ttl,
+            keys: lease.keys.iter().cloned().collect(),
+        }))
     }
 
     fn transfer(&mut self, to: NodeId) -> Result<(), Status> {
