@@ -6,13 +6,18 @@ use crate::h2call::Conn;
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
-use server::pb::etcdserverpb::{PutRequest, RangeRequest};
+use prost::Message;
+use server::pb::etcdserverpb::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, PutRequest, RangeRequest,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 const PUT: &str = "/etcdserverpb.KV/Put";
 const RANGE: &str = "/etcdserverpb.KV/Range";
+const GRANT: &str = "/etcdserverpb.Lease/LeaseGrant";
+const REVOKE: &str = "/etcdserverpb.Lease/LeaseRevoke";
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Op {
@@ -46,9 +51,38 @@ pub struct BenchArgs {
     /// Gets are linearizable unless this is set.
     #[arg(long)]
     serializable: bool,
+    /// Make every put exactly-once: each client holds a session (a lease) and numbers its
+    /// puts (raftkv's `raftkv-session` / `raftkv-seq` metadata; etcd ignores them).
+    #[arg(long)]
+    session: bool,
     /// Hide the progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+/// A client's session: its lease and the number of its next put.
+struct Session {
+    lease: i64,
+    seq: u64,
+}
+
+impl Session {
+    async fn open(c: &mut Conn) -> Result<Session, String> {
+        let req = LeaseGrantRequest { ttl: 600, id: 0 };
+        let resp = c.unary(GRANT, &req).await?;
+        let lease = LeaseGrantResponse::decode(resp)
+            .map_err(|e| e.to_string())?
+            .id;
+        Ok(Session { lease, seq: 0 })
+    }
+
+    fn next(&mut self) -> [(&'static str, String); 2] {
+        self.seq += 1;
+        [
+            ("raftkv-session", self.lease.to_string()),
+            ("raftkv-seq", self.seq.to_string()),
+        ]
+    }
 }
 
 fn key(i: u64, size: usize) -> Bytes {
@@ -93,6 +127,14 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let value: Bytes = vec![b'v'; a.val_size].into();
+    // Sessions are opened before the clock starts.
+    let mut sessions = Vec::new();
+    for c in 0..a.clients {
+        sessions.push(match a.session {
+            true => Some(Session::open(&mut channels[c % channels.len()].clone()).await?),
+            false => None,
+        });
+    }
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..a.clients {
@@ -101,6 +143,7 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
         let (op, total, key_size, key_space, serializable) =
             (a.op, a.total, a.key_size, a.key_space, a.serializable);
         let get_space = key_space.min(1_000);
+        let mut session = sessions.pop().flatten();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
             let mut errors = 0u64;
@@ -117,7 +160,9 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
                             value: value.clone(),
                             ..Default::default()
                         };
-                        client.unary(PUT, &req).await.is_ok()
+                        let tag = session.as_mut().map(|s| s.next());
+                        let md = tag.as_ref().map_or(&[][..], |t| &t[..]);
+                        client.unary_with(PUT, &req, md).await.is_ok()
                     }
                     Op::Get => {
                         let req = RangeRequest {
@@ -134,6 +179,11 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
                     errors += 1;
                 }
                 bar.inc(1);
+            }
+            if let Some(s) = session {
+                let _ = client
+                    .unary(REVOKE, &LeaseRevokeRequest { id: s.lease })
+                    .await;
             }
             (hist, errors)
         }));

@@ -1,10 +1,14 @@
 //! `raftkv put/get/del/status`: a small command-line client over the etcd v3 API. Each
-//! request goes to the first endpoint that answers.
+//! request goes to the first endpoint that answers. Writes run exactly once: they are
+//! tagged with a session (a short lease granted for the purpose) and sequence number, so
+//! when an endpoint fails after the write committed but before it answered, the retry on
+//! the next endpoint gets the first answer instead of writing again.
 
 use bytes::Bytes;
 use server::pb::etcdserverpb::{
-    kv_client::KvClient, maintenance_client::MaintenanceClient, DeleteRangeRequest, PutRequest,
-    RangeRequest, StatusRequest,
+    kv_client::KvClient, lease_client::LeaseClient, maintenance_client::MaintenanceClient,
+    DeleteRangeRequest, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RangeRequest,
+    StatusRequest,
 };
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
@@ -65,18 +69,59 @@ fn range_end(key: &str, prefix: bool) -> Bytes {
     }
 }
 
+/// A session for one command: a lease of the cluster's minimum TTL. It ends by itself if
+/// the client dies before revoking it.
+struct OneShot {
+    lease: i64,
+}
+
+impl OneShot {
+    async fn open(endpoints: &str) -> Result<OneShot, String> {
+        let lease = first(endpoints, |ch| async move {
+            let req = LeaseGrantRequest { ttl: 0, id: 0 };
+            LeaseClient::new(ch).lease_grant(req).await
+        })
+        .await?
+        .into_inner()
+        .id;
+        Ok(OneShot { lease })
+    }
+
+    /// The request tagged as the session's first (and only) command.
+    fn tag<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        let md = req.metadata_mut();
+        md.insert(server::grpc::SESSION, self.lease.into());
+        md.insert(server::grpc::SEQ, 1u64.into());
+        req
+    }
+
+    /// Free the session's memory now rather than at its expiry (best effort).
+    async fn close(self, endpoints: &str) {
+        let id = self.lease;
+        let _ = first(endpoints, |ch| async move {
+            LeaseClient::new(ch)
+                .lease_revoke(LeaseRevokeRequest { id })
+                .await
+        })
+        .await;
+    }
+}
+
 pub async fn put(endpoints: &str, key: String, value: String) -> Result<(), String> {
     let req = PutRequest {
         key: key.into(),
         value: value.into(),
         ..Default::default()
     };
+    let session = OneShot::open(endpoints).await?;
     let resp = first(endpoints, |ch| {
-        let req = req.clone();
+        let req = session.tag(req.clone());
         async move { KvClient::new(ch).put(req).await }
     })
-    .await?;
-    let rev = resp.into_inner().header.map_or(0, |h| h.revision);
+    .await;
+    session.close(endpoints).await;
+    let rev = resp?.into_inner().header.map_or(0, |h| h.revision);
     println!("OK (revision {rev})");
     Ok(())
 }
@@ -112,12 +157,14 @@ pub async fn del(endpoints: &str, key: String, prefix: bool) -> Result<(), Strin
         key: key.into(),
         ..Default::default()
     };
+    let session = OneShot::open(endpoints).await?;
     let resp = first(endpoints, |ch| {
-        let req = req.clone();
+        let req = session.tag(req.clone());
         async move { KvClient::new(ch).delete_range(req).await }
     })
-    .await?;
-    println!("{}", resp.into_inner().deleted);
+    .await;
+    session.close(endpoints).await;
+    println!("{}", resp?.into_inner().deleted);
     Ok(())
 }
 

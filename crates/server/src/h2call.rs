@@ -39,13 +39,25 @@ impl Conn {
     /// Call `path` (e.g. `/etcdserverpb.KV/Put`) with `msg`; returns the response message's
     /// bytes, or the gRPC status message on failure.
     pub async fn unary(&mut self, path: &str, msg: &impl prost::Message) -> Result<Bytes, String> {
-        let req = http::Request::builder()
+        self.unary_with(path, msg, &[]).await
+    }
+
+    /// [`Conn::unary`] with extra metadata (e.g. a session tag).
+    pub async fn unary_with(
+        &mut self,
+        path: &str,
+        msg: &impl prost::Message,
+        metadata: &[(&str, String)],
+    ) -> Result<Bytes, String> {
+        let mut req = http::Request::builder()
             .method("POST")
             .uri(format!("http://{}{path}", self.authority))
             .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .map_err(|e| e.to_string())?;
+            .header("te", "trailers");
+        for (k, v) in metadata {
+            req = req.header(*k, v);
+        }
+        let req = req.body(()).map_err(|e| e.to_string())?;
         let len = msg.encoded_len();
         let mut frame = BytesMut::with_capacity(5 + len);
         frame.put_u8(0); // not compressed

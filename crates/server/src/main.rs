@@ -105,6 +105,9 @@ enum Cmd {
     /// Benchmark watch: many idle watchers on one member, a steady put rate; reports event
     /// delivery latency and memory per watcher.
     BenchWatch(bench_watch::WatchArgs),
+    /// Benchmark leases: grant many, keep them all alive, let others lapse; reports grants
+    /// and keep-alives per second, how late expired leases are revoked, memory per lease
+    BenchLease(bench_lease::LeaseArgs),
 }
 
 #[derive(Parser, Debug)]
@@ -523,6 +526,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
 }
 
 mod bench;
+mod bench_lease;
 mod bench_watch;
 mod client;
 mod h2call;
@@ -584,6 +588,7 @@ fn main() {
             Cmd::MoveLeader { id, c } => member_cli::move_leader(&c.endpoints, &id).await,
             Cmd::Bench(a) => bench::run(a).await,
             Cmd::BenchWatch(a) => bench_watch::run(a).await,
+            Cmd::BenchLease(a) => bench_lease::run(a).await,
         }
     });
     if let Err(e) = result {
