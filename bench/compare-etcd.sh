@@ -16,12 +16,23 @@
 # member, 1,000 puts/s to it for WATCH_SECONDS; delivery latency is from the put leaving the
 # client to its event reaching the watcher, and memory is the member's resident set before
 # and after the watchers were created, divided by their number.
+#
+# The lease workload (`raftkv bench-lease`, on a fresh cluster each round): LEASES leases
+# (100,000) granted, then all kept alive for LEASE_SECONDS (20) over 8 streams to the first
+# member; then 10,000 leases of 10 s with a key each are renewed once and left to lapse, and
+# a watch records how late after its TTL each key's delete arrives. Memory is the members'
+# resident sets before and after the grants, per lease and member.
+#
+# "put, 256 clients, sessions" is the first workload with every put made exactly-once
+# (raftkv's session metadata; etcd ignores it): the cost of deduplication on the hot path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOTAL=${TOTAL:-50000}
 RUNS=${RUNS:-3}
 SYSTEMS=${SYSTEMS:-"etcd raftkv"}
 WATCH_SECONDS=${WATCH_SECONDS:-20}
+LEASES=${LEASES:-100000}
+LEASE_SECONDS=${LEASE_SECONDS:-20}
 
 if [[ $SYSTEMS == *etcd* ]] && ! command -v etcd >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -80,10 +91,11 @@ start() { # $1: etcd | raftkv
 stop() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); sync; sleep 2; }
 
 declare -A R # "system,label" -> one RESULT line per run
-WORKLOADS=("put, 256 clients" "put, 1 client" "linearizable get, 64 clients")
+WORKLOADS=("put, 256 clients" "put, 256 clients, sessions" "put, 1 client" "linearizable get, 64 clients")
 args_of() {
   case $1 in
     "put, 256 clients") echo put --clients 256 --conns 16 ;;
+    "put, 256 clients, sessions") echo put --clients 256 --conns 16 --session ;;
     "put, 1 client") echo put --clients 1 --conns 1 ;;
     "linearizable get, 64 clients") echo get --clients 64 --conns 16 ;;
   esac
@@ -95,6 +107,14 @@ run_watch() { # $1 system
     --watchers 10000 --streams 100 --rate 1000 --seconds "$WATCH_SECONDS" | grep '^RESULT')
   R[$1,$WATCH_LABEL]+="$line"$'\n'
   echo "$1 $WATCH_LABEL: ${line#RESULT }"
+}
+LEASE_LABEL="leases: $LEASES kept alive"
+run_lease() { # $1 system
+  local line
+  line=$("$RAFTKV" bench-lease --endpoints "$ENDPOINTS" --member-pids "${PIDS[0]},${PIDS[1]},${PIDS[2]}" \
+    --leases "$LEASES" --seconds "$LEASE_SECONDS" --expire 10000 --expire-ttl 10 | grep '^RESULT')
+  R[$1,$LEASE_LABEL]+="$line"$'\n'
+  echo "$1 $LEASE_LABEL: ${line#RESULT }"
 }
 run() { # $1 system, $2 label
   local line
@@ -116,6 +136,9 @@ for round in $(seq "$RUNS"); do
     for label in "${WORKLOADS[@]}"; do run "$sys" "$label"; done
     run_watch "$sys"
     stop
+    start "$sys"
+    run_lease "$sys"
+    stop
   done
 done
 
@@ -129,6 +152,10 @@ if [[ $SYSTEMS != *etcd* || $SYSTEMS != *raftkv* ]]; then
     done
     printf '%-8s %-30s delivery p50 %7s ms  p99 %7s ms  %s bytes per idle watcher\n' "$sys" "$WATCH_LABEL" \
       "$(median "$sys,$WATCH_LABEL" p50_ms)" "$(median "$sys,$WATCH_LABEL" p99_ms)" "$(median "$sys,$WATCH_LABEL" bytes_per_watcher)"
+    printf '%-8s %-30s grants %7s/s  keep-alives %7s/s  expiry late p50 %6s ms  p99 %6s ms  %s bytes per lease\n' "$sys" "$LEASE_LABEL" \
+      "$(median "$sys,$LEASE_LABEL" grants_per_sec)" "$(median "$sys,$LEASE_LABEL" keepalives_per_sec)" \
+      "$(median "$sys,$LEASE_LABEL" expiry_late_p50_ms)" "$(median "$sys,$LEASE_LABEL" expiry_late_p99_ms)" \
+      "$(median "$sys,$LEASE_LABEL" bytes_per_lease)"
   done
   exit 0
 fi
@@ -146,3 +173,9 @@ printf '| %-30s | %9s/%-10s | %9s/%-10s | %10s/%-11s |\n' "$WATCH_LABEL" \
   "$(median "etcd,$WATCH_LABEL" p50_ms)" "$(median "raftkv,$WATCH_LABEL" p50_ms)" \
   "$(median "etcd,$WATCH_LABEL" p99_ms)" "$(median "raftkv,$WATCH_LABEL" p99_ms)" \
   "$(median "etcd,$WATCH_LABEL" bytes_per_watcher)" "$(median "raftkv,$WATCH_LABEL" bytes_per_watcher)"
+echo
+printf '| %-28s | %18s | %22s | %22s | %22s | %18s |\n' workload "grants/s etcd/rkv" "keep-alives/s etcd/rkv" "expiry late p50 ms e/r" "expiry late p99 ms e/r" "bytes/lease e/r"
+printf '|%s|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..30})" "$(printf -- '-%.0s' {1..20})" "$(printf -- '-%.0s' {1..24})" "$(printf -- '-%.0s' {1..24})" "$(printf -- '-%.0s' {1..24})" "$(printf -- '-%.0s' {1..20})"
+m() { echo "$(median "etcd,$LEASE_LABEL" "$1")/$(median "raftkv,$LEASE_LABEL" "$1")"; }
+printf '| %-28s | %18s | %22s | %22s | %22s | %18s |\n' "$LEASE_LABEL" "$(m grants_per_sec)" "$(m keepalives_per_sec)" \
+  "$(m expiry_late_p50_ms)" "$(m expiry_late_p99_ms)" "$(m bytes_per_lease)"
