@@ -2,7 +2,13 @@
 //! needs nothing but the Rust toolchain (no system `protoc`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/kv.proto", "proto/rpc.proto", "proto/raftkv.proto"];
+    let files = [
+        "proto/kv.proto",
+        "proto/rpc.proto",
+        "proto/raftkv.proto",
+        "proto/v3lock.proto",
+        "proto/v3election.proto",
+    ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

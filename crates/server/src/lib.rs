@@ -10,12 +10,15 @@
 pub mod api;
 pub mod bootstrap;
 pub mod command;
+pub mod election;
 pub mod grpc;
 pub mod lease;
+pub mod lock;
 pub mod machine;
 pub mod members;
 pub mod node;
 pub mod peer;
+pub mod recipe;
 pub mod reconfig;
 pub mod transport;
 pub mod watch;
@@ -30,5 +33,11 @@ pub mod pb {
     }
     pub mod raftkvpb {
         tonic::include_proto!("raftkvpb");
+    }
+    pub mod v3lockpb {
+        tonic::include_proto!("v3lockpb");
+    }
+    pub mod v3electionpb {
+        tonic::include_proto!("v3electionpb");
     }
 }

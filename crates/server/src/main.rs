@@ -5,8 +5,10 @@
 
 use clap::{Parser, Subcommand};
 use server::bootstrap;
+use server::election::ElectionService;
 use server::grpc::Services;
 use server::lease::LeaseService;
+use server::lock::LockService;
 use server::node::{self, Node, NodeConfig};
 use server::pb::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
@@ -15,6 +17,8 @@ use server::pb::etcdserverpb::{
 use server::pb::raftkvpb::{
     self, lease_forward_server::LeaseForwardServer, raft_server::RaftServer,
 };
+use server::pb::v3electionpb::election_server::ElectionServer;
+use server::pb::v3lockpb::lock_server::LockServer;
 use server::transport::{Heard, PeerTransport, RaftService};
 use server::watch::WatchService;
 use std::net::SocketAddr;
@@ -500,6 +504,8 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         .add_service(ClusterServer::new(services))
         .add_service(LeaseServer::new(leases.clone()))
         .add_service(LeaseForwardServer::new(leases))
+        .add_service(LockServer::new(LockService::new(node.clone())))
+        .add_service(ElectionServer::new(ElectionService::new(node.clone())))
         .serve_with_incoming(client_listener);
     println!(
         "raftkv member {} ({me:016x}) of cluster {cluster_id:016x} serving clients on {} and peers on {}",

@@ -404,3 +404,64 @@ async fn a_write_tagged_with_a_session_runs_once_however_often_it_is_retried() {
     assert_eq!(e.code(), Code::NotFound);
     assert_eq!(version(&lu, "k").await, 4);
 }
+
+/// A leader paused (SIGSTOP) while another is elected must not, on waking, renew a lease on
+/// its own stale word: the new leader would expire the lease a TTL after its own last
+/// renewal, while the client counts from the stale one. The keep-alive is sent to the
+/// paused leader just before it resumes, so it is among the first things it reads; whoever
+/// answers it, the lease must then live a TTL from the moment it was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_does_not_renew_a_lease_on_its_own_stale_word() {
+    const TTL: u64 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let procs = start(dir.path());
+    for round in 0..3 {
+        let l = leader(&procs).await;
+        let id = grant_any(&procs, TTL as i64).await;
+        let key = format!("paused/{round}");
+        put_lease(&procs[(l + 1) % 3].client, &key, id)
+            .await
+            .or(put_lease(&procs[(l + 2) % 3].client, &key, id).await)
+            .unwrap();
+        // A keep-alive stream to the leader, open before the pause, so that the request
+        // sent during it waits in the leader's socket with the peers' messages.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(LeaseKeepAliveRequest { id }).await.unwrap();
+        let mut answers = lease(&procs[l].client)
+            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answers.message().await.unwrap().unwrap().ttl, TTL as i64);
+        signal(&procs[l], libc::SIGSTOP);
+        // Long enough for the others to elect a leader (timeouts of 200–400 ms).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let sent = Instant::now();
+        tx.send(LeaseKeepAliveRequest { id }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        signal(&procs[l], libc::SIGCONT);
+        let answer = tokio::time::timeout(Duration::from_secs(3), answers.message()).await;
+        let Ok(Ok(Some(answer))) = answer else {
+            continue; // refused ("not leader"): nothing was promised
+        };
+        if answer.ttl == 0 {
+            continue;
+        }
+        // Promised until `sent` + TTL: the lease and its key must be there until then.
+        let until = sent + Duration::from_secs(TTL) - Duration::from_millis(300);
+        while Instant::now() < until {
+            let other = &procs[(l + 1) % 3].client;
+            let t = lease(other)
+                .lease_time_to_live(LeaseTimeToLiveRequest { id, keys: false })
+                .await;
+            if let Ok(t) = t {
+                assert!(
+                    t.into_inner().ttl != -1,
+                    "round {round}: lease {id:x} revoked {:?} after a renewal promised {TTL} s",
+                    sent.elapsed()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
