@@ -136,6 +136,11 @@ impl Store {
     /// After a transaction at `rev` committed: move each key it wrote from the lease of its
     /// previous live version to the lease of its new one (none for a delete).
     pub(crate) fn reattach(&mut self, written: &[Bytes], rev: Revision) {
+        // No lease, no attachment to move (every lease a live key names exists): the
+        // common case costs nothing per key.
+        if self.leases.is_empty() {
+            return;
+        }
         for key in written {
             let Some(history) = self.keys.get(key) else {
                 continue;
