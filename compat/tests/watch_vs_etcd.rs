@@ -1,5 +1,5 @@
-//! Differential: Watch, and the KV calls whose events it reports, against Debian's etcd
-//! 3.4.23.
+//! Differential: Watch, and the KV and Lease calls whose events it reports, against
+//! Debian's etcd 3.4.23.
 //!
 //! `watch_streams_answer_as_etcds_do`: a seeded random sequence runs in lockstep on a real
 //! etcd cluster and a raftkv cluster, three members each, through the `etcd-client` crate,
@@ -17,6 +17,16 @@
 //! depends on, so three members are no less deterministic, and both clusters start in
 //! about a second.
 //!
+//! `leases_answer_as_etcds_do`: such a sequence with lease steps mixed in (a quarter of
+//! the steps), on any member: grants with client-chosen ids (so that the two sides' ids match;
+//! a few, so that some exist already, the largest id too; the largest TTL, one too large),
+//! revokes (of live, revoked and never granted leases), TimeToLive with keys and without,
+//! LeaseLeases, keep-alives; puts with a lease (live, missing; ignore_lease, refused with a
+//! lease and for a missing key), transaction puts with leases, compares on a key's lease;
+//! and expiries: a lease granted with a TTL at or below etcd's minimum (a second here) but
+//! now and then two, 0 to 3 keys put on it, then nothing until both sides have deleted
+//! them. Server-chosen ids (random on both) are etcdctl_lease.rs's.
+//!
 //! Compared: every KV answer field by field (headers without cluster_id, member_id and
 //! raft_term), errors by gRPC code and message; every watch stream, watcher by watcher
 //! (the n-th created response answers the n-th create request): the created response
@@ -27,6 +37,15 @@
 //! events split across responses, events in revision order, no header revision below its
 //! events. How events are grouped into responses is not compared (etcd's catch-up from
 //! history batches by timing), except in the fixed scenarios below, where it is fixed.
+//! Lease answers likewise: grant (header revision, id, TTL, error), revoke (header
+//! revision), TimeToLive (id, granted TTL, keys, and the remaining TTL, equal or a second
+//! apart: the two sides' lease clocks started a moment apart), LeaseLeases (ids),
+//! keep-alive (id, TTL; the second answer on a new stream, as the crate reads the first
+//! itself), and the header revision of the last three (see `LEASE_READ_HEADERS`). Sorted
+//! first: a lease's keys (etcd's come from a Go map) and LeaseLeases' ids (etcd's leader
+//! lists by expiry time, a follower in no set order; raftkv by id). An expiry must delete the
+//! keys the lease had (as TimeToLive listed them just before) at the next revision on both,
+//! and the observer must receive the deletes in one response.
 //!
 //! Made deterministic (etcd itself is not, in these places):
 //! - a watcher is created or canceled on a member only once that member has applied the
@@ -40,6 +59,11 @@
 //! - what is due is computed from an observer on each side (stream 0: every key from the
 //!   first write); the comparison at the end waits for every watcher to have received its
 //!   events up to the final revision, then 300 ms for anything stray;
+//! - leases expire only in an expiry step, which waits for it (every other grant is for ten
+//!   minutes or more); a lease read is preceded by a linearizable read on every member (etcd
+//!   answers TimeToLive and keep-alives from the leader's lessor, and LeaseLeases from the
+//!   member's, without a ReadIndex: either may not have applied a grant or revoke that
+//!   another member has answered);
 //! - no watch from a compaction's revision when that revision deleted a key: etcd's
 //!   compaction drops that tombstone, but a non-physical compaction does it a moment after
 //!   answering, so etcd may or may not send the delete (after a physical one neither does:
@@ -63,6 +87,10 @@
 //!   deletes from a key to the end inside a transaction, and puts nested transactions
 //!   first only.
 //!
+//! A difference this test found in raftkv's lease answers, since fixed: the header of
+//! TimeToLive, keep-alive and LeaseLeases answers had revision 0 (etcd fills in the store's
+//! revision, also for a lease that does not exist).
+//!
 //! Differences this test found in raftkv's KV answers, all fixed and each checked here (a
 //! new store at revision 1 in `a_new_store_is_at_revision_1`, the rest in
 //! `fixed_requests_answer_as_etcds_do`): a new store was at revision 0; a compare over a
@@ -79,28 +107,34 @@
 //! translates by it.
 //!
 //! `WATCH_VS_ETCD_SEEDS=1,2,3` (and `WATCH_VS_ETCD_STEPS=N`, `WATCH_VS_ETCD_TRACE=1`)
-//! reruns chosen seeds; a mismatch names its seed, step and the first differing item.
+//! reruns chosen seeds, `LEASE_VS_ETCD_SEEDS` and `LEASE_VS_ETCD_STEPS` the lease
+//! sequence's; a mismatch names its seed, step and the first differing item.
 //! Needs `etcd` (Debian package etcd-server); `RAFTKV_BIN` names the raftkv binary.
 
 mod support;
 
 use etcd_client::proto::{PbEvent, PbKeyValue, PbResponseHeader, PbTxnOpResponse, PbWatchResponse};
 use etcd_client::{
-    Client, CompactionOptions, Compare, CompareOp, DeleteOptions, Error, GetOptions, PutOptions,
-    SortOrder, SortTarget, Txn, TxnOp, WatchFilterType, WatchOptions, WatchRequestSender,
+    Client, CompactionOptions, Compare, CompareOp, DeleteOptions, Error, GetOptions,
+    LeaseGrantOptions, LeaseTimeToLiveOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    WatchFilterType, WatchOptions, WatchRequestSender,
 };
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{Cluster, Kind};
+use support::{Cluster, Kind, Timing};
 
-/// This file's ports (the other compat tests use 14000–18000 and 20000 and up).
+/// This file's ports (the other compat tests use 14000 and up).
 const PORTS: (u16, u16) = (12_000, 14_000);
 const MEMBERS: u16 = 3;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Whether the sequence compares the headers of the answers inside a transaction (it does
 /// since raftkv fills them as etcd does; see the file's header).
 const INNER_HEADERS: bool = true;
+/// Whether the sequence compares the header revision of TimeToLive, KeepAlive and
+/// LeaseLeases answers (it does since raftkv fills it as etcd does; see the file's header).
+const LEASE_READ_HEADERS: bool = true;
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 const KEYS: &[&str] = &["a", "b", "c", "d", "e", "p/1", "p/2", "p/3", "p/x/1", "z"];
@@ -200,6 +234,7 @@ enum Target {
     Version(i64),
     Create(i64),
     Mod(i64),
+    Lease(i64),
 }
 
 #[derive(Clone, Debug)]
@@ -211,7 +246,8 @@ struct Cmp {
 
 #[derive(Clone, Debug)]
 enum TOp {
-    Put(String, String, bool),
+    /// Key, value, prev_kv, lease.
+    Put(String, String, bool, i64),
     Get(Span, RangeOpts),
     Delete(Span, bool),
     Txn(Box<TxnSpec>),
@@ -244,6 +280,8 @@ enum Req {
         value: String,
         prev_kv: bool,
         ignore_value: bool,
+        lease: i64,
+        ignore_lease: bool,
     },
     Delete {
         m: usize,
@@ -264,6 +302,29 @@ enum Req {
         revision: i64,
         physical: bool,
     },
+    LeaseGrant {
+        m: usize,
+        id: i64,
+        ttl: i64,
+    },
+    LeaseRevoke {
+        m: usize,
+        id: i64,
+    },
+    /// LeaseTimeToLive, with the keys or without.
+    LeaseTtl {
+        m: usize,
+        id: i64,
+        keys: bool,
+    },
+    LeaseLeases {
+        m: usize,
+    },
+    /// Two keep-alive requests on a new stream, and the second's answer.
+    LeaseKeepAlive {
+        m: usize,
+        id: i64,
+    },
 }
 
 impl Req {
@@ -273,8 +334,22 @@ impl Req {
             | Req::Delete { m, .. }
             | Req::Get { m, .. }
             | Req::Txn { m, .. }
-            | Req::Compact { m, .. } => *m,
+            | Req::Compact { m, .. }
+            | Req::LeaseGrant { m, .. }
+            | Req::LeaseRevoke { m, .. }
+            | Req::LeaseTtl { m, .. }
+            | Req::LeaseLeases { m }
+            | Req::LeaseKeepAlive { m, .. } => *m,
         }
+    }
+
+    /// Whether it asks a member's lease state (kept by each member as it applies the log,
+    /// or by the leader), not a write or a KV read.
+    fn reads_leases(&self) -> bool {
+        matches!(
+            self,
+            Req::LeaseTtl { .. } | Req::LeaseLeases { .. } | Req::LeaseKeepAlive { .. }
+        )
     }
 }
 
@@ -353,13 +428,19 @@ fn delete_options(span: &Span, prev_kv: bool) -> DeleteOptions {
     d
 }
 
-fn put_options(prev_kv: bool, ignore_value: bool) -> PutOptions {
+fn put_options(prev_kv: bool, ignore_value: bool, lease: i64, ignore_lease: bool) -> PutOptions {
     let mut p = PutOptions::new();
     if prev_kv {
         p = p.with_prev_key();
     }
     if ignore_value {
         p = p.with_ignore_value();
+    }
+    if lease != 0 {
+        p = p.with_lease(lease);
+    }
+    if ignore_lease {
+        p = p.with_ignore_lease();
     }
     p
 }
@@ -375,6 +456,7 @@ fn build_txn(t: &TxnSpec, off: i64) -> Txn {
                 Target::Version(v) => Compare::version(k, op, *v),
                 Target::Create(r) => Compare::create_revision(k, op, to_side(off, *r)),
                 Target::Mod(r) => Compare::mod_revision(k, op, to_side(off, *r)),
+                Target::Lease(l) => Compare::lease(k, op, *l),
             };
             if c.span.end.is_empty() {
                 cmp
@@ -386,9 +468,11 @@ fn build_txn(t: &TxnSpec, off: i64) -> Txn {
     let ops = |ops: &[TOp]| -> Vec<TxnOp> {
         ops.iter()
             .map(|op| match op {
-                TOp::Put(k, v, prev) => {
-                    TxnOp::put(k.clone(), v.clone(), Some(put_options(*prev, false)))
-                }
+                TOp::Put(k, v, prev, lease) => TxnOp::put(
+                    k.clone(),
+                    v.clone(),
+                    Some(put_options(*prev, false, *lease, false)),
+                ),
                 TOp::Get(s, o) => TxnOp::get(s.key.clone(), Some(get_options(s, o, off))),
                 TOp::Delete(s, prev) => {
                     TxnOp::delete(s.key.clone(), Some(delete_options(s, *prev)))
@@ -527,6 +611,39 @@ fn watch_response(r: &PbWatchResponse) -> String {
         let _ = write!(s, "\n      {}", event(e));
     }
     s
+}
+
+/// A remaining TTL, marked (`~`) to be compared within a second when it counts down;
+/// -1 (no such lease) is exact.
+fn remaining(ttl: i64) -> String {
+    if ttl >= 0 {
+        format!("~{ttl}")
+    } else {
+        ttl.to_string()
+    }
+}
+
+/// Two rendered answers agree: the same but for remaining TTLs (`~N`), which may be a
+/// second apart (the two clusters' lease clocks started a moment apart).
+fn same_answer(a: &str, b: &str) -> bool {
+    fn split(s: &str) -> (String, Vec<i64>) {
+        let mut text = String::new();
+        let mut nums = Vec::new();
+        let mut rest = s;
+        while let Some(at) = rest.find('~') {
+            text.push_str(&rest[..=at]);
+            rest = &rest[at + 1..];
+            let end = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            nums.push(rest[..end].parse().unwrap_or(-1));
+            rest = &rest[end..];
+        }
+        text.push_str(rest);
+        (text, nums)
+    }
+    let ((ta, na), (tb, nb)) = (split(a), split(b));
+    ta == tb && na.len() == nb.len() && na.iter().zip(&nb).all(|(x, y)| (x - y).abs() <= 1)
 }
 
 fn error(e: &Error) -> String {
@@ -792,26 +909,53 @@ impl Side {
         from_side(self.off, r.header().unwrap().revision())
     }
 
-    /// Run a KV request: the rendered answer, and etcd's header revision of it.
+    /// Run a KV or lease request: the rendered answer, and etcd's header revision of it
+    /// (for lease reads too: see `LEASE_READ_HEADERS`).
     async fn kv(&mut self, req: &Req) -> (String, Option<i64>) {
-        self.kv_rendered(req, INNER_HEADERS).await
+        self.kv_rendered(req, INNER_HEADERS, LEASE_READ_HEADERS)
+            .await
     }
 
-    /// `kv`, with the headers inside transactions or without.
-    async fn kv_rendered(&mut self, req: &Req, inner: bool) -> (String, Option<i64>) {
+    /// `kv`, with the headers inside transactions and of lease reads, or without.
+    async fn kv_rendered(
+        &mut self,
+        req: &Req,
+        inner: bool,
+        lease_headers: bool,
+    ) -> (String, Option<i64>) {
+        if req.reads_leases() {
+            // Each member's lease state is what it has applied (etcd answers TimeToLive and
+            // KeepAlive on the leader, LeaseLeases on any member, without a ReadIndex): a
+            // linearizable read on every member first, so each has applied every lease
+            // change answered so far.
+            for c in &mut self.clients {
+                if let Err(e) = call(c.get("applied?", None)).await {
+                    return (e, None);
+                }
+            }
+        }
         let off = self.off;
         let c = &mut self.clients[req.member()];
+        let lease_header = |h: &Option<PbResponseHeader>| {
+            if lease_headers {
+                header(h)
+            } else {
+                "rev -".to_string()
+            }
+        };
         let rendered = match req {
             Req::Put {
                 key,
                 value,
                 prev_kv,
                 ignore_value,
+                lease,
+                ignore_lease,
                 ..
             } => call(c.put(
                 key.clone(),
                 value.clone(),
-                Some(put_options(*prev_kv, *ignore_value)),
+                Some(put_options(*prev_kv, *ignore_value, *lease, *ignore_lease)),
             ))
             .await
             .map(|mut r| {
@@ -877,6 +1021,75 @@ impl Side {
                         (format!("compact {}", header(&r.0.header)), h)
                     })
             }
+            Req::LeaseGrant { id, ttl, .. } => {
+                let o = LeaseGrantOptions::new().with_id(*id);
+                call(c.lease_grant(*ttl, Some(o))).await.map(|mut r| {
+                    fix_header(&mut r.0.header, off);
+                    let h = r.0.header.as_ref().map(|h| h.revision);
+                    let s = format!(
+                        "lease grant {} id {} ttl {} error {:?}",
+                        header(&r.0.header),
+                        r.0.id,
+                        r.0.ttl,
+                        r.0.error
+                    );
+                    (s, h)
+                })
+            }
+            Req::LeaseRevoke { id, .. } => call(c.lease_revoke(*id)).await.map(|mut r| {
+                fix_header(&mut r.0.header, off);
+                let h = r.0.header.as_ref().map(|h| h.revision);
+                (format!("lease revoke {}", header(&r.0.header)), h)
+            }),
+            Req::LeaseTtl { id, keys, .. } => {
+                let o = keys.then(|| LeaseTimeToLiveOptions::new().with_keys());
+                call(c.lease_time_to_live(*id, o)).await.map(|mut r| {
+                    fix_header(&mut r.0.header, off);
+                    // etcd's keys come from a Go map: in no set order.
+                    let mut keys: Vec<String> = r.0.keys.iter().map(|k| value(k)).collect();
+                    keys.sort();
+                    let s = format!(
+                        "lease ttl {} id {} remaining {} granted {} keys [{}]",
+                        lease_header(&r.0.header),
+                        r.0.id,
+                        remaining(r.0.ttl),
+                        r.0.granted_ttl,
+                        keys.join(", ")
+                    );
+                    (s, None)
+                })
+            }
+            Req::LeaseLeases { .. } => call(c.leases()).await.map(|mut r| {
+                fix_header(&mut r.0.header, off);
+                // etcd's leader lists by expiry, a follower in no set order (see the
+                // file's header).
+                let mut ids: Vec<i64> = r.0.leases.iter().map(|l| l.id).collect();
+                ids.sort_unstable();
+                let s = format!("leases {} {ids:?}", lease_header(&r.0.header));
+                (s, None)
+            }),
+            Req::LeaseKeepAlive { id, .. } => {
+                // The crate reads the first answer itself (an error if its TTL is 0) and
+                // keeps only the id: the answer compared is the second's.
+                let once = async {
+                    let (mut keeper, mut stream) = c.lease_keep_alive(*id).await?;
+                    keeper.keep_alive().await?;
+                    stream.message().await
+                };
+                call(once).await.map(|r| match r {
+                    Some(mut r) => {
+                        fix_header(&mut r.0.header, off);
+                        let s = format!(
+                            "keepalive {} id {} ttl {}",
+                            lease_header(&r.0.header),
+                            r.0.id,
+                            r.0.ttl
+                        );
+                        (s, None)
+                    }
+                    None => ("keepalive stream ended".to_string(), None),
+                })
+            }
         };
         match rendered {
             Ok((s, h)) => (s, h),
@@ -904,6 +1117,49 @@ impl Side {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// The observer's events at revision `rev` (type, key), and how many responses they
+    /// came in.
+    fn observed_at(&self, rev: i64) -> (usize, Vec<(i32, Vec<u8>)>) {
+        let p = self.parsed(0);
+        let slot = &p.slots[0];
+        let responses = slot
+            .batches
+            .iter()
+            .filter(|(_, revs, _)| revs.contains(&rev))
+            .count();
+        let mut events: Vec<(i32, Vec<u8>)> = slot
+            .events
+            .iter()
+            .filter_map(|e| {
+                let k = e.kv.as_ref()?;
+                (k.mod_revision == rev).then(|| (e.r#type, k.key.clone()))
+            })
+            .collect();
+        events.sort();
+        (responses, events)
+    }
+
+    /// Wait until lease `id` is gone (TimeToLive answers -1 on member 0).
+    async fn expired(&mut self, id: i64) -> Result<(), String> {
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let r = call(self.clients[0].lease_time_to_live(id, None))
+                .await
+                .map_err(|e| format!("{}: TimeToLive of lease {id}: {e}", self.name()))?;
+            if r.ttl() == -1 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{}: lease {id} still has {} s left after {SETTLE_TIMEOUT:?}",
+                    self.name(),
+                    r.ttl()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -1263,6 +1519,36 @@ struct Model {
     compact: i64,
     /// Whether a watcher from the past was created since the last compaction.
     from_past: bool,
+    /// None in a sequence without lease steps (which then draws exactly what it drew before
+    /// there were any); else the leases etcd holds: granted, not revoked, not expired.
+    leases: Option<BTreeSet<i64>>,
+}
+
+/// Client-chosen lease ids: a few, so that grants meet existing ones ("lease already
+/// exists"), and the extremes.
+const LEASE_IDS: &[i64] = &[1, 2, 3, 4, 5, 6, i64::MAX];
+/// An id no sequence grants.
+const NO_LEASE: i64 = 99;
+
+/// A lease for a put: a live one, now and then one that does not exist, else none.
+fn gen_lease(rng: &mut Rng, leases: &BTreeSet<i64>, live: u64) -> i64 {
+    let live_ids: Vec<i64> = leases.iter().copied().collect();
+    match rng.below(100) {
+        p if p < live && !live_ids.is_empty() => *rng.pick(&live_ids),
+        p if p >= 95 => NO_LEASE,
+        _ => 0,
+    }
+}
+
+/// A lease id to ask about: mostly a live one.
+fn gen_known_lease(rng: &mut Rng, leases: &BTreeSet<i64>) -> i64 {
+    let live: Vec<i64> = leases.iter().copied().collect();
+    if live.is_empty() || rng.percent(15) {
+        let any = *rng.pick(LEASE_IDS);
+        *rng.pick(&[NO_LEASE, any])
+    } else {
+        *rng.pick(&live)
+    }
 }
 
 fn gen_value(rng: &mut Rng) -> String {
@@ -1373,6 +1659,10 @@ fn gen_cmp(rng: &mut Rng, m: &Model) -> Cmp {
         2 => Target::Create(rev(rng)),
         _ => Target::Mod(rev(rng)),
     };
+    let target = match &m.leases {
+        Some(leases) if rng.percent(20) => Target::Lease(gen_lease(rng, leases, 60)),
+        _ => target,
+    };
     Cmp {
         span,
         target,
@@ -1393,7 +1683,8 @@ fn gen_ops(rng: &mut Rng, m: &Model, depth: usize) -> Vec<TOp> {
                     continue;
                 }
                 written.push(k.clone());
-                TOp::Put(k, gen_value(rng), rng.percent(40))
+                let lease = m.leases.as_ref().map_or(0, |l| gen_lease(rng, l, 30));
+                TOp::Put(k, gen_value(rng), rng.percent(40), lease)
             }
             9..=13 => TOp::Get(gen_kv_span(rng), gen_range_opts(rng, m, false)),
             14..=17 => {
@@ -1486,7 +1777,7 @@ async fn both_kv(
     if std::env::var_os("WATCH_VS_ETCD_TRACE").is_some() {
         println!("step {step}: {req:?}\n  {a}");
     }
-    if a != b {
+    if !same_answer(&a, &b) {
         // What each side holds now, to read the difference by.
         let all = Req::Get {
             m: req.member(),
@@ -1505,6 +1796,17 @@ async fn both_kv(
     if let (Req::Compact { revision, .. }, Some(_)) = (req, ha) {
         m.compact = *revision;
         m.from_past = false;
+    }
+    if let Some(leases) = &mut m.leases {
+        match req {
+            Req::LeaseGrant { id, .. } if ha.is_some() => {
+                leases.insert(*id);
+            }
+            Req::LeaseRevoke { id, .. } if ha.is_some() => {
+                leases.remove(id);
+            }
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -1526,6 +1828,8 @@ struct Counts {
     refused: usize,
     compacted: usize,
     canceled: usize,
+    lease_requests: usize,
+    expired: usize,
 }
 
 /// A step of a sequence.
@@ -1542,6 +1846,15 @@ enum Action {
         stream: usize,
         id: i64,
     },
+    /// A short lease granted on `member`, `attach` (writes putting keys on it) run, then
+    /// nothing until it has expired on both sides: expiry is the one thing neither side
+    /// does at a step of the sequence, so the sequence waits for it.
+    Expire {
+        member: usize,
+        id: i64,
+        ttl: i64,
+        attach: Vec<Req>,
+    },
 }
 
 /// The two sides in lockstep.
@@ -1550,14 +1863,18 @@ struct Run {
     raftkv: Side,
     m: Model,
     watchers: usize,
+    /// Lease requests, and leases that expired.
+    lease_requests: usize,
+    expired: usize,
     /// Differences in watch answers, when collected rather than ending the run.
     diffs: Option<Vec<String>>,
 }
 
 impl Run {
     /// Fresh clusters, one write (`a` = `first`), and the observer: every key from that
-    /// write, with prev_kv, on member 0 — stream 0.
-    async fn new(members: u16) -> Result<Run, String> {
+    /// write, with prev_kv, on member 0 — stream 0. `leases`: whether the sequence has
+    /// lease steps.
+    async fn new(members: u16, leases: bool) -> Result<Run, String> {
         let (etcd, raftkv) = tokio::join!(
             Side::new(Kind::Etcd, members),
             Side::new(Kind::Raftkv, members)
@@ -1569,8 +1886,11 @@ impl Run {
                 rev: 0,
                 compact: 0,
                 from_past: false,
+                leases: leases.then(BTreeSet::new),
             },
             watchers: 0,
+            lease_requests: 0,
+            expired: 0,
             diffs: None,
         };
         // Both fresh: raftkv's numbering against etcd's (see the file's header).
@@ -1598,7 +1918,94 @@ impl Run {
     async fn apply(&mut self, step: usize, action: &Action) -> Result<(), String> {
         let (etcd, raftkv, m) = (&mut self.etcd, &mut self.raftkv, &mut self.m);
         match action {
+            Action::Expire {
+                member,
+                id,
+                ttl,
+                attach,
+            } => {
+                let grant = Req::LeaseGrant {
+                    m: *member,
+                    id: *id,
+                    ttl: *ttl,
+                };
+                both_kv(etcd, raftkv, &grant, step, m).await?;
+                let granted = Instant::now();
+                // The lease lives a second or two from here: a write or read the two sides
+                // answer differently long after the grant may have met its expiry on one
+                // side only (a machine too slow for the test, not a difference).
+                let late = |e: String| {
+                    let ms = granted.elapsed().as_millis();
+                    if ms > 500 {
+                        format!("{e}\n({ms} ms after the grant of lease {id}, ttl {ttl})")
+                    } else {
+                        e
+                    }
+                };
+                for req in attach {
+                    both_kv(etcd, raftkv, req, step, m).await.map_err(late)?;
+                }
+                // The keys on it, as both say (etcd's, to check the deletes by).
+                let on_it = Req::LeaseTtl {
+                    m: *member,
+                    id: *id,
+                    keys: true,
+                };
+                both_kv(etcd, raftkv, &on_it, step, m).await.map_err(late)?;
+                let o = LeaseTimeToLiveOptions::new().with_keys();
+                let mut keys = call(etcd.clients[0].lease_time_to_live(*id, Some(o)))
+                    .await
+                    .map_err(|e| format!("etcd: TimeToLive of lease {id}: {e}"))?
+                    .keys()
+                    .to_vec();
+                keys.sort();
+                let before = m.rev;
+                both(etcd.expired(*id), raftkv.expired(*id)).await?;
+                // Its keys went at one revision, the same on both, and every watcher sees
+                // their deletes in one response.
+                let (a, b) = tokio::join!(etcd.revision(), raftkv.revision());
+                let want = if keys.is_empty() { before } else { before + 1 };
+                if a != want || b != want {
+                    return Err(format!(
+                        "step {step}: lease {id} with keys {keys:?} expired at revision {before}; \
+                         now etcd is at revision {a}, raftkv at {b}"
+                    ));
+                }
+                m.rev = a;
+                if !keys.is_empty() {
+                    both(etcd.settle(a, Some(0)), raftkv.settle(a, Some(0))).await?;
+                    for side in [&*etcd, &*raftkv] {
+                        let (responses, events) = side.observed_at(a);
+                        let deletes: Vec<(i32, Vec<u8>)> =
+                            keys.iter().map(|k| (1, k.clone())).collect();
+                        if responses != 1 || events != deletes {
+                            return Err(format!(
+                                "step {step}: lease {id} expired: {}'s observer has {events:?} \
+                                 at revision {a} in {responses} responses, not the deletes of \
+                                 {keys:?} in one",
+                                side.name()
+                            ));
+                        }
+                    }
+                }
+                if let Some(l) = &mut m.leases {
+                    l.remove(id);
+                }
+                self.lease_requests += 2 + attach.len();
+                self.expired += 1;
+                let gone = Req::LeaseTtl {
+                    m: *member,
+                    id: *id,
+                    keys: true,
+                };
+                both_kv(etcd, raftkv, &gone, step, m).await
+            }
             Action::Kv(req) => {
+                if matches!(req, Req::LeaseGrant { .. } | Req::LeaseRevoke { .. })
+                    || req.reads_leases()
+                {
+                    self.lease_requests += 1;
+                }
                 if let Req::Compact { .. } = req {
                     // Every watcher has what it is due, and etcd's catching-up ones are
                     // synced (see the file's header).
@@ -1688,6 +2095,8 @@ impl Run {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut c = Counts {
             watchers: self.watchers,
+            lease_requests: self.lease_requests,
+            expired: self.expired,
             ..Counts::default()
         };
         for s in 0..self.etcd.streams.len() {
@@ -1730,9 +2139,100 @@ fn watch_spec(span: Span) -> WatchSpec {
     }
 }
 
+/// A lease step. Grants are long (no lease expires but by an `Expire` step).
+fn gen_lease_action(rng: &mut Rng, leases: &BTreeSet<i64>) -> Action {
+    let member = rng.below(u64::from(MEMBERS)) as usize;
+    let req = match rng.below(100) {
+        0..=24 => {
+            let ttl = match rng.below(20) {
+                0 => 9_000_000_000,
+                1 => 9_000_000_001,
+                _ => rng.within(600, 3600),
+            };
+            Req::LeaseGrant {
+                m: member,
+                id: *rng.pick(LEASE_IDS),
+                ttl,
+            }
+        }
+        25..=39 => Req::LeaseRevoke {
+            m: member,
+            id: gen_known_lease(rng, leases),
+        },
+        40..=59 => Req::LeaseTtl {
+            m: member,
+            id: gen_known_lease(rng, leases),
+            keys: rng.percent(60),
+        },
+        60..=69 => Req::LeaseLeases { m: member },
+        70..=87 => Req::LeaseKeepAlive {
+            m: member,
+            id: gen_known_lease(rng, leases),
+        },
+        _ => {
+            // A lease that is not there, with a TTL at or below etcd's minimum (a second,
+            // with the tests' election timeout) but now and then, and 0 to 3 keys put on
+            // it: in one transaction when it lives a second, so that they are on it
+            // before it expires.
+            let free: Vec<i64> = LEASE_IDS
+                .iter()
+                .copied()
+                .filter(|id| !leases.contains(id))
+                .collect();
+            let id = if free.is_empty() {
+                NO_LEASE + 1
+            } else {
+                *rng.pick(&free)
+            };
+            let ttl = *rng.pick(&[-1, 0, 1, 1, 2]);
+            let mut keys: Vec<String> = (0..rng.below(4)).map(|_| gen_key(rng)).collect();
+            keys.sort();
+            keys.dedup();
+            let attach = if ttl <= 1 && !keys.is_empty() {
+                let then = keys
+                    .iter()
+                    .map(|k| TOp::Put(k.clone(), gen_value(rng), false, id))
+                    .collect();
+                vec![Req::Txn {
+                    m: member,
+                    txn: TxnSpec {
+                        when: vec![],
+                        then,
+                        els: vec![],
+                    },
+                }]
+            } else {
+                keys.iter()
+                    .map(|k| Req::Put {
+                        m: rng.below(u64::from(MEMBERS)) as usize,
+                        key: k.clone(),
+                        value: gen_value(rng),
+                        prev_kv: rng.percent(50),
+                        ignore_value: false,
+                        lease: id,
+                        ignore_lease: false,
+                    })
+                    .collect()
+            };
+            return Action::Expire {
+                member,
+                id,
+                ttl,
+                attach,
+            };
+        }
+    };
+    Action::Kv(req)
+}
+
 /// The next random step, from what etcd has answered so far.
 fn gen_action(rng: &mut Rng, r: &Run) -> Option<Action> {
     let (m, etcd) = (&r.m, &r.etcd);
+    if let Some(leases) = &m.leases {
+        if rng.percent(25) {
+            return Some(gen_lease_action(rng, leases));
+        }
+    }
     let member = rng.below(u64::from(MEMBERS)) as usize;
     let req = match rng.below(100) {
         0..=21 => {
@@ -1745,12 +2245,21 @@ fn gen_action(rng: &mut Rng, r: &Run) -> Option<Action> {
             } else {
                 gen_value(rng)
             };
+            let prev_kv = rng.percent(50);
+            // (A lease, or ignore_lease: refused with one, "key not found" for a key
+            // that does not exist, else the key keeps its lease.)
+            let (lease, ignore_lease) = match &m.leases {
+                Some(l) => (gen_lease(rng, l, 40), rng.percent(8)),
+                None => (0, false),
+            };
             Req::Put {
                 m: member,
                 key,
                 value,
-                prev_kv: rng.percent(50),
+                prev_kv,
                 ignore_value,
+                lease,
+                ignore_lease,
             }
         }
         22..=31 => Req::Delete {
@@ -1840,12 +2349,28 @@ fn gen_action(rng: &mut Rng, r: &Run) -> Option<Action> {
     Some(Action::Kv(req))
 }
 
-async fn run_seed(seed: u64, steps: usize) -> Result<Counts, String> {
-    let mut run = Run::new(MEMBERS).await?;
+async fn run_seed(seed: u64, steps: usize, leases: bool) -> Result<Counts, String> {
+    let mut run = Run::new(MEMBERS, leases).await?;
     let mut rng = Rng(seed);
     for step in 1..=steps {
         if let Some(a) = gen_action(&mut rng, &run) {
-            run.apply(step, &a).await?;
+            if let Err(e) = run.apply(step, &a).await {
+                // Most failures name their step; a call that failed outright does not.
+                let e = if e.starts_with("step ") {
+                    e
+                } else {
+                    let what: String = format!("{a:?}").chars().take(400).collect();
+                    format!("step {step} ({what}): {e}")
+                };
+                let (de, dr) = (run.etcd.cluster.exited(), run.raftkv.cluster.exited());
+                if de.is_empty() && dr.is_empty() {
+                    return Err(e);
+                }
+                return Err(format!(
+                    "{e}\n(members that exited: etcd's {de:?}, raftkv's {dr:?}; with nothing in \
+                     their logs, signalled from outside the test)"
+                ));
+            }
         }
     }
     let mut c = run.finish(false).await?;
@@ -1853,13 +2378,18 @@ async fn run_seed(seed: u64, steps: usize) -> Result<Counts, String> {
     Ok(c)
 }
 
-fn seeds() -> Vec<u64> {
-    match std::env::var("WATCH_VS_ETCD_SEEDS") {
+/// The seeds `var` names, else `default`.
+fn seeds(var: &str, default: &[u64]) -> Vec<u64> {
+    match std::env::var(var) {
         Ok(s) => s
             .split(',')
-            .map(|x| x.trim().parse().expect("WATCH_VS_ETCD_SEEDS: numbers"))
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{var}: numbers"))
+            })
             .collect(),
-        Err(_) => vec![1, 2, 3, 4, 5, 6],
+        Err(_) => default.to_vec(),
     }
 }
 
@@ -1868,9 +2398,9 @@ async fn watch_streams_answer_as_etcds_do() {
     let steps = std::env::var("WATCH_VS_ETCD_STEPS")
         .map(|s| s.parse().expect("WATCH_VS_ETCD_STEPS: a number"))
         .unwrap_or(400);
-    for seed in seeds() {
+    for seed in seeds("WATCH_VS_ETCD_SEEDS", &[1, 2, 3, 4, 5, 6]) {
         let started = Instant::now();
-        match run_seed(seed, steps).await {
+        match run_seed(seed, steps, false).await {
             Ok(c) => println!(
                 "seed {seed}: {} steps, {} watchers ({} refused, {} canceled for compaction, \
                  {} canceled), {} events ({} with prev_kv), {:.1?}",
@@ -1884,6 +2414,35 @@ async fn watch_streams_answer_as_etcds_do() {
                 started.elapsed()
             ),
             Err(e) => panic!("seed {seed} (WATCH_VS_ETCD_SEEDS={seed} to rerun): {e}"),
+        }
+    }
+}
+
+/// The sequence with lease steps: grants (client-chosen ids, duplicates, the largest TTL
+/// and one too large), puts and transaction puts with leases (live, missing) and
+/// ignore_lease, compares on a key's lease, revokes (live, revoked, never granted),
+/// TimeToLive with and without keys, LeaseLeases, keep-alives, each on any member; and
+/// expiries: a lease at or near etcd's minimum TTL with keys put on it, the sequence waiting
+/// until both sides have deleted them, every watcher seeing the deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_answer_as_etcds_do() {
+    let steps = std::env::var("LEASE_VS_ETCD_STEPS")
+        .map(|s| s.parse().expect("LEASE_VS_ETCD_STEPS: a number"))
+        .unwrap_or(300);
+    for seed in seeds("LEASE_VS_ETCD_SEEDS", &[1, 2, 3, 4]) {
+        let started = Instant::now();
+        match run_seed(seed, steps, true).await {
+            Ok(c) => println!(
+                "seed {seed}: {} steps, {} lease requests, {} leases expired, {} watchers, {} \
+                 events, {:.1?}",
+                c.steps,
+                c.lease_requests,
+                c.expired,
+                c.watchers,
+                c.events,
+                started.elapsed()
+            ),
+            Err(e) => panic!("seed {seed} (LEASE_VS_ETCD_SEEDS={seed} to rerun): {e}"),
         }
     }
 }
@@ -1928,6 +2487,8 @@ fn put(key: &str, value: &str) -> Req {
         value: value.into(),
         prev_kv: false,
         ignore_value: false,
+        lease: 0,
+        ignore_lease: false,
     }
 }
 
@@ -2039,7 +2600,7 @@ async fn fixed_requests_answer_as_etcds_do() {
                 })),
                 TOp::Txn(Box::new(TxnSpec {
                     when: vec![],
-                    then: vec![TOp::Put("n".into(), "2".into(), false)],
+                    then: vec![TOp::Put("n".into(), "2".into(), false, 0)],
                     els: vec![],
                 })),
             ],
@@ -2050,15 +2611,15 @@ async fn fixed_requests_answer_as_etcds_do() {
         txn(
             vec![],
             vec![
-                TOp::Put("x".into(), "1".into(), false),
+                TOp::Put("x".into(), "1".into(), false, 0),
                 TOp::Txn(Box::new(TxnSpec {
                     when: vec![Cmp {
                         span: one("x"),
                         target: Target::Value("1".into()),
                         op: 0,
                     }],
-                    then: vec![TOp::Put("y".into(), "x was 1".into(), false)],
-                    els: vec![TOp::Put("y".into(), "x was not 1".into(), false)],
+                    then: vec![TOp::Put("y".into(), "x was 1".into(), false, 0)],
+                    els: vec![TOp::Put("y".into(), "x was not 1".into(), false, 0)],
                 })),
             ],
             vec![],
@@ -2070,6 +2631,8 @@ async fn fixed_requests_answer_as_etcds_do() {
             value: "x".into(),
             prev_kv: false,
             ignore_value: true,
+            lease: 0,
+            ignore_lease: false,
         },
         Req::Put {
             m: 0,
@@ -2077,6 +2640,8 @@ async fn fixed_requests_answer_as_etcds_do() {
             value: "x".into(),
             prev_kv: false,
             ignore_value: true,
+            lease: 0,
+            ignore_lease: false,
         },
     ];
     let mut diffs = Vec::new();
@@ -2084,6 +2649,7 @@ async fn fixed_requests_answer_as_etcds_do() {
         rev: e0,
         compact: 0,
         from_past: false,
+        leases: None,
     };
     for (i, req) in reqs.iter().enumerate() {
         if let Err(d) = both_kv(&mut etcd, &mut raftkv, req, i, &mut m).await {
@@ -2097,7 +2663,7 @@ async fn fixed_requests_answer_as_etcds_do() {
         vec![],
         vec![
             TOp::Get(one("a"), RangeOpts::default()),
-            TOp::Put("b".into(), "1".into(), false),
+            TOp::Put("b".into(), "1".into(), false, 0),
             TOp::Get(one("b"), RangeOpts::default()),
             TOp::Delete(one("zz"), false),
             TOp::Txn(Box::new(TxnSpec {
@@ -2109,13 +2675,131 @@ async fn fixed_requests_answer_as_etcds_do() {
         vec![],
     );
     let ((a, _), (b, _)) = tokio::join!(
-        etcd.kv_rendered(&nested, true),
-        raftkv.kv_rendered(&nested, true)
+        etcd.kv_rendered(&nested, true, LEASE_READ_HEADERS),
+        raftkv.kv_rendered(&nested, true, LEASE_READ_HEADERS)
     );
     if a != b {
         diffs.push(format!("{nested:?}\n  etcd:   {a}\n  raftkv: {b}"));
     }
     for (i, req) in last.iter().enumerate() {
+        if let Err(d) = both_kv(&mut etcd, &mut raftkv, req, reqs.len() + i, &mut m).await {
+            diffs.push(d);
+        }
+    }
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+}
+
+/// Lease requests near the edges of etcd's rules, each answered as etcd answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_lease_requests_answer_as_etcds_do() {
+    let (mut etcd, mut raftkv) = tokio::join!(Side::new(Kind::Etcd, 1), Side::new(Kind::Raftkv, 1));
+    let (e0, r0) = tokio::join!(etcd.revision(), raftkv.revision());
+    raftkv.off = e0 - r0;
+    let grant = |id, ttl| Req::LeaseGrant { m: 0, id, ttl };
+    let revoke = |id| Req::LeaseRevoke { m: 0, id };
+    let ttl = |id, keys| Req::LeaseTtl { m: 0, id, keys };
+    let put_on = |key: &str, lease: i64, ignore_lease: bool| Req::Put {
+        m: 0,
+        key: key.into(),
+        value: if ignore_lease { "kept" } else { "v" }.into(),
+        prev_kv: true,
+        ignore_value: false,
+        lease,
+        ignore_lease,
+    };
+    let on_lease = |key: &str, lease: i64| Cmp {
+        span: one(key),
+        target: Target::Lease(lease),
+        op: 0,
+    };
+    let all = || Req::Get {
+        m: 0,
+        span: span("\0", &[0]),
+        opts: RangeOpts::default(),
+    };
+    let reqs = vec![
+        grant(1, 600),
+        grant(1, 700),
+        grant(2, 9_000_000_000),
+        grant(3, 9_000_000_001),
+        grant(3, i64::MAX),
+        grant(-1, 600),
+        grant(i64::MAX, 600),
+        put_on("a", 1, false),
+        put_on("b", 1, false),
+        put_on("c", 2, false),
+        put_on("n", -1, false),
+        put_on("d", NO_LEASE, false),
+        // ignore_lease: the key keeps its lease; refused with a lease, or for no key.
+        put_on("a", 0, true),
+        put_on("a", 1, true),
+        put_on("missing", 0, true),
+        // A lease compare, and transactions putting with leases.
+        txn(
+            vec![on_lease("a", 1)],
+            vec![TOp::Put("e".into(), "1".into(), true, 2)],
+            vec![],
+        ),
+        txn(
+            vec![on_lease("missing", 0), on_lease("c", 1)],
+            vec![],
+            vec![TOp::Put("c".into(), "moved".into(), true, 1)],
+        ),
+        txn(
+            vec![],
+            vec![
+                TOp::Put("f".into(), "1".into(), false, 1),
+                TOp::Put("g".into(), "1".into(), false, NO_LEASE),
+            ],
+            vec![],
+        ),
+        // A missing lease in the branch not taken.
+        txn(
+            vec![on_lease("a", 1)],
+            vec![TOp::Put("h".into(), "1".into(), false, 2)],
+            vec![TOp::Put("h".into(), "1".into(), false, NO_LEASE)],
+        ),
+        // A put without a lease takes the key off its lease.
+        put_on("e", 0, false),
+        ttl(1, true),
+        ttl(2, true),
+        ttl(-1, true),
+        ttl(NO_LEASE, true),
+        ttl(NO_LEASE, false),
+        Req::LeaseLeases { m: 0 },
+        Req::LeaseKeepAlive { m: 0, id: 1 },
+        Req::LeaseKeepAlive { m: 0, id: NO_LEASE },
+        // Revoked: its keys go at one revision; a lease without keys goes without one.
+        revoke(1),
+        all(),
+        revoke(1),
+        revoke(NO_LEASE),
+        revoke(i64::MAX),
+        ttl(1, true),
+        put_on("a", 1, false),
+        Req::LeaseKeepAlive { m: 0, id: 1 },
+        Req::LeaseLeases { m: 0 },
+        all(),
+    ];
+    let mut diffs = Vec::new();
+    let mut m = Model {
+        rev: e0,
+        compact: 0,
+        from_past: false,
+        leases: None,
+    };
+    for (i, req) in reqs.iter().enumerate() {
+        if let Err(d) = both_kv(&mut etcd, &mut raftkv, req, i, &mut m).await {
+            diffs.push(d);
+        }
+    }
+    // Last, as nothing after them may depend on time: TTLs at and below etcd's minimum
+    // (a second, with these election timeouts) get the minimum.
+    assert_eq!(Timing::QUICK.min_lease_ttl(), 1);
+    for (i, req) in [grant(10, 1), grant(11, 0), grant(12, -5), grant(13, 2)]
+        .iter()
+        .enumerate()
+    {
         if let Err(d) = both_kv(&mut etcd, &mut raftkv, req, reqs.len() + i, &mut m).await {
             diffs.push(d);
         }
@@ -2132,7 +2816,7 @@ fn watch_on(stream: Option<usize>, spec: WatchSpec) -> Action {
 }
 
 async fn run_actions(members: u16, actions: &[Action]) -> Result<Counts, String> {
-    let mut run = Run::new(members).await?;
+    let mut run = Run::new(members, false).await?;
     for (i, a) in actions.iter().enumerate() {
         run.apply(i + 1, a).await?;
     }
@@ -2231,8 +2915,8 @@ async fn large_responses_fragment_as_etcds_do() {
         Action::Kv(txn(
             vec![],
             vec![
-                TOp::Put("big/2".into(), big('d', 700 * 1024), false),
-                TOp::Put("big/1".into(), big('e', 700 * 1024), false),
+                TOp::Put("big/2".into(), big('d', 700 * 1024), false, 0),
+                TOp::Put("big/1".into(), big('e', 700 * 1024), false, 0),
             ],
             vec![],
         )),

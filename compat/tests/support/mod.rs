@@ -82,15 +82,49 @@ fn data_dir(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new().prefix(prefix).tempdir().unwrap()
 }
 
+/// Heartbeat interval and election timeout, in milliseconds, as etcd's flags take them.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub heartbeat_ms: u64,
+    pub election_ms: u64,
+}
+
+impl Timing {
+    /// What the tests use unless they need otherwise: quick elections.
+    pub const QUICK: Timing = Timing {
+        heartbeat_ms: 50,
+        election_ms: 500,
+    };
+    /// etcd's defaults.
+    pub const ETCD_DEFAULT: Timing = Timing {
+        heartbeat_ms: 100,
+        election_ms: 1000,
+    };
+
+    /// The shortest TTL a lease gets, in seconds: etcd's rule, one and a half election
+    /// timeouts counted in whole heartbeat ticks (`3 * ticks / 2`, rounded down), then in
+    /// whole seconds rounded up.
+    pub fn min_lease_ttl(self) -> i64 {
+        let ticks = self.election_ms / self.heartbeat_ms;
+        let ms = (3 * ticks / 2) * self.heartbeat_ms;
+        ms.div_ceil(1000) as i64
+    }
+}
+
 /// Start a cluster of `members` members named a, b, c… with etcd's flags (raftkv's `serve`
 /// takes the same), ports from `port_block(from, to, …)`, heartbeat 50 ms and election
 /// timeout 500 ms for both. Returns once every member answers a linearizable read and
 /// lists this cluster's members (a test run beside this one may have taken the ports
 /// between the check and the start: then the next block).
 pub async fn start(kind: Kind, members: u16, from: u16, to: u16) -> Cluster {
+    start_timed(kind, members, from, to, Timing::QUICK).await
+}
+
+/// `start`, with the given heartbeat and election timeout.
+pub async fn start_timed(kind: Kind, members: u16, from: u16, to: u16, t: Timing) -> Cluster {
     let mut last = String::new();
     for _ in 0..5 {
-        let mut c = spawn(kind, members, port_block(from, to, members));
+        let mut c = spawn(kind, members, port_block(from, to, members), t);
         match c.ready().await {
             Ok(()) => return c,
             Err(e) => last = e,
@@ -99,7 +133,7 @@ pub async fn start(kind: Kind, members: u16, from: u16, to: u16) -> Cluster {
     panic!("{} did not start: {last}", kind.name());
 }
 
-fn spawn(kind: Kind, members: u16, base: u16) -> Cluster {
+fn spawn(kind: Kind, members: u16, base: u16, t: Timing) -> Cluster {
     let (program, extra): (String, &[&str]) = match kind {
         Kind::Etcd => ("etcd".to_string(), &[]),
         Kind::Raftkv => (raftkv_bin(), &["serve"]),
@@ -126,8 +160,8 @@ fn spawn(kind: Kind, members: u16, base: u16) -> Cluster {
             .arg(format!("--initial-cluster={}", initial.join(",")))
             .arg(format!("--initial-cluster-token={token}"))
             .arg("--initial-cluster-state=new")
-            .arg("--heartbeat-interval=50")
-            .arg("--election-timeout=500")
+            .arg(format!("--heartbeat-interval={}", t.heartbeat_ms))
+            .arg(format!("--election-timeout={}", t.election_ms))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -199,6 +233,21 @@ impl Cluster {
             ));
         }
         out
+    }
+
+    /// Which members' processes have ended (a failure message names them: a member that
+    /// ended without a word in its log was probably signalled from outside the test).
+    pub fn exited(&self) -> Vec<usize> {
+        (0..self.procs.len())
+            .filter(|&i| {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.procs[i].0.id()));
+                // The state follows the command name, which is in parentheses.
+                stat.map_or(true, |s| {
+                    s.rsplit_once(") ")
+                        .is_some_and(|(_, rest)| rest.starts_with(['Z', 'X']))
+                })
+            })
+            .collect()
     }
 
     /// Kill member `i` (SIGKILL).

@@ -38,17 +38,6 @@ pub struct LeaseService {
 /// The leader's id and a client of its LeaseForward service.
 type Forward = (u64, LeaseForwardClient<Channel>);
 
-/// etcd's answer about a lease that does not exist: no error, a TTL of -1 and an empty
-/// header (`etcdctl lease timetolive` prints "already expired").
-fn expired(id: i64) -> pb::LeaseTimeToLiveResponse {
-    pb::LeaseTimeToLiveResponse {
-        header: Some(pb::ResponseHeader::default()),
-        id,
-        ttl: -1,
-        ..Default::default()
-    }
-}
-
 fn timed_out() -> Status {
     Status::unavailable("etcdserver: request timed out")
 }
@@ -85,12 +74,14 @@ impl LeaseService {
         }
     }
 
-    fn header(&self, revision: i64, raft_term: u64) -> pb::ResponseHeader {
-        pb::ResponseHeader {
-            cluster_id: self.node.cluster_id(),
-            member_id: self.node.id(),
-            revision,
-            raft_term,
+    /// etcd's answer about a lease that does not exist: no error, a TTL of -1
+    /// (`etcdctl lease timetolive` prints "already expired").
+    fn expired(&self, id: i64) -> pb::LeaseTimeToLiveResponse {
+        pb::LeaseTimeToLiveResponse {
+            header: Some(self.node.current_header()),
+            id,
+            ttl: -1,
+            ..Default::default()
         }
     }
 
@@ -159,8 +150,10 @@ impl LeaseService {
                 Some(mut leader) => {
                     let mut req = Request::new(pb::LeaseKeepAliveRequest { id });
                     req.set_timeout(REQUEST_TIMEOUT);
-                    let resp = leader.renew(req).await.map_err(relayed)?;
-                    Ok(resp.into_inner())
+                    let mut resp = leader.renew(req).await.map_err(relayed)?.into_inner();
+                    // The answer is this member's, as etcd's is: its header too.
+                    resp.header = Some(self.node.current_header());
+                    Ok(resp)
                 }
                 // It leads, but its clock does not run yet (its term's first entry has
                 // not applied): the client tries again.
@@ -194,9 +187,8 @@ impl LeaseService {
                 ttl
             }
         };
-        let v = self.node.view();
         Ok(Some(pb::LeaseKeepAliveResponse {
-            header: Some(self.header(0, v.term)),
+            header: Some(self.node.current_header()),
             id,
             ttl,
         }))
@@ -208,16 +200,14 @@ impl LeaseService {
     ) -> Result<pb::LeaseTimeToLiveResponse, Status> {
         match self.node.time_to_live(req.id).await {
             Ok(Some(info)) => Ok(self.ttl_response(req, info)),
-            Ok(None) => Ok(expired(req.id)),
+            Ok(None) => Ok(self.expired(req.id)),
             Err(_) => match self.leader_client().await? {
                 Some(mut leader) => {
                     let mut fwd = Request::new(req);
                     fwd.set_timeout(REQUEST_TIMEOUT);
-                    Ok(leader
-                        .time_to_live(fwd)
-                        .await
-                        .map_err(relayed)?
-                        .into_inner())
+                    let mut resp = leader.time_to_live(fwd).await.map_err(relayed)?;
+                    resp.get_mut().header = Some(self.node.current_header());
+                    Ok(resp.into_inner())
                 }
                 None => Err(not_leader()),
             },
@@ -229,9 +219,8 @@ impl LeaseService {
         req: pb::LeaseTimeToLiveRequest,
         info: LeaseInfo,
     ) -> pb::LeaseTimeToLiveResponse {
-        let v = self.node.view();
         pb::LeaseTimeToLiveResponse {
-            header: Some(self.header(0, v.term)),
+            header: Some(self.node.current_header()),
             id: req.id,
             // Whole seconds left, rounded down, as etcd reports them.
             ttl: (info.remaining / 1000) as i64,
@@ -333,9 +322,8 @@ impl lease_server::Lease for LeaseService {
         _req: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
         let ids = self.node.leases().await?;
-        let v = self.node.view();
         Ok(Response::new(pb::LeaseLeasesResponse {
-            header: Some(self.header(0, v.term)),
+            header: Some(self.node.current_header()),
             leases: ids.into_iter().map(|id| pb::LeaseStatus { id }).collect(),
         }))
     }
@@ -362,7 +350,7 @@ impl lease_forward_server::LeaseForward for LeaseService {
         let req = req.into_inner();
         match self.node.time_to_live(req.id).await? {
             Some(info) => Ok(Response::new(self.ttl_response(req, info))),
-            None => Ok(Response::new(expired(req.id))),
+            None => Ok(Response::new(self.expired(req.id))),
         }
     }
 }

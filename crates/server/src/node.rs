@@ -195,6 +195,9 @@ pub struct Node {
     watchers: Watchers,
     election_timeout: Duration,
     min_lease_ttl: i64,
+    /// The store's revision as of the loop's last round (for headers of answers that are
+    /// not reads of the store, e.g. leases').
+    revision: Arc<std::sync::atomic::AtomicI64>,
 }
 
 fn gone() -> Status {
@@ -279,6 +282,9 @@ impl Node {
             dcfg,
         );
         let view = Arc::new(RwLock::new(View::default()));
+        let revision = Arc::new(std::sync::atomic::AtomicI64::new(
+            d.machine().store.revision(),
+        ));
         let watchers = Watchers::new(d.machine().store.revision());
         let progress_ticks =
             (cfg.watch_progress_interval.as_micros() / cfg.tick.as_micros().max(1)).max(1) as u64;
@@ -305,6 +311,7 @@ impl Node {
             lessor,
             clock: std::time::Instant::now(),
             inputs: tx.downgrade(),
+            revision: revision.clone(),
         };
         lp.refresh_view();
         let task = tokio::spawn(lp.run(cfg.tick, rx, done_rx));
@@ -316,6 +323,7 @@ impl Node {
             watchers,
             election_timeout,
             min_lease_ttl: min_lease_ttl(cfg.tick, cfg.election_ticks),
+            revision,
         };
         Ok((node, task))
     }
@@ -351,6 +359,12 @@ impl Node {
     /// whole seconds rounded up).
     pub fn min_lease_ttl(&self) -> i64 {
         self.min_lease_ttl
+    }
+
+    /// A response header at the store's latest revision (as of the loop's last round).
+    pub fn current_header(&self) -> ResponseHeader {
+        let revision = self.revision.load(std::sync::atomic::Ordering::Relaxed);
+        self.header(revision, self.view.read().unwrap().term)
     }
 
     /// Renew a lease on this member's lease clock (`NotLeader` unless it leads).
@@ -585,6 +599,7 @@ struct Loop {
     /// The loop's own queue, for keep-alives coming back from their leadership check (weak:
     /// the loop must still end when every handle is gone).
     inputs: mpsc::WeakSender<Input>,
+    revision: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Loop {
@@ -673,6 +688,9 @@ impl Loop {
     /// Tell the lease clock what applied, and propose what it found: revokes of expired
     /// leases, and checkpoints of long ones. Without leases this is a few comparisons.
     fn keep_leases(&mut self) {
+        let revision = self.d.machine().store.revision();
+        self.revision
+            .store(revision, std::sync::atomic::Ordering::Relaxed);
         let now = self.now();
         for change in std::mem::take(&mut self.d.machine_mut().lease_changes) {
             self.lessor.changed(&change, now);
