@@ -26,7 +26,7 @@
 
 use crate::lease::{LeaseId, LeaseResponse};
 use crate::store::Store;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// Monotonic milliseconds on the local clock.
 pub type Millis = u64;
@@ -98,6 +98,10 @@ pub struct Lessor {
     /// `(at, id)` for each.
     checkpoint_at: HashMap<LeaseId, Millis>,
     checkpoints: BTreeSet<(Millis, LeaseId)>,
+    /// Leases this leader proposed a checkpoint for since it last cleared one: such a
+    /// checkpoint may still be on its way through the log, unseen by the store, and a
+    /// renewal must clear it all the same (the clear, proposed later, applies later).
+    checkpointed: HashSet<LeaseId>,
 }
 
 const SECOND: Millis = 1000;
@@ -175,9 +179,10 @@ impl Lessor {
             self.set_deadline(id, deadline);
             self.schedule_checkpoint(id, lease.ttl, now);
         }
+        let in_flight = self.checkpointed.remove(&id);
         Renewal::Renewed {
             ttl: lease.ttl,
-            clear_checkpoint: lease.remaining > 0,
+            clear_checkpoint: lease.remaining > 0 || in_flight,
         }
     }
 
@@ -224,6 +229,7 @@ impl Lessor {
             self.checkpoints.remove(&(at, id));
         }
         self.revoking.remove(&id);
+        self.checkpointed.remove(&id);
     }
 
     /// Leases past their deadline whose revoke is not on its way (or was proposed long
@@ -274,9 +280,12 @@ impl Lessor {
             let (Some(deadline), Some(lease)) = (self.expiry.get(&id), store.lease(id)) else {
                 continue;
             };
-            let left = (deadline.saturating_sub(now) / SECOND) as i64;
+            // Rounded up: a successor counting from it must never come short of the
+            // deadline (rounded down, it could be up to a second early).
+            let left = deadline.saturating_sub(now).div_ceil(SECOND) as i64;
             if left < lease.ttl {
                 out.push((id, left.max(1)));
+                self.checkpointed.insert(id);
             }
             self.schedule_checkpoint(id, left, now);
         }
