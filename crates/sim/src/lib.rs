@@ -9,7 +9,9 @@
 pub mod checker;
 pub mod cluster;
 pub mod io;
+pub mod leases;
 pub mod linearizability;
+pub mod machine;
 pub mod network;
 pub mod node;
 pub mod soak;

@@ -14,7 +14,9 @@ fn linearizable(s: &System) {
 }
 
 /// 1,000 random schedules of crashes (with requests in flight), restarts, partitions, loss,
-/// reordering, failing disk writes and unreadable snapshots.
+/// reordering, pauses, leader hand-offs, failing disk writes and unreadable snapshots —
+/// with watch clients, and lease clients that keep leases alive, let them lapse, revoke
+/// them and run exactly-once sessions in them (`sim::leases`).
 #[test]
 fn system_soak_1000_seeds() {
     let start = sim::seed_or(0);
@@ -25,6 +27,8 @@ fn system_soak_1000_seeds() {
     };
     let (mut acked, mut unknown, mut crashes, mut stops, mut inconclusive) = (0, 0, 0, 0, 0);
     let mut resumes = 0;
+    let (mut leases, mut keep_alives, mut expiries, mut sessions, mut retries) = (0, 0, 0, 0, 0);
+    let mut pauses = 0;
     for seed in start..start + count {
         let r = soak(seed, false);
         assert!(r.checks > 0, "seed {seed}: no safety check ran");
@@ -34,10 +38,19 @@ fn system_soak_1000_seeds() {
         stops += r.fail_stops;
         inconclusive += usize::from(r.inconclusive);
         resumes += r.watch_resumes;
+        leases += r.leases;
+        keep_alives += r.keep_alives;
+        expiries += r.expiries;
+        sessions += r.session_answers;
+        retries += r.session_retries;
+        pauses += r.pauses;
     }
     eprintln!(
         "{count} seeds: {acked} operations answered, {unknown} unknown, {crashes} crashes, \
-         {stops} fail-stops, {inconclusive} inconclusive, {resumes} watch streams resumed"
+         {stops} fail-stops, {pauses} pauses, {inconclusive} inconclusive, {resumes} watch \
+         streams resumed; {leases} leases granted, {keep_alives} keep-alives acknowledged, \
+         {expiries} leases expired; {sessions} session numbers answered, {retries} retries \
+         answered from memory"
     );
     if count > 1 {
         // The schedules must exercise what they claim to.
@@ -54,6 +67,20 @@ fn system_soak_1000_seeds() {
         );
         // Watch clients lost streams to crashes and resumed elsewhere.
         assert!(resumes > count / 2, "{resumes} watch streams resumed");
+        // Leases lived, were renewed and expired; sessions were retried through failures.
+        assert!(pauses > count / 4, "{pauses} pauses");
+        assert!(
+            leases > 10 * count && expiries > 5 * count,
+            "{leases} leases, {expiries} expired"
+        );
+        assert!(
+            keep_alives > 10 * count,
+            "{keep_alives} keep-alives acknowledged"
+        );
+        assert!(
+            sessions > 50 * count && retries > count / 10,
+            "{sessions} session numbers answered, {retries} retries answered from memory"
+        );
     }
 }
 
