@@ -290,6 +290,21 @@ fn member_list(v: &View) -> Vec<pb::Member> {
         .collect()
 }
 
+/// A channel (connected on first use) to `member`'s client URL: how a follower reaches its
+/// leader's services. "No leader" while the member's URL is not known here yet.
+pub fn channel_to(v: &View, member: NodeId) -> Result<tonic::transport::Channel, Status> {
+    let url = v
+        .registry
+        .members
+        .get(&member)
+        .and_then(|m| m.client_urls.first())
+        .ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
+    Ok(tonic::transport::Endpoint::from_shared(url.clone())
+        .map_err(|_| Status::unavailable("etcdserver: no leader"))?
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy())
+}
+
 impl Services {
     /// The leader's Cluster service, if this member is not the leader: membership changes
     /// are the leader's to propose.
@@ -307,17 +322,7 @@ impl Services {
         if req.metadata().contains_key(FORWARDED) {
             return Err(Status::unavailable("etcdserver: leader changed"));
         }
-        let url = v
-            .registry
-            .members
-            .get(&leader)
-            .and_then(|m| m.client_urls.first())
-            .ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())
-            .map_err(|_| Status::unavailable("etcdserver: no leader"))?
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
-        Ok(Some(ClusterClient::new(channel)))
+        Ok(Some(ClusterClient::new(channel_to(&v, leader)?)))
     }
 
     /// A request for the leader, marked as passed on.

@@ -5,7 +5,7 @@
 //! its leases alive through any member.
 
 use crate::command::Write;
-use crate::grpc::REQUEST_TIMEOUT;
+use crate::grpc::{channel_to, REQUEST_TIMEOUT};
 use crate::node::{not_leader, LeaseInfo, Node};
 use crate::pb::etcdserverpb::{self as pb, lease_server};
 use crate::pb::raftkvpb::lease_forward_client::LeaseForwardClient;
@@ -113,9 +113,10 @@ impl LeaseService {
     }
 
     fn try_leader_client(&self) -> Result<Option<LeaseForwardClient<Channel>>, Status> {
-        let v = self.node.view();
-        let leader = v
-            .leader
+        // Read without copying the view: this runs for every keep-alive a follower passes on.
+        let leader = self
+            .node
+            .leader()
             .ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
         if leader == self.node.id() {
             return Ok(None);
@@ -126,17 +127,7 @@ impl LeaseService {
                 return Ok(Some(client.clone()));
             }
         }
-        let url = v
-            .registry
-            .members
-            .get(&leader)
-            .and_then(|m| m.client_urls.first())
-            .ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())
-            .map_err(|_| Status::unavailable("etcdserver: no leader"))?
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
-        let client = LeaseForwardClient::new(channel);
+        let client = LeaseForwardClient::new(channel_to(&self.node.view(), leader)?);
         *cached = Some((leader, client.clone()));
         Ok(Some(client))
     }

@@ -346,6 +346,11 @@ impl Node {
         self.view.read().unwrap().leader.is_some()
     }
 
+    /// The leader this member knows of (read without copying the view).
+    pub fn leader(&self) -> Option<NodeId> {
+        self.view.read().unwrap().leader
+    }
+
     /// The member's watchers (the Watch service adds and removes them).
     pub fn watchers(&self) -> Watchers {
         self.watchers.clone()
