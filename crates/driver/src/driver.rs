@@ -81,6 +81,9 @@ where
     last_snapshot: Index,
     /// A snapshot is being taken in the background (at most one at a time).
     snapshotting: bool,
+    /// The owner asked for a snapshot now (an operator reclaiming log space), whatever
+    /// `snapshot_count` says.
+    snapshot_asked: bool,
     leader: Option<NodeId>,
     /// Set once the member must stop; nothing is done after.
     failure: Option<String>,
@@ -120,6 +123,7 @@ where
             in_flight: VecDeque::new(),
             last_snapshot,
             snapshotting: false,
+            snapshot_asked: false,
             leader: None,
             failure: None,
             paused: None,
@@ -517,12 +521,25 @@ where
         }
     }
 
+    /// Take a snapshot of everything applied as soon as possible and compact the log to it
+    /// (once it is durable), whatever `snapshot_count` says. Returns the index it will
+    /// cover: done once `status().snapshot_index` reaches it. Nothing new applied since the
+    /// last snapshot: nothing to do, and that snapshot's index.
+    pub fn snapshot_now(&mut self) -> Index {
+        let applied = self.raft.applied();
+        if applied > self.last_snapshot {
+            self.snapshot_asked = true;
+        }
+        applied
+    }
+
     /// Every `snapshot_count` applied entries, freeze the state machine and let storage
     /// serialize and write it in the background; the log is compacted once it is durable.
     fn maybe_snapshot(&mut self) {
         let applied = self.raft.applied();
-        let due =
-            self.cfg.snapshot_count > 0 && applied >= self.last_snapshot + self.cfg.snapshot_count;
+        let due = (self.cfg.snapshot_count > 0
+            && applied >= self.last_snapshot + self.cfg.snapshot_count)
+            || (self.snapshot_asked && applied > self.last_snapshot);
         if self.snapshotting || !due {
             return;
         }
@@ -542,6 +559,7 @@ where
             membership: membership.clone(),
         };
         self.snapshotting = true;
+        self.snapshot_asked = false;
         let frozen = self.machine.freeze();
         self.storage.snapshot(meta, frozen);
     }

@@ -13,6 +13,7 @@
 
 mod error;
 mod events;
+mod hash;
 mod lease;
 pub mod lessor;
 mod session;
@@ -22,6 +23,7 @@ mod types;
 
 pub use error::{Error, Result};
 pub use events::{Event, EventKind};
+pub use hash::KvHash;
 pub use lease::{Lease, LeaseId, LeaseResponse, MAX_LEASE_TTL};
 pub use session::{Remembered, Session};
 pub use store::{Request, Response, Store, MAX_TXN_OPS};

@@ -23,6 +23,17 @@ pub fn status(e: &kv::Error) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// etcd's answer to a write while the NOSPACE alarm is raised (or that would pass the
+/// quota).
+pub fn no_space() -> Status {
+    Status::resource_exhausted("etcdserver: mvcc: database space exceeded")
+}
+
+/// etcd's answer while the CORRUPT alarm is raised.
+pub fn corrupt() -> Status {
+    Status::data_loss("etcdserver: corrupt cluster")
+}
+
 pub fn request_too_large() -> Status {
     Status::invalid_argument("etcdserver: request is too large")
 }

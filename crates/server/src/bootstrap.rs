@@ -147,7 +147,23 @@ pub async fn plan(f: &Flags) -> Result<Plan, String> {
     }
 }
 
-fn save(dir: &Path, r: &Registry) -> Result<(), String> {
+/// A new cluster's founding facts from its flags, for `raftkv snapshot restore` (which
+/// builds a data directory the member will then start from as a founding member): the
+/// cluster id, this member's id, and the registry the cluster starts with.
+pub fn founding(f: &Flags) -> Result<(u64, NodeId, Registry), String> {
+    let (cluster_id, registry) = f.founding();
+    let id = f.id_of(&f.name);
+    if !registry.members.contains_key(&id) {
+        return Err(format!(
+            "--initial-cluster has no member named {:?} (--name)",
+            f.name
+        ));
+    }
+    Ok((cluster_id, id, registry))
+}
+
+/// Record the registry a cluster was bootstrapped with in the data directory.
+pub fn save(dir: &Path, r: &Registry) -> Result<(), String> {
     storage::write_small_file(dir, MEMBERS_FILE, &r.encode()).map_err(|e| e.to_string())
 }
 

@@ -30,6 +30,8 @@ pub enum Write {
     LeaseCheckpoint(Vec<(i64, i64)>),
     /// A write that must run once however often it is retried (see `kv::Session`).
     InSession(kv::Session, Box<Write>),
+    /// Maintenance.Alarm (every action goes through the log, as in etcd).
+    Alarm(pb::AlarmRequest),
 }
 
 /// What a log command asks of the state machine.
@@ -39,6 +41,30 @@ pub enum Decoded {
     InSession(kv::Session, kv::Request),
     Publish(rpb::MemberAttributes),
     UpdatePeerUrls(rpb::MemberPeerUrls),
+    Alarm(pb::AlarmRequest),
+}
+
+/// What a write adds to the store, for the quota check (etcd's "cost"): the bytes of its
+/// puts' keys and values; 0 for writes that add nothing (deletes, compactions, revokes).
+pub fn cost(w: &Write) -> u64 {
+    fn ops(list: &[pb::RequestOp]) -> u64 {
+        use pb::request_op::Request;
+        list.iter()
+            .map(|op| match &op.request {
+                Some(Request::RequestPut(p)) => (p.key.len() + p.value.len()) as u64 + 1,
+                Some(Request::RequestTxn(t)) => ops(&t.success) + ops(&t.failure),
+                _ => 0,
+            })
+            .sum()
+    }
+    match w {
+        Write::Put(p) => (p.key.len() + p.value.len()) as u64 + 1,
+        Write::Txn(t) => ops(&t.success) + ops(&t.failure),
+        // A lease's own record.
+        Write::LeaseGrant { .. } => 64,
+        Write::InSession(_, w) => cost(w),
+        _ => 0,
+    }
 }
 
 pub fn encode(id: RequestId, write: Write) -> bytes::Bytes {
@@ -61,6 +87,7 @@ pub fn encode(id: RequestId, write: Write) -> bytes::Bytes {
                 .map(|(id, remaining_ttl)| pb::LeaseCheckpoint { id, remaining_ttl })
                 .collect(),
         }),
+        Write::Alarm(a) => Command::Alarm(a),
         // Sessions do not nest.
         Write::InSession(_, w) => return encode(id, *w),
     };
@@ -101,6 +128,7 @@ pub fn decode(data: &[u8]) -> Result<(RequestId, Result<Decoded, Status>), prost
                 .map(|c| (c.id, c.remaining_ttl))
                 .collect(),
         ))),
+        Some(Command::Alarm(a)) => Ok(Decoded::Alarm(a)),
         None => Err(Status::invalid_argument("etcdserver: empty log command")),
     };
     let request = match (request, cmd.session) {

@@ -1,5 +1,5 @@
-//! The etcd v3 gRPC services on top of a [`Node`]: KV, Maintenance (Status, MoveLeader) and
-//! Cluster. Any member serves any request, so a client configured with every endpoint just
+//! The etcd v3 gRPC services on top of a [`Node`]: KV and Cluster (Maintenance is in
+//! `maintenance.rs`). Any member serves any request, so a client configured with every endpoint just
 //! works: a follower forwards writes to the leader through raft and answers once it has
 //! applied them; linearizable reads on a follower are confirmed through the leader by
 //! ReadIndex and served locally; a membership change asked of a follower is passed to the
@@ -9,7 +9,7 @@ use crate::api;
 use crate::command::Write;
 use crate::node::{Node, View, WriteResult};
 use crate::pb::etcdserverpb::{
-    self as pb, cluster_client::ClusterClient, cluster_server, kv_server, maintenance_server,
+    self as pb, cluster_client::ClusterClient, cluster_server, kv_server,
 };
 use crate::reconfig::{self, MemberOp};
 use raft::NodeId;
@@ -188,53 +188,6 @@ impl kv_server::Kv for Services {
         let c = req.into_inner();
         let answer = |_, h: &pb::ResponseHeader| Some(pb::CompactionResponse { header: Some(*h) });
         self.write_as(Write::Compact(c), answer).await
-    }
-}
-
-#[tonic::async_trait]
-impl maintenance_server::Maintenance for Services {
-    async fn status(
-        &self,
-        _: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusResponse>, Status> {
-        let s = self.node.status().await?;
-        Ok(Response::new(pb::StatusResponse {
-            header: Some(self.header(s.revision, s.term)),
-            version: API_VERSION.to_string(),
-            db_size: s.db_size as i64,
-            leader: s.leader.unwrap_or(0),
-            raft_index: s.commit,
-            raft_term: s.term,
-            raft_applied_index: s.applied,
-            errors: Vec::new(),
-            db_size_in_use: s.db_size as i64,
-            is_learner: self.node.view().is_learner(self.member_id),
-        }))
-    }
-
-    /// Hand leadership to another voter (etcdctl move-leader sends this to the leader), and
-    /// answer once it leads.
-    async fn move_leader(
-        &self,
-        req: Request<pb::MoveLeaderRequest>,
-    ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
-        let target = req.into_inner().target_id;
-        self.node.transfer_leader(target).await?;
-        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
-        loop {
-            let v = self.node.view();
-            if v.leader == Some(target) {
-                return Ok(Response::new(pb::MoveLeaderResponse {
-                    header: Some(self.header(0, v.term)),
-                }));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Status::deadline_exceeded(
-                    "etcdserver: request timed out, leader transfer took too long",
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
 }
 

@@ -10,12 +10,17 @@
 pub mod api;
 pub mod bootstrap;
 pub mod command;
+pub mod corrupt;
 pub mod election;
 pub mod grpc;
+pub mod grpc_metrics;
+pub mod health;
 pub mod lease;
 pub mod lock;
 pub mod machine;
+pub mod maintenance;
 pub mod members;
+pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod recipe;

@@ -10,8 +10,16 @@ use raft::{ConfEntry, Entry, EntryKind, Snapshot};
 use tonic::Status;
 
 /// A write's outcome and the store revision right after it (the response header's). A
-/// membership change has no kv response.
-pub type Applied = Result<(Option<kv::Response>, i64), Status>;
+/// membership change has no response of its own.
+pub type Applied = Result<(Option<Output>, i64), Status>;
+
+/// What an applied command answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    Kv(kv::Response),
+    /// The alarms an Alarm request raised, cleared or listed: (member, alarm type).
+    Alarms(Vec<(raft::NodeId, i32)>),
+}
 /// A read's answer and the revision it was served at.
 pub type Served = Result<(kv::RangeResponse, i64), Status>;
 
@@ -22,7 +30,15 @@ pub struct KvMachine {
     /// Lease grants and revokes applied since the owner last took them: the leader's lease
     /// clock learns of them here (bounded by one round's entries).
     pub lease_changes: Vec<kv::LeaseResponse>,
+    /// Test only (set by [`TEST_CORRUPT_ENV`]): this member applies every put with a value
+    /// other than the one in the log, so its store silently diverges — what the consistency
+    /// check must catch.
+    pub corrupt_for_tests: bool,
 }
+
+/// The environment variable that makes a member corrupt its own store (for the tests of the
+/// consistency check; never set it on a real member).
+pub const TEST_CORRUPT_ENV: &str = "RAFTKV_TEST_ONLY_CORRUPT_PUTS";
 
 impl KvMachine {
     /// A machine at index 0 of a cluster bootstrapped with `registry`.
@@ -50,24 +66,47 @@ impl KvMachine {
     fn apply_decoded(&mut self, r: Decoded) -> Applied {
         let revision = |m: &Self| m.store.revision();
         match r {
-            Decoded::Kv(r) => {
+            Decoded::Kv(mut r) => {
+                self.refuse_under_alarm(&r)?;
+                if self.corrupt_for_tests {
+                    if let kv::Request::Put(p) = &mut r {
+                        p.value = bytes::Bytes::from(format!("corrupted {:?}", p.value));
+                    }
+                }
                 let result = self.store.apply(&r);
                 self.note_lease_change(&result);
                 let result = result.map_err(|e| api::status(&e))?;
-                Ok((Some(result), revision(self)))
+                Ok((Some(Output::Kv(result)), revision(self)))
             }
             Decoded::InSession(s, r) => {
+                self.refuse_under_alarm(&r)?;
                 let remembered = self
                     .store
                     .apply_in_session(s, &r)
                     .map_err(|e| api::status(&e))?;
                 // A retry answers with the revision of the first run, not today's.
                 let response = remembered.result.map_err(|e| api::status(&e))?;
-                Ok((Some(response), remembered.revision))
+                Ok((Some(Output::Kv(response)), remembered.revision))
             }
             Decoded::Publish(a) => {
                 self.registry.publish(&a);
                 Ok((None, revision(self)))
+            }
+            Decoded::Alarm(a) => {
+                let touched = self.registry.alarm(a.action, a.member_id, a.alarm);
+                for &(member, alarm) in &touched {
+                    let name = alarm_name(alarm);
+                    match a.action {
+                        1 => {
+                            tracing::warn!(member = %format!("{member:x}"), alarm = name, "alarm raised")
+                        }
+                        2 => {
+                            tracing::info!(member = %format!("{member:x}"), alarm = name, "alarm cleared")
+                        }
+                        _ => {}
+                    }
+                }
+                Ok((Some(Output::Alarms(touched)), revision(self)))
             }
             Decoded::UpdatePeerUrls(u) => {
                 if self.registry.update_peer_urls(&u) {
@@ -79,6 +118,23 @@ impl KvMachine {
         }
     }
 
+    /// etcd's behaviour under alarms, applied on every member at the same place of the log:
+    /// while NOSPACE is raised, writes that add data (puts, transactions with a put, lease
+    /// grants) are refused, while deletes, revokes and compactions — what frees space — go
+    /// on; while CORRUPT is raised, every write is refused.
+    fn refuse_under_alarm(&self, r: &kv::Request) -> Result<(), Status> {
+        if self.registry.alarms.is_empty() {
+            return Ok(());
+        }
+        if self.registry.has_alarm(CORRUPT) {
+            return Err(api::corrupt());
+        }
+        if self.registry.has_alarm(NOSPACE) && adds_data(r) {
+            return Err(api::no_space());
+        }
+        Ok(())
+    }
+
     /// The leader's lease clock learns of grants and revokes from here.
     fn note_lease_change(&mut self, result: &kv::Result<kv::Response>) {
         if let Ok(kv::Response::Lease(change)) = result {
@@ -87,6 +143,36 @@ impl KvMachine {
             }
         }
     }
+}
+
+/// etcd's `AlarmType` numbers.
+pub const NOSPACE: i32 = 1;
+pub const CORRUPT: i32 = 2;
+
+/// The alarm's name as etcd prints it.
+pub fn alarm_name(alarm: i32) -> &'static str {
+    match alarm {
+        NOSPACE => "NOSPACE",
+        CORRUPT => "CORRUPT",
+        _ => "NONE",
+    }
+}
+
+/// Whether a request can grow the store (etcd's quota "cost" is above zero).
+pub fn adds_data(r: &kv::Request) -> bool {
+    match r {
+        kv::Request::Put(_) | kv::Request::LeaseGrant { .. } => true,
+        kv::Request::Txn(t) => txn_puts(t),
+        _ => false,
+    }
+}
+
+fn txn_puts(t: &kv::TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).any(|op| match op {
+        kv::RequestOp::Put(_) => true,
+        kv::RequestOp::Txn(inner) => txn_puts(inner),
+        _ => false,
+    })
 }
 
 impl StateMachine for KvMachine {

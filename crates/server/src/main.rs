@@ -5,10 +5,15 @@
 
 use clap::{Parser, Subcommand};
 use server::bootstrap;
+use server::corrupt;
 use server::election::ElectionService;
 use server::grpc::Services;
+use server::grpc_metrics::GrpcMetricsLayer;
+use server::health;
 use server::lease::LeaseService;
 use server::lock::LockService;
+use server::maintenance::MaintenanceService;
+use server::metrics::Metrics;
 use server::node::{self, Node, NodeConfig};
 use server::pb::etcdserverpb::{
     cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
@@ -95,6 +100,13 @@ enum Cmd {
     Member {
         #[command(subcommand)]
         cmd: member_cli::MemberCmd,
+        #[command(flatten)]
+        c: ClientArgs,
+    },
+    /// Backups: save a member's snapshot, check a file, restore a new cluster from one.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: snapshot_cli::SnapshotCmd,
         #[command(flatten)]
         c: ClientArgs,
     },
@@ -212,6 +224,54 @@ struct ServeArgs {
     /// and several members per machine; more may help a lone member on many cores.
     #[arg(long, default_value_t = 1)]
     worker_threads: usize,
+    /// Past this many bytes of keys and values in the store, the cluster raises NOSPACE and
+    /// refuses writes that add data (0: etcd's default, 2 GiB).
+    #[arg(long, default_value_t = 0, env = "ETCD_QUOTA_BACKEND_BYTES")]
+    quota_backend_bytes: u64,
+    /// More URLs serving /metrics, /health and /version (the client port always does).
+    #[arg(long, default_value = "", env = "ETCD_LISTEN_METRICS_URLS")]
+    listen_metrics_urls: String,
+    /// How often the leader compares every member's HashKV with its own, raising CORRUPT on
+    /// a mismatch (a Go duration; 0, etcd's default, turns the check off).
+    #[arg(
+        long,
+        default_value = "0",
+        value_parser = parse_go_duration_or_zero,
+        env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME"
+    )]
+    experimental_corrupt_check_time: Duration,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+/// How the process logs (to stderr).
+#[derive(Parser, Debug, Clone)]
+struct LogArgs {
+    /// debug, info, warn or error.
+    #[arg(long, default_value = "info", value_parser = parse_log_level, env = "ETCD_LOG_LEVEL")]
+    log_level: tracing::Level,
+    /// text (one human-readable line per event) or json (one JSON object per line).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"], env = "ETCD_LOG_FORMAT")]
+    log_format: String,
+}
+
+fn parse_log_level(s: &str) -> Result<tracing::Level, String> {
+    match s {
+        "debug" => Ok(tracing::Level::DEBUG),
+        "info" => Ok(tracing::Level::INFO),
+        "warn" => Ok(tracing::Level::WARN),
+        "error" | "panic" | "fatal" => Ok(tracing::Level::ERROR),
+        _ => Err(format!(
+            "{s:?} is not a log level (debug, info, warn, error)"
+        )),
+    }
+}
+
+fn parse_go_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_go_duration(s)
 }
 
 /// A duration as Go writes them (etcd's flags take these): numbers with units h, m, s, ms,
@@ -444,6 +504,14 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     };
     let client_listener = bind(client_addr, "listen-client-urls")?;
     let peer_listener = bind(peer_addr, "listen-peer-urls")?;
+    let mut metrics_listeners = Vec::new();
+    for url in a.listen_metrics_urls.split(',').filter(|u| !u.is_empty()) {
+        let addr = listen_addr(url, "listen-metrics-urls")?;
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("--listen-metrics-urls: cannot listen on {addr}: {e}"))?;
+        metrics_listeners.push(l);
+    }
     let data_dir = a
         .data_dir
         .clone()
@@ -458,6 +526,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     };
     let plan = bootstrap::plan(&flags).await?;
     let (me, cluster_id) = (plan.id, plan.cluster_id);
+    let metrics = Metrics::new();
     let cfg = NodeConfig {
         id: me,
         voters: plan.voters.clone(),
@@ -468,6 +537,11 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         election_ticks: a.election_timeout / a.heartbeat_interval,
         snapshot_count: a.snapshot_count.max(1),
         watch_progress_interval: a.experimental_watch_progress_notify_interval,
+        quota_bytes: match a.quota_backend_bytes {
+            0 => node::DEFAULT_QUOTA_BYTES,
+            q => q,
+        },
+        metrics: metrics.clone(),
     };
     let cell = Arc::new(OnceLock::new());
     let hello = raftkvpb::Hello {
@@ -497,16 +571,39 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     let peer_server = tonic::transport::Server::builder()
         .add_service(RaftServer::new(raft_service))
         .serve_with_incoming(peer_listener);
-    let client_server = tonic::transport::Server::builder()
-        .add_service(KvServer::new(services.clone()))
-        .add_service(MaintenanceServer::new(services.clone()))
+    // etcd serves /metrics, /health and /version on the client port beside gRPC: HTTP/1
+    // is accepted for them (gRPC clients speak HTTP/2 from the first byte).
+    let routes = tonic::service::Routes::new(KvServer::new(services.clone()))
+        .add_service(MaintenanceServer::new(MaintenanceService::new(
+            node.clone(),
+        )))
         .add_service(WatchServer::new(WatchService::new(node.clone())))
         .add_service(ClusterServer::new(services))
         .add_service(LeaseServer::new(leases.clone()))
         .add_service(LeaseForwardServer::new(leases))
         .add_service(LockServer::new(LockService::new(node.clone())))
         .add_service(ElectionServer::new(ElectionService::new(node.clone())))
+        .into_axum_router()
+        .merge(health::router(node.clone()));
+    let client_server = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .layer(GrpcMetricsLayer(metrics.clone()))
+        .add_routes(routes.into())
         .serve_with_incoming(client_listener);
+    for listener in metrics_listeners {
+        let app = health::router(node.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!("metrics listener: {e}");
+            }
+        });
+    }
+    if !a.experimental_corrupt_check_time.is_zero() {
+        tokio::spawn(corrupt::run(
+            node.clone(),
+            a.experimental_corrupt_check_time,
+        ));
+    }
     println!(
         "raftkv member {} ({me:016x}) of cluster {cluster_id:016x} serving clients on {} and peers on {}",
         a.name, a.listen_client_urls, a.listen_peer_urls
@@ -537,6 +634,7 @@ mod bench_watch;
 mod client;
 mod h2call;
 mod member_cli;
+mod snapshot_cli;
 
 /// A member's runtime. One thread by default: the raft loop is one task whatever the
 /// thread count, and on a small machine shared by several members (or with the clients),
@@ -556,15 +654,30 @@ fn serve_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
+/// Logs go to stderr: one line per event that matters to an operator (elections, leader
+/// changes, snapshots, compactions, membership changes, alarms, refused peers, a failed
+/// disk); nothing per request.
+fn init_logging(log: &LogArgs) {
+    let b = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(log.log_level)
+        .with_target(false);
+    if log.log_format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
-    // Warnings and errors from the node (refused peers, unreadable snapshots, a failed disk)
-    // go to stderr; nothing per request.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_max_level(tracing::Level::INFO)
-        .with_target(false)
-        .init();
+    match &cli.cmd {
+        Cmd::Serve(a) => init_logging(&a.log),
+        _ => init_logging(&LogArgs {
+            log_level: tracing::Level::INFO,
+            log_format: "text".into(),
+        }),
+    }
     let rt = match &cli.cmd {
         Cmd::Serve(a) => serve_runtime(a.worker_threads),
         _ => tokio::runtime::Runtime::new(),
@@ -592,6 +705,7 @@ fn main() {
             Cmd::Status { c } => client::status(&c.endpoints).await,
             Cmd::Member { cmd, c } => member_cli::run(&c.endpoints, cmd).await,
             Cmd::MoveLeader { id, c } => member_cli::move_leader(&c.endpoints, &id).await,
+            Cmd::Snapshot { cmd, c } => snapshot_cli::run(&c.endpoints, cmd).await,
             Cmd::Bench(a) => bench::run(a).await,
             Cmd::BenchWatch(a) => bench_watch::run(a).await,
             Cmd::BenchLease(a) => bench_lease::run(a).await,

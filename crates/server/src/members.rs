@@ -28,6 +28,9 @@ pub struct Registry {
     pub members: BTreeMap<NodeId, MemberRecord>,
     /// Removed for good: their ids are never reused, and they are told so if they call.
     pub removed: BTreeSet<NodeId>,
+    /// Raised alarms: (member, etcd's `AlarmType` number). Replicated, so every member
+    /// refuses the same writes in the same place of the log.
+    pub alarms: BTreeSet<(NodeId, i32)>,
 }
 
 /// The context a configuration entry proposed by the server carries.
@@ -60,7 +63,7 @@ impl Registry {
             .collect();
         Registry {
             members,
-            removed: BTreeSet::new(),
+            ..Default::default()
         }
     }
 
@@ -112,6 +115,35 @@ impl Registry {
         }
     }
 
+    /// Apply Maintenance.Alarm as etcd does: activating raises the alarm for the member
+    /// (activating NONE does nothing), deactivating clears exactly that member's alarm, and
+    /// getting lists the alarms of the given type (every alarm for NONE). Returns the
+    /// alarms the request touched or listed.
+    pub fn alarm(&mut self, action: i32, member: NodeId, alarm: i32) -> Vec<(NodeId, i32)> {
+        use crate::pb::etcdserverpb::alarm_request::AlarmAction;
+        match AlarmAction::try_from(action) {
+            Ok(AlarmAction::Activate) if alarm != 0 => {
+                self.alarms.insert((member, alarm));
+                vec![(member, alarm)]
+            }
+            Ok(AlarmAction::Deactivate) if self.alarms.remove(&(member, alarm)) => {
+                vec![(member, alarm)]
+            }
+            Ok(AlarmAction::Get) => self
+                .alarms
+                .iter()
+                .filter(|a| alarm == 0 || a.1 == alarm)
+                .copied()
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether an alarm of this type is raised for any member.
+    pub fn has_alarm(&self, alarm: i32) -> bool {
+        self.alarms.iter().any(|a| a.1 == alarm)
+    }
+
     /// The member, if any, that already uses one of `urls` as a peer URL (other than
     /// `except`).
     pub fn peer_url_owner(&self, urls: &[String], except: NodeId) -> Option<NodeId> {
@@ -134,6 +166,11 @@ impl Registry {
                 })
                 .collect(),
             removed: self.removed.iter().copied().collect(),
+            alarms: self
+                .alarms
+                .iter()
+                .map(|&(member, alarm)| pb::AlarmRecord { member, alarm })
+                .collect(),
         }
     }
 
@@ -156,6 +193,7 @@ impl Registry {
         Ok(Registry {
             members,
             removed: r.removed.into_iter().collect(),
+            alarms: r.alarms.iter().map(|a| (a.member, a.alarm)).collect(),
         })
     }
 

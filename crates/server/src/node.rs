@@ -7,8 +7,9 @@
 
 use crate::api;
 use crate::command::{self, Write};
-use crate::machine::{Applied, KvMachine, Served};
+use crate::machine::{Applied, KvMachine, Output, Served};
 use crate::members::{self, Registry};
+use crate::metrics::Metrics;
 use crate::pb::etcdserverpb::ResponseHeader;
 use crate::reconfig::{self, MemberOp};
 use crate::watch::Watchers;
@@ -18,8 +19,9 @@ use raft::{
     ConfChange, ConfEntry, EntryKind, Index, Membership, Message, NodeId, Raft, Role, Snapshot,
     SnapshotMeta, Term,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use storage::{Batch, GroupCommit, Identity, Options, Storage};
@@ -44,7 +46,14 @@ pub struct NodeConfig {
     /// How often watchers that asked for progress notifications get one (etcd's
     /// `--experimental-watch-progress-notify-interval`, ten minutes by default).
     pub watch_progress_interval: Duration,
+    /// Past this many bytes in the store, writes that add data raise NOSPACE and are
+    /// refused (etcd's `--quota-backend-bytes`).
+    pub quota_bytes: u64,
+    pub metrics: Arc<Metrics>,
 }
+
+/// etcd's default `--quota-backend-bytes`: 2 GiB.
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
 
 /// etcd's default interval between progress notifications.
 pub const WATCH_PROGRESS_INTERVAL: Duration = Duration::from_secs(600);
@@ -132,6 +141,18 @@ pub struct NodeStatus {
     pub revision: i64,
     pub snapshot_index: Index,
     pub db_size: u64,
+    /// Proposals made here and not yet applied.
+    pub pending: usize,
+    /// Raised alarms: (member, etcd's alarm type).
+    pub alarms: Vec<(NodeId, i32)>,
+}
+
+/// The store as of one moment, for hashing and for backups (a clone: O(1), shares values).
+pub struct Frozen {
+    pub store: kv::Store,
+    pub registry: Registry,
+    pub applied: Index,
+    pub term: Term,
 }
 
 /// A lease as LeaseTimeToLive reports it.
@@ -167,6 +188,10 @@ enum Input {
     TimeToLive(i64, oneshot::Sender<Result<Option<LeaseInfo>, Status>>),
     /// Every lease's id.
     Leases(oneshot::Sender<Vec<i64>>),
+    /// A copy of the store as of now.
+    Freeze(oneshot::Sender<Frozen>),
+    /// Snapshot and compact the log now; answers the index the snapshot will cover.
+    SnapshotNow(oneshot::Sender<Index>),
     /// A peer says this member was removed from the cluster.
     Removed,
     Stop,
@@ -177,7 +202,7 @@ enum Input {
 enum Done {
     Persisted(Result<(), String>),
     Snapshotted(Result<Snapshot, String>),
-    Restored(Result<KvMachine, String>),
+    Restored(Result<Box<KvMachine>, String>),
 }
 
 /// Most requests queued for the loop; beyond it clients get "too many requests".
@@ -198,6 +223,11 @@ pub struct Node {
     /// The store's revision as of the loop's last round (for headers of answers that are
     /// not reads of the store, e.g. leases').
     revision: Arc<std::sync::atomic::AtomicI64>,
+    /// The store's size as of the loop's last round (the quota is checked against it).
+    in_use: Arc<AtomicU64>,
+    quota: u64,
+    metrics: Arc<Metrics>,
+    data_dir: PathBuf,
 }
 
 fn gone() -> Status {
@@ -260,9 +290,13 @@ impl Node {
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let added = Added::default();
+        let observer: storage::Observer = {
+            let m = cfg.metrics.clone();
+            Arc::new(move |round: &storage::CommitRound| m.observe_commit(round))
+        };
         let wal = Wal {
             writer: storage.snapshot_writer(),
-            group: GroupCommit::start(storage),
+            group: GroupCommit::start_observed(storage, Some(observer)),
             done: done_tx,
             transport: transport.clone(),
             bootstrap: cfg.bootstrap.clone(),
@@ -277,7 +311,11 @@ impl Node {
             raft,
             machine,
             wal,
-            Peers(transport.clone()),
+            Peers {
+                out: transport.clone(),
+                metrics: cfg.metrics.clone(),
+                heartbeats: HashMap::new(),
+            },
             Ids::new(cfg.id, boot),
             dcfg,
         );
@@ -285,6 +323,7 @@ impl Node {
         let revision = Arc::new(std::sync::atomic::AtomicI64::new(
             d.machine().store.revision(),
         ));
+        let in_use = Arc::new(AtomicU64::new(d.machine().store.size_bytes()));
         let watchers = Watchers::new(d.machine().store.revision());
         let progress_ticks =
             (cfg.watch_progress_interval.as_micros() / cfg.tick.as_micros().max(1)).max(1) as u64;
@@ -312,6 +351,10 @@ impl Node {
             clock: std::time::Instant::now(),
             inputs: tx.downgrade(),
             revision: revision.clone(),
+            in_use: in_use.clone(),
+            metrics: cfg.metrics.clone(),
+            leader: None,
+            role: Role::Follower,
         };
         lp.refresh_view();
         let task = tokio::spawn(lp.run(cfg.tick, rx, done_rx));
@@ -324,6 +367,10 @@ impl Node {
             election_timeout,
             min_lease_ttl: min_lease_ttl(cfg.tick, cfg.election_ticks),
             revision,
+            in_use,
+            quota: cfg.quota_bytes,
+            metrics: cfg.metrics.clone(),
+            data_dir: cfg.data_dir.clone(),
         };
         Ok((node, task))
     }
@@ -478,7 +525,7 @@ impl Node {
         })
     }
 
-    fn header(&self, revision: i64, raft_term: Term) -> ResponseHeader {
+    pub fn header(&self, revision: i64, raft_term: Term) -> ResponseHeader {
         ResponseHeader {
             cluster_id: self.cluster_id,
             member_id: self.id,
@@ -489,22 +536,109 @@ impl Node {
 
     /// Propose a write; answers once it is committed and applied here.
     pub async fn write(&self, w: Write) -> WriteResult {
+        self.check_quota(&w)?;
+        if self.leader() != Some(self.id) {
+            self.metrics.proposals_forwarded.inc();
+        }
         let (reply, rx) = oneshot::channel();
         self.submit(Input::Write(w, Waiter(reply)))?;
-        let answered = rx.await.map_err(|_| gone())?.map_err(refused)?;
+        let answered = rx.await.map_err(|_| gone())?.map_err(|r| {
+            self.metrics.proposals_failed.inc();
+            refused(r)
+        })?;
         let (resp, revision) = answered.value?;
-        let resp =
-            resp.ok_or_else(|| Status::internal("the store answered a different request"))?;
+        let Some(Output::Kv(resp)) = resp else {
+            return Err(Status::internal("the store answered a different request"));
+        };
         Ok((resp, self.header(revision, answered.term)))
+    }
+
+    /// Maintenance.Alarm, through the log: the alarms it raised, cleared or listed.
+    pub async fn alarm(
+        &self,
+        req: crate::pb::etcdserverpb::AlarmRequest,
+    ) -> Result<(Vec<(NodeId, i32)>, ResponseHeader), Status> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Input::Write(Write::Alarm(req), Waiter(reply)))?;
+        let answered = rx.await.map_err(|_| gone())?.map_err(refused)?;
+        let (out, revision) = answered.value?;
+        let Some(Output::Alarms(alarms)) = out else {
+            return Err(Status::internal("the store answered a different request"));
+        };
+        Ok((alarms, self.header(revision, answered.term)))
     }
 
     /// A range read: linearizable (ReadIndex) or serializable (local state).
     pub async fn read(&self, req: kv::RangeRequest, linearizable: bool) -> ReadResult {
+        let started = linearizable.then(std::time::Instant::now);
         let (reply, rx) = oneshot::channel();
         self.submit(Input::Read(req, linearizable, Waiter(reply)))?;
         let answered = rx.await.map_err(|_| gone())?.map_err(refused)?;
+        if let Some(t) = started {
+            self.metrics.read_index.observe(t.elapsed().as_secs_f64());
+        }
         let (resp, revision) = answered.value?;
         Ok((resp, self.header(revision, answered.term)))
+    }
+
+    /// etcd's quota check before proposing: a write that adds data and would take the
+    /// store past the quota raises NOSPACE (once: not if it is raised already) and is
+    /// refused. The alarm then refuses such writes on every member as they apply.
+    fn check_quota(&self, w: &Write) -> Result<(), Status> {
+        let cost = command::cost(w);
+        if cost == 0 || self.in_use.load(Ordering::Relaxed) + cost <= self.quota {
+            return Ok(());
+        }
+        let raised = self
+            .view
+            .read()
+            .unwrap()
+            .registry
+            .alarms
+            .contains(&(self.id, crate::machine::NOSPACE));
+        if !raised {
+            tracing::warn!(
+                quota = self.quota,
+                in_use = self.in_use.load(Ordering::Relaxed),
+                "the store is over its quota (--quota-backend-bytes); raising NOSPACE"
+            );
+            let raise = crate::pb::etcdserverpb::AlarmRequest {
+                action: 1,
+                member_id: self.id,
+                alarm: crate::machine::NOSPACE,
+            };
+            let _ = self.submit(Input::Write(Write::Alarm(raise), Waiter::detached()));
+        }
+        Err(api::no_space())
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// A copy of the store as of now (O(1): it shares the store's values).
+    pub async fn freeze(&self) -> Result<Frozen, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Input::Freeze(reply))?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// Snapshot everything applied and compact the log to it (what Defragment means here);
+    /// answers once the snapshot is durable and the log compacted.
+    pub async fn compact_log(&self) -> Result<(), Status> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Input::SnapshotNow(reply))?;
+        let target = rx.await.map_err(|_| gone())?;
+        loop {
+            if self.status().await?.snapshot_index >= target {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn status(&self) -> Result<NodeStatus, Status> {
@@ -549,6 +683,7 @@ fn recover(cfg: &NodeConfig) -> Result<(Storage, Raft, KvMachine, u64), String> 
     let (storage, state) =
         Storage::open(&cfg.data_dir, id, Options::default()).map_err(|e| e.to_string())?;
     let mut machine = KvMachine::new(cfg.bootstrap.clone());
+    machine.corrupt_for_tests = std::env::var_os(crate::machine::TEST_CORRUPT_ENV).is_some();
     let mut rc = raft::Config::new(cfg.id, cfg.voters.clone());
     if let Some(s) = &state.snapshot {
         machine.restore_at_start(s)?;
@@ -605,6 +740,11 @@ struct Loop {
     /// the loop must still end when every handle is gone).
     inputs: mpsc::WeakSender<Input>,
     revision: Arc<std::sync::atomic::AtomicI64>,
+    in_use: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+    /// The leader and role as of the last round (leader changes are counted and logged).
+    leader: Option<NodeId>,
+    role: Role,
 }
 
 impl Loop {
@@ -696,6 +836,8 @@ impl Loop {
         let revision = self.d.machine().store.revision();
         self.revision
             .store(revision, std::sync::atomic::Ordering::Relaxed);
+        self.in_use
+            .store(self.d.machine().store.size_bytes(), Ordering::Relaxed);
         let now = self.now();
         for change in std::mem::take(&mut self.d.machine_mut().lease_changes) {
             self.lessor.changed(&change, now);
@@ -720,6 +862,7 @@ impl Loop {
     /// registry changed. Cheap when nothing did: a few comparisons of small values.
     fn refresh_view(&mut self) {
         self.answer_early();
+        self.note_role();
         let r = self.d.raft();
         let (leader, term) = (r.leader(), r.term());
         self.watchers
@@ -759,6 +902,37 @@ impl Loop {
             self.transport.set_members(r.id(), &next.registry);
         }
         *v = next;
+    }
+
+    /// Count and log leader changes and this member's elections (one line each: what an
+    /// operator greps for when a cluster misbehaves).
+    fn note_role(&mut self) {
+        let r = self.d.raft();
+        let (leader, role, term) = (r.leader(), r.role(), r.term());
+        if role != self.role {
+            match role {
+                Role::Leader => tracing::info!(term, "elected leader"),
+                Role::Candidate => tracing::info!(term, "campaigning for leadership"),
+                Role::PreCandidate => tracing::info!(term, "starting a pre-vote"),
+                _ if matches!(self.role, Role::Candidate | Role::PreCandidate) => {
+                    tracing::info!(term, leader = ?leader.map(|l| format!("{l:x}")), "lost the election")
+                }
+                Role::Follower if self.role == Role::Leader => {
+                    tracing::warn!(term, "stepped down from leadership")
+                }
+                _ => {}
+            }
+            self.role = role;
+        }
+        if leader != self.leader {
+            if let Some(l) = leader {
+                self.metrics.leader_changes.inc();
+                tracing::info!(term, leader = %format!("{l:x}"), "leader changed");
+            } else {
+                tracing::info!(term, "lost the leader");
+            }
+            self.leader = leader;
+        }
     }
 
     /// Answer the membership changes waiting for their entry to be durable here; one whose
@@ -817,7 +991,7 @@ impl Loop {
         match done {
             Done::Persisted(result) => self.d.on_persisted(result),
             Done::Snapshotted(result) => self.d.on_snapshot(result),
-            Done::Restored(result) => self.d.on_restored(result),
+            Done::Restored(result) => self.d.on_restored(result.map(|m| *m)),
         }
     }
 
@@ -828,6 +1002,7 @@ impl Loop {
             // Messages from strangers, or that break the protocol's rules, are the core's to
             // refuse (and count).
             Input::Step(m) => {
+                d.transport_mut().heard(&m);
                 let _ = d.step(m);
             }
             Input::Write(w, reply) => d.propose(|id| command::encode(id, w), reply),
@@ -845,7 +1020,21 @@ impl Loop {
                     revision: store.revision(),
                     snapshot_index: s.snapshot_index,
                     db_size: store.size_bytes(),
+                    pending: s.pending_writes,
+                    alarms: d.machine().registry.alarms.iter().copied().collect(),
                 });
+            }
+            Input::Freeze(reply) => {
+                let m = d.machine();
+                let _ = reply.send(Frozen {
+                    store: m.store.clone(),
+                    registry: m.registry.clone(),
+                    applied: d.raft().applied(),
+                    term: d.raft().term(),
+                });
+            }
+            Input::SnapshotNow(reply) => {
+                let _ = reply.send(d.snapshot_now());
             }
             Input::Member(op, reply) => self.change_membership(op, reply),
             Input::Transfer(to, reply) => {
@@ -991,14 +1180,51 @@ impl Loop {
     }
 }
 
-/// The peer transport, as the driver sees it.
-struct Peers(Arc<dyn Transport>);
+/// The peer transport, as the driver sees it. It also times heartbeats: the round trip
+/// of a heartbeat and its answer is the peer round-trip time etcd reports.
+struct Peers {
+    out: Arc<dyn Transport>,
+    metrics: Arc<Metrics>,
+    /// The last heartbeat sent to each peer: its round number and when it left. One entry
+    /// per peer, so bounded by the membership.
+    heartbeats: HashMap<NodeId, (u64, std::time::Instant)>,
+}
+
+impl Peers {
+    /// A message arrived: if it answers the last heartbeat sent to its sender, time it.
+    fn heard(&mut self, m: &Message) {
+        if let raft::Body::HeartbeatResponse { seq } = m.body {
+            if let Some((sent_seq, at)) = self.heartbeats.get(&m.from) {
+                if *sent_seq == seq {
+                    let to = format!("{:x}", m.from);
+                    self.metrics
+                        .peer_rtt
+                        .with_label_values(&[&to])
+                        .observe(at.elapsed().as_secs_f64());
+                    self.heartbeats.remove(&m.from);
+                }
+            }
+        }
+    }
+}
 
 impl driver::Transport for Peers {
     fn send(&mut self, msgs: Vec<Message>) {
-        if !msgs.is_empty() {
-            self.0.send(msgs);
+        if msgs.is_empty() {
+            return;
         }
+        for m in &msgs {
+            if let raft::Body::Heartbeat { seq, .. } = m.body {
+                // Keep the oldest unanswered round (a slow peer shows a long round trip,
+                // not none), unless its answer looks lost.
+                let now = std::time::Instant::now();
+                let e = self.heartbeats.entry(m.to).or_insert((seq, now));
+                if now.duration_since(e.1) > Duration::from_secs(1) {
+                    *e = (seq, now);
+                }
+            }
+        }
+        self.out.send(msgs);
     }
 }
 
@@ -1090,7 +1316,8 @@ impl driver::Storage<KvMachine> for Wal {
         let (done, bootstrap) = (self.done.clone(), self.bootstrap.clone());
         tokio::task::spawn_blocking(move || {
             let mut machine = KvMachine::new(bootstrap);
-            let result = driver::StateMachine::restore(&mut machine, &snapshot).map(|_| machine);
+            let result =
+                driver::StateMachine::restore(&mut machine, &snapshot).map(|_| Box::new(machine));
             let _ = done.send(Done::Restored(result));
         });
     }

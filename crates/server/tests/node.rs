@@ -70,6 +70,8 @@ fn config(dir: &Path, id: u64, snapshot_count: u64) -> NodeConfig {
         election_ticks: 10,
         snapshot_count,
         watch_progress_interval: server::node::WATCH_PROGRESS_INTERVAL,
+        quota_bytes: server::node::DEFAULT_QUOTA_BYTES,
+        metrics: server::metrics::Metrics::new(),
     }
 }
 

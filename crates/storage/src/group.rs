@@ -28,6 +28,19 @@ pub struct Batch {
     pub on_durable: Option<OnDurable>,
 }
 
+/// What one round of group commit did, told to an [`Observer`] (the server's metrics):
+/// how many batches and entries it wrote, and how long its fsync took (`None`: every batch
+/// was lazy, so it did not sync).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CommitRound {
+    pub batches: usize,
+    pub entries: usize,
+    pub sync: Option<std::time::Duration>,
+}
+
+/// Called on the storage thread after each round; it must be quick (it delays durability).
+pub type Observer = Arc<dyn Fn(&CommitRound) + Send + Sync>;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GroupStats {
     pub batches: u64,
@@ -58,6 +71,11 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     pub fn start(storage: Storage) -> GroupCommit {
+        GroupCommit::start_observed(storage, None)
+    }
+
+    /// Like [`GroupCommit::start`], telling `observer` what each round did.
+    pub fn start_observed(storage: Storage, observer: Option<Observer>) -> GroupCommit {
         let (tx, rx) = mpsc::channel::<(u64, Batch)>();
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
@@ -66,7 +84,7 @@ impl GroupCommit {
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("raftkv-wal".into())
-            .spawn(move || run(storage, rx, worker))
+            .spawn(move || run(storage, rx, worker, observer))
             .expect("spawn the storage thread");
         GroupCommit {
             tx: Mutex::new((0, Some(tx))),
@@ -126,12 +144,24 @@ impl Drop for GroupCommit {
     }
 }
 
-fn run(mut storage: Storage, rx: mpsc::Receiver<(u64, Batch)>, shared: Arc<Shared>) -> Storage {
+fn run(
+    mut storage: Storage,
+    rx: mpsc::Receiver<(u64, Batch)>,
+    shared: Arc<Shared>,
+    observer: Option<Observer>,
+) -> Storage {
     while let Ok(first) = rx.recv() {
         // Everything that queued up while the last sync ran joins this one.
         let mut group = vec![first];
         group.extend(rx.try_iter());
-        let result = write_group(&mut storage, &group);
+        let (result, sync) = write_group(&mut storage, &group);
+        if let Some(observe) = &observer {
+            observe(&CommitRound {
+                batches: group.len(),
+                entries: group.iter().map(|(_, b)| b.entries.len()).sum(),
+                sync,
+            });
+        }
         let mut s = shared.state.lock().unwrap();
         s.stats.batches += group.len() as u64;
         s.stats.syncs += u64::from(!group.iter().all(|(_, b)| b.lazy));
@@ -160,15 +190,25 @@ fn run(mut storage: Storage, rx: mpsc::Receiver<(u64, Batch)>, shared: Arc<Share
     storage
 }
 
-fn write_group(storage: &mut Storage, group: &[(u64, Batch)]) -> Result<()> {
+/// Write the group and sync it (unless every batch is lazy); with how long the sync took.
+fn write_group(
+    storage: &mut Storage,
+    group: &[(u64, Batch)],
+) -> (Result<()>, Option<std::time::Duration>) {
     for (_, b) in group {
-        storage.save(b.snapshot.as_ref(), b.hard_state, &b.entries)?;
+        if let Err(e) = storage.save(b.snapshot.as_ref(), b.hard_state, &b.entries) {
+            return (Err(e), None);
+        }
         if let Some(s) = &b.compact {
-            storage.compact(s)?;
+            if let Err(e) = storage.compact(s) {
+                return (Err(e), None);
+            }
         }
     }
     if group.iter().all(|(_, b)| b.lazy) {
-        return Ok(());
+        return (Ok(()), None);
     }
-    storage.sync()
+    let started = std::time::Instant::now();
+    let result = storage.sync();
+    (result, Some(started.elapsed()))
 }

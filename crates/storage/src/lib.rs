@@ -20,7 +20,7 @@ mod snap;
 mod wal;
 
 pub use error::{Error, Result};
-pub use group::{Batch, GroupCommit, GroupStats, OnDurable};
+pub use group::{Batch, CommitRound, GroupCommit, GroupStats, Observer, OnDurable};
 pub use ident::{read_small_file, write_small_file, Identity, FORMAT_VERSION};
 pub use wal::Replayed;
 
