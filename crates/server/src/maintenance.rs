@@ -257,3 +257,60 @@ impl maintenance_server::Maintenance for MaintenanceService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::members::Registry;
+
+    fn frozen() -> Frozen {
+        let mut store = kv::Store::new();
+        for i in 0..20 {
+            let put = kv::PutRequest {
+                key: format!("k{i}").into(),
+                value: vec![b'v'; i * 10].into(),
+                ..Default::default()
+            };
+            store.apply(&kv::Request::Put(put)).unwrap();
+        }
+        let registry =
+            Registry::bootstrap([(7, "a".to_string(), vec!["http://a:2380".to_string()])]);
+        Frozen {
+            store,
+            registry,
+            applied: 21,
+            term: 2,
+        }
+    }
+
+    /// `etcdctl snapshot save` takes a stream as whole only if its length is a multiple of
+    /// 512 plus a 32-byte hash; what comes back out is the snapshot that went in.
+    #[test]
+    fn a_backup_has_etcds_shape_and_gives_back_its_snapshot() {
+        let f = frozen();
+        let b = backup_bytes(&f);
+        assert_eq!(b.len() % 512, 32);
+        let data = check_backup(&b).unwrap();
+        let (registry, store) = members::decode_snapshot(&data).unwrap();
+        assert_eq!(registry.unwrap(), f.registry);
+        assert_eq!(kv::Store::restore(&store).unwrap(), f.store);
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_backup_is_refused() {
+        let b = backup_bytes(&frozen());
+        for cut in [0, 1, 31, 32, b.len() / 2, b.len() - 1] {
+            assert!(check_backup(&b[..cut]).is_err(), "truncated at {cut}");
+        }
+        for at in [0, 9, 100, b.len() - 40, b.len() - 1] {
+            let mut d = b.clone();
+            d[at] ^= 1;
+            assert!(check_backup(&d).is_err(), "flipped byte {at}");
+        }
+        // A file with a valid hash but another layout (an etcd database, say).
+        let mut foreign = vec![0u8; 512];
+        foreign.extend_from_slice(&sha2::Sha256::digest(&foreign));
+        let e = check_backup(&foreign).unwrap_err();
+        assert!(e.contains("not a raftkv snapshot"), "{e}");
+    }
+}

@@ -244,6 +244,26 @@ mod tests {
     use super::*;
     use raft::{ConfChange, Membership};
 
+    /// etcd's alarm semantics: activating NONE does nothing, deactivating clears only the
+    /// named member's alarm of that type, getting filters by type (NONE: all); alarms
+    /// survive the registry's encoding (so snapshots keep them).
+    #[test]
+    fn alarms_are_raised_cleared_and_listed_as_etcd_does() {
+        use crate::pb::etcdserverpb::alarm_request::AlarmAction::*;
+        let mut r = Registry::default();
+        assert!(r.alarm(Activate as i32, 1, 0).is_empty());
+        assert_eq!(r.alarm(Activate as i32, 1, 1), vec![(1, 1)]);
+        assert_eq!(r.alarm(Activate as i32, 2, 2), vec![(2, 2)]);
+        assert_eq!(r.alarm(Get as i32, 0, 0), vec![(1, 1), (2, 2)]);
+        assert_eq!(r.alarm(Get as i32, 0, 2), vec![(2, 2)]);
+        assert!(r.has_alarm(1) && r.has_alarm(2));
+        assert_eq!(Registry::decode(&r.encode()).unwrap(), r);
+        assert!(r.alarm(Deactivate as i32, 2, 1).is_empty());
+        assert_eq!(r.alarm(Deactivate as i32, 1, 1), vec![(1, 1)]);
+        assert!(!r.has_alarm(1));
+        assert_eq!(r.alarm(Get as i32, 0, 0), vec![(2, 2)]);
+    }
+
     fn entry(change: Change, ctx: bytes::Bytes, voters: Vec<NodeId>) -> ConfEntry {
         ConfEntry {
             change: ConfChange::simple(change).with_context(ctx),

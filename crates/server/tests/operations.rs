@@ -153,10 +153,14 @@ async fn metrics_health_and_version_follow_the_cluster() {
         kv.put(put(&format!("k{i}"), b"v".to_vec())).await.unwrap();
     }
     for (p, b) in procs.iter().zip(&before) {
-        eventually("the puts are committed and applied everywhere", 10, async || {
-            scrape(&p.client, "etcd_server_proposals_committed_total") >= b + 10.0
-                && scrape(&p.client, "etcd_server_proposals_applied_total") >= b + 10.0
-        })
+        eventually(
+            "the puts are committed and applied everywhere",
+            10,
+            async || {
+                scrape(&p.client, "etcd_server_proposals_committed_total") >= b + 10.0
+                    && scrape(&p.client, "etcd_server_proposals_applied_total") >= b + 10.0
+            },
+        )
         .await;
         assert!(scrape(&p.client, "etcd_disk_wal_fsync_duration_seconds_count") > 0.0);
     }
@@ -182,8 +186,9 @@ async fn metrics_health_and_version_follow_the_cluster() {
     assert!(compacted.is_err());
     let (_, text) = http_get(&procs[0].client, "/metrics");
     assert!(
-        text.lines().any(|l| l.contains(r#"grpc_method="Range""#)
-            && l.contains(r#"grpc_code="OutOfRange""#)),
+        text.lines().any(
+            |l| l.contains(r#"grpc_method="Range""#) && l.contains(r#"grpc_code="OutOfRange""#)
+        ),
         "a future-revision read is counted as OutOfRange:\n{text}"
     );
 
@@ -243,10 +248,9 @@ async fn nospace_refuses_writes_until_compacted_defragmented_and_disarmed() {
     let me = member_id(&url).await;
     for p in &procs {
         eventually("every member lists NOSPACE", 10, async || {
-            alarms(&p.client).await.is_ok_and(|a| {
-                a.iter()
-                    .any(|a| a.alarm == NOSPACE && a.member_id == me)
-            })
+            alarms(&p.client)
+                .await
+                .is_ok_and(|a| a.iter().any(|a| a.alarm == NOSPACE && a.member_id == me))
         })
         .await;
         let mut other = KvClient::new(channel(&p.client));
@@ -421,7 +425,11 @@ async fn a_backup_restores_into_a_new_cluster_that_serves_the_same_data() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(h.hash, hash, "{} hashes the backup's revision alike", p.name);
+        assert_eq!(
+            h.hash, hash,
+            "{} hashes the backup's revision alike",
+            p.name
+        );
     }
     let expected = kv
         .range(RangeRequest {
@@ -509,21 +517,29 @@ async fn a_backup_restores_into_a_new_cluster_that_serves_the_same_data() {
         })
         .await;
         let mut got = None;
-        eventually("a restored member answers a linearizable read", 20, async || {
-            let all = RangeRequest {
-                key: Bytes::from_static(b"\0"),
-                range_end: Bytes::from_static(b"\0"),
-                ..Default::default()
-            };
-            got = KvClient::new(channel(&m.client))
-                .range(all)
-                .await
-                .ok()
-                .map(|r| r.into_inner().kvs);
-            got.is_some()
-        })
+        eventually(
+            "a restored member answers a linearizable read",
+            20,
+            async || {
+                let all = RangeRequest {
+                    key: Bytes::from_static(b"\0"),
+                    range_end: Bytes::from_static(b"\0"),
+                    ..Default::default()
+                };
+                got = KvClient::new(channel(&m.client))
+                    .range(all)
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner().kvs);
+                got.is_some()
+            },
+        )
         .await;
-        assert_eq!(got.unwrap(), expected, "the restored cluster serves the same data");
+        assert_eq!(
+            got.unwrap(),
+            expected,
+            "the restored cluster serves the same data"
+        );
     }
     // And it takes writes, continuing the revisions.
     let r = KvClient::new(channel(&members[0].client))
@@ -551,7 +567,10 @@ async fn a_member_whose_store_diverges_gets_the_corrupt_alarm() {
         spawn(2, &[("RAFTKV_TEST_ONLY_CORRUPT_PUTS", "1")]),
     ];
     let corrupt_id = loop {
-        if let Ok(s) = maintenance(&members[2].client).status(StatusRequest {}).await {
+        if let Ok(s) = maintenance(&members[2].client)
+            .status(StatusRequest {})
+            .await
+        {
             let s = s.into_inner();
             let me = s.header.unwrap().member_id;
             if s.leader != 0 && s.leader != me {
@@ -600,7 +619,10 @@ async fn a_member_whose_store_diverges_gets_the_corrupt_alarm() {
         .find(|l| l.contains("raising CORRUPT"))
         .unwrap_or_else(|| panic!("no CORRUPT line in the leader's log:\n{log}"));
     assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
-    assert!(line.contains("\"leader_hash\"") && line.contains("\"member_hash\""), "{line}");
+    assert!(
+        line.contains("\"leader_hash\"") && line.contains("\"member_hash\""),
+        "{line}"
+    );
     assert!(
         log.lines()
             .filter(|l| !l.starts_with("raftkv member"))
