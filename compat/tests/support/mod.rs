@@ -122,9 +122,21 @@ pub async fn start(kind: Kind, members: u16, from: u16, to: u16) -> Cluster {
 
 /// `start`, with the given heartbeat and election timeout.
 pub async fn start_timed(kind: Kind, members: u16, from: u16, to: u16, t: Timing) -> Cluster {
+    start_flags(kind, members, from, to, t, &[]).await
+}
+
+/// `start_timed`, with more flags for every member (etcd's, which raftkv takes too).
+pub async fn start_flags(
+    kind: Kind,
+    members: u16,
+    from: u16,
+    to: u16,
+    t: Timing,
+    flags: &[&str],
+) -> Cluster {
     let mut last = String::new();
     for _ in 0..5 {
-        let mut c = spawn(kind, members, port_block(from, to, members), t);
+        let mut c = spawn(kind, members, port_block(from, to, members), t, flags);
         match c.ready().await {
             Ok(()) => return c,
             Err(e) => last = e,
@@ -133,7 +145,7 @@ pub async fn start_timed(kind: Kind, members: u16, from: u16, to: u16, t: Timing
     panic!("{} did not start: {last}", kind.name());
 }
 
-fn spawn(kind: Kind, members: u16, base: u16, t: Timing) -> Cluster {
+fn spawn(kind: Kind, members: u16, base: u16, t: Timing, flags: &[&str]) -> Cluster {
     let (program, extra): (String, &[&str]) = match kind {
         Kind::Etcd => ("etcd".to_string(), &[]),
         Kind::Raftkv => (raftkv_bin(), &["serve"]),
@@ -162,6 +174,7 @@ fn spawn(kind: Kind, members: u16, base: u16, t: Timing) -> Cluster {
             .arg("--initial-cluster-state=new")
             .arg(format!("--heartbeat-interval={}", t.heartbeat_ms))
             .arg(format!("--election-timeout={}", t.election_ms))
+            .args(flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

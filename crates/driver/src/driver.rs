@@ -529,6 +529,8 @@ where
         let applied = self.raft.applied();
         if applied > self.last_snapshot {
             self.snapshot_asked = true;
+            // Now, not at the next Ready: an idle member may not have one for a long time.
+            self.maybe_snapshot();
         }
         applied
     }

@@ -276,7 +276,7 @@ async fn nospace_refuses_writes_until_compacted_defragmented_and_disarmed() {
             .into_inner();
         assert_eq!(s.errors, vec![format!("memberID:{me} alarm:NOSPACE ")]);
         let (code, body) = http_get(&p.client, "/health");
-        assert_eq!((code, body.as_str()), (503, r#"{"health":"false"}"#));
+        assert_eq!((code, body.as_str()), (503, "{\"health\":\"false\"}\n"));
         // Reads still work.
         assert!(get(&p.client, "big0").await.unwrap().is_some());
     }
