@@ -335,6 +335,7 @@ where
         }
         self.last_snapshot = self.last_snapshot.max(index);
         if self.raft.snapshot_index() == index {
+            tracing::info!(index, "snapshot taken; compacting the log up to it");
             self.storage.compact(snapshot);
         }
     }
@@ -354,6 +355,7 @@ where
             Ok(machine) => self.machine = machine,
             Err(e) => return self.fail(format!("cannot restore the snapshot at {index}: {e}")),
         }
+        tracing::info!(index, "restored the leader's snapshot");
         self.last_snapshot = index;
         if self.finish(rd) {
             self.process_ready();

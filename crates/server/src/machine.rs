@@ -59,6 +59,12 @@ impl KvMachine {
                 return None;
             }
         };
+        tracing::info!(
+            index = e.index,
+            changes = ?conf.change.changes,
+            voters = ?conf.membership.voters(),
+            "membership changed"
+        );
         let id = self.registry.apply_conf(&conf)?;
         Some((id, Ok((None, self.store.revision()))))
     }
@@ -74,6 +80,9 @@ impl KvMachine {
                     }
                 }
                 let result = self.store.apply(&r);
+                if let (kv::Request::Compact(rev), Ok(_)) = (&r, &result) {
+                    tracing::info!(revision = rev, "compacted the store's history");
+                }
                 self.note_lease_change(&result);
                 let result = result.map_err(|e| api::status(&e))?;
                 Ok((Some(Output::Kv(result)), revision(self)))
