@@ -260,10 +260,21 @@ async fn ask(url: &str, dialer: &crate::tls::Dialer) -> Result<pb::ClusterInfo, 
         .await
         .map(|r| r.into_inner())
         .map_err(|s| {
-            // A peer that refused our certificate shows it only now (TLS 1.3 lets the
-            // client finish its handshake first).
-            crate::tls::tls_failure(&s)
-                .map_or_else(|| s.message().to_string(), |t| format!("TLS: {t}"))
+            if let Some(t) = crate::tls::tls_failure(&s) {
+                return format!("TLS: {t}");
+            }
+            // A peer that refuses our certificate just closes the connection once the
+            // call goes out (TLS 1.3 lets the client finish its handshake first).
+            let broken =
+                std::error::Error::source(&s).is_some_and(|e| e.is::<tonic::transport::Error>());
+            if broken && url.starts_with("https://") {
+                format!(
+                    "{} (if it refused this member's peer certificate, its log says why)",
+                    s.message()
+                )
+            } else {
+                s.message().to_string()
+            }
         })
 }
 
