@@ -704,3 +704,102 @@ impl DevPki {
         Ok(pki)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path, cert: &str, key: &str, ca: Option<&str>, auth: bool) -> Files {
+        Files {
+            cert: Some(dir.join(cert)),
+            key: Some(dir.join(key)),
+            trusted_ca: ca.map(|c| dir.join(c)),
+            cert_auth: auth,
+        }
+    }
+
+    fn err(f: &Files, https: bool) -> String {
+        match Side::load(f, CLIENT_FLAGS, https) {
+            Ok(_) => panic!("{f:?} was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn bad_flags_and_files_are_refused_naming_the_flag_and_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path(), &["a".to_string()]).unwrap();
+        let d = &pki.dir;
+        std::fs::write(d.join("junk.pem"), "not pem at all\n").unwrap();
+        let good = files(d, "a-server.pem", "a-server-key.pem", Some("ca.pem"), true);
+        assert!(Side::load(&good, CLIENT_FLAGS, true)
+            .unwrap()
+            .acceptor
+            .is_some());
+
+        let no_tls = Files::default();
+        assert_eq!(
+            err(&no_tls, true),
+            "--listen-client-urls is https:// but --cert-file and --key-file are not given"
+        );
+        let mut no_key = good.clone();
+        no_key.key = None;
+        assert_eq!(
+            err(&no_key, true),
+            "--cert-file is given without --key-file"
+        );
+        let mut no_ca = good.clone();
+        no_ca.trusted_ca = None;
+        assert!(err(&no_ca, true).starts_with("--client-cert-auth needs --trusted-ca-file"));
+        let missing = files(d, "nope.pem", "a-server-key.pem", None, false);
+        let e = err(&missing, true);
+        assert!(
+            e.starts_with(&format!("--cert-file {}", d.join("nope.pem").display())),
+            "{e}"
+        );
+        let junk_cert = files(d, "junk.pem", "a-server-key.pem", None, false);
+        assert!(err(&junk_cert, true).contains("no PEM certificate"));
+        let junk_key = files(d, "a-server.pem", "junk.pem", None, false);
+        assert!(err(&junk_key, true).contains("no PEM private key"));
+        let key_as_ca = files(
+            d,
+            "a-server.pem",
+            "a-server-key.pem",
+            Some("a-server-key.pem"),
+            true,
+        );
+        assert!(err(&key_as_ca, true).starts_with("--trusted-ca-file"));
+        let mismatched = files(d, "a-server.pem", "a-peer-key.pem", None, false);
+        assert!(err(&mismatched, true).starts_with("--cert-file / --key-file"));
+        // The peer side names its own flags.
+        let e = Side::load(&no_key, PEER_FLAGS, true).unwrap_err();
+        assert_eq!(e, "--peer-cert-file is given without --peer-key-file");
+    }
+
+    #[test]
+    fn certificates_are_reused_when_all_are_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["n0".to_string(), "n1".to_string()];
+        let first = DevPki::ensure(dir.path(), &names).unwrap();
+        let ca = std::fs::read(first.ca()).unwrap();
+        let again = DevPki::ensure(dir.path(), &names).unwrap();
+        assert_eq!(std::fs::read(again.ca()).unwrap(), ca);
+        // A member more: a new set (the CA's key is not kept to sign with).
+        let more = DevPki::ensure(
+            dir.path(),
+            &[names[0].clone(), names[1].clone(), "n2".into()],
+        )
+        .unwrap();
+        assert_ne!(std::fs::read(more.ca()).unwrap(), ca);
+        assert!(more.peer_cert("n2").is_file());
+    }
+
+    #[test]
+    fn refusals_from_one_address_are_logged_once_per_interval() {
+        let key = "test 192.0.2.1";
+        assert_eq!(throttle(key), Some(0));
+        assert_eq!(throttle(key), None);
+        assert_eq!(throttle(key), None);
+        assert_eq!(throttle("test 192.0.2.2"), Some(0));
+    }
+}
