@@ -164,9 +164,18 @@ async fn run_peer(
                 continue;
             }
         };
-        backoff = Duration::from_millis(50);
+        let opened = Instant::now();
         if !stream_to(client, &url, &hello, &mut rx, &node).await {
             return; // the node stopped
+        }
+        // A peer that refuses our certificate over TLS 1.3 lets the handshake finish and
+        // drops the stream at its first frame: a stream that ends at once is retried with
+        // backoff, as a failed connect is, rather than twenty handshakes a second.
+        if url.starts_with("https://") && opened.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        } else {
+            backoff = Duration::from_millis(50);
         }
     }
 }
