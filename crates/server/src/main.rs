@@ -248,8 +248,9 @@ struct ServeArgs {
     /// The key of --cert-file.
     #[arg(long, env = "ETCD_KEY_FILE")]
     key_file: Option<PathBuf>,
-    /// CA that signs the client certificates accepted (with --client-cert-auth) and the
-    /// other members' client certificates (the system's CAs if not given).
+    /// CA that signs the client certificates accepted (with --client-cert-auth), and the
+    /// certificates of other members' https client URLs when this member connects to them
+    /// (the system's CAs if not given).
     #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
     trusted_ca_file: Option<PathBuf>,
     /// Refuse clients without a certificate signed by --trusted-ca-file.
@@ -262,7 +263,8 @@ struct ServeArgs {
     /// The key of --peer-cert-file.
     #[arg(long, env = "ETCD_PEER_KEY_FILE")]
     peer_key_file: Option<PathBuf>,
-    /// CA that signs the peers' certificates.
+    /// CA that signs the peers' certificates: those accepted (with --peer-client-cert-auth)
+    /// and those of the peers this member connects to (the system's CAs if not given).
     #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
     peer_trusted_ca_file: Option<PathBuf>,
     /// Refuse peers without a certificate signed by --peer-trusted-ca-file.
