@@ -31,6 +31,8 @@ pub struct Flags {
     pub token: String,
     pub advertise_peer_urls: Vec<String>,
     pub data_dir: PathBuf,
+    /// How to reach https:// peer URLs (the peer certificate and trusted CA).
+    pub peer_dialer: crate::tls::Dialer,
 }
 
 /// What a member starts with.
@@ -194,7 +196,7 @@ async fn join(f: &Flags) -> Result<Plan, String> {
         let mut unreachable = None;
         let mut unknown = None;
         for url in &others {
-            match ask(url).await {
+            match ask(url, &f.peer_dialer).await {
                 Ok(info) => match find_self(f, info)? {
                     Ok(plan) => return Ok(plan),
                     Err(why) => unknown = Some(why),
@@ -261,19 +263,35 @@ fn find_self(f: &Flags, info: pb::ClusterInfo) -> Result<Result<Plan, String>, S
     }))
 }
 
-async fn ask(url: &str) -> Result<pb::ClusterInfo, String> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+async fn ask(url: &str, dialer: &crate::tls::Dialer) -> Result<pb::ClusterInfo, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
+        .timeout(Duration::from_secs(5));
+    let channel = dialer.connect(endpoint).await.map_err(|e| {
+        crate::tls::tls_failure(&e).map_or_else(|| e.to_string(), |t| format!("TLS: {t}"))
+    })?;
     RaftClient::new(channel)
         .members(pb::Empty {})
         .await
         .map(|r| r.into_inner())
-        .map_err(|s| s.message().to_string())
+        .map_err(|s| {
+            if let Some(t) = crate::tls::tls_failure(&s) {
+                return format!("TLS: {t}");
+            }
+            // A peer that refuses our certificate just closes the connection once the
+            // call goes out (TLS 1.3 lets the client finish its handshake first).
+            let broken =
+                std::error::Error::source(&s).is_some_and(|e| e.is::<tonic::transport::Error>());
+            if broken && url.starts_with("https://") {
+                format!(
+                    "{} (if it refused this member's peer certificate, its log says why)",
+                    s.message()
+                )
+            } else {
+                s.message().to_string()
+            }
+        })
 }
 
 /// Announce this member's name and client URLs through the log once it can (it has a

@@ -13,29 +13,62 @@ use server::pb::etcdserverpb::{
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
-/// `host:port` or `http://host:port`, comma separated, as URLs.
+/// `host:port`, `http://host:port` or `https://host:port`, comma separated, as URLs. A
+/// bare `host:port` is dialed with TLS if --cacert, --cert or --key is given (etcdctl's
+/// rule).
 pub fn urls(endpoints: &str) -> Vec<String> {
+    let scheme = if server::tls::client_dialer().configured() {
+        "https"
+    } else {
+        "http"
+    };
     endpoints
         .split(',')
         .filter(|e| !e.is_empty())
         .map(|e| {
-            if e.starts_with("http://") {
+            if e.starts_with("http://") || e.starts_with("https://") {
                 e.to_string()
             } else {
-                format!("http://{e}")
+                format!("{scheme}://{e}")
             }
         })
         .collect()
 }
 
 pub async fn channel(url: &str) -> Result<Channel, String> {
-    Endpoint::from_shared(url.to_string())
+    let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("{url}: {e}"))?
         .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .connect()
+        .timeout(Duration::from_secs(10));
+    server::tls::client_dialer()
+        .connect(endpoint)
         .await
-        .map_err(|e| format!("{url}: {e}"))
+        .map_err(|e| match server::tls::tls_failure(&e) {
+            Some(why) => format!("{url}: TLS: {why}"),
+            None => format!("{url}: {e}"),
+        })
+}
+
+/// A failed call in words. A member that refuses this client's certificate (or its lack of
+/// one) closes the connection once the first call goes out (TLS 1.3 lets the client finish
+/// its handshake first), and the call fails as if the connection broke: say what is likely.
+pub fn why(s: &tonic::Status) -> String {
+    use std::error::Error;
+    if let Some(t) = server::tls::tls_failure(s) {
+        return format!("TLS: {t}");
+    }
+    let dialer = server::tls::client_dialer();
+    let broken = s
+        .source()
+        .is_some_and(|e| e.is::<tonic::transport::Error>());
+    if broken && dialer.configured() && !dialer.has_client_cert() {
+        return format!(
+            "{} (a member started with --client-cert-auth refuses clients without --cert \
+             and --key)",
+            s.message()
+        );
+    }
+    s.message().to_string()
 }
 
 /// Run `f` against each endpoint in turn until one answers.
@@ -49,7 +82,7 @@ where
         match channel(&url).await {
             Ok(ch) => match f(ch).await {
                 Ok(v) => return Ok(v),
-                Err(s) => errors.push(format!("{url}: {}", s.message())),
+                Err(s) => errors.push(format!("{url}: {}", why(&s))),
             },
             Err(e) => errors.push(e),
         }
@@ -179,7 +212,7 @@ pub async fn status(endpoints: &str) -> Result<(), String> {
             Ok(ch) => MaintenanceClient::new(ch)
                 .status(StatusRequest {})
                 .await
-                .map_err(|s| s.message().to_string()),
+                .map_err(|s| why(&s)),
             Err(e) => Err(e),
         };
         match result {

@@ -252,10 +252,11 @@ pub fn channel_to(v: &View, member: NodeId) -> Result<tonic::transport::Channel,
         .get(&member)
         .and_then(|m| m.client_urls.first())
         .ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
-    Ok(tonic::transport::Endpoint::from_shared(url.clone())
+    let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
         .map_err(|_| Status::unavailable("etcdserver: no leader"))?
-        .connect_timeout(Duration::from_secs(1))
-        .connect_lazy())
+        .connect_timeout(Duration::from_secs(1));
+    // With this member's client certificate, if its client URLs are https.
+    Ok(crate::tls::client_dialer().connect_lazy(endpoint))
 }
 
 impl Services {

@@ -25,6 +25,7 @@ pub mod node;
 pub mod peer;
 pub mod recipe;
 pub mod reconfig;
+pub mod tls;
 pub mod transport;
 pub mod watch;
 

@@ -24,6 +24,7 @@ use server::pb::raftkvpb::{
 };
 use server::pb::v3electionpb::election_server::ElectionServer;
 use server::pb::v3lockpb::lock_server::LockServer;
+use server::tls;
 use server::transport::{Heard, PeerTransport, RaftService};
 use server::watch::WatchService;
 use std::net::SocketAddr;
@@ -46,7 +47,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one member of a cluster (etcd's flags and meanings).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run a local cluster of child processes on loopback; Ctrl-C stops it, and running it
     /// again brings it back with its data.
     Cluster(ClusterArgs),
@@ -135,6 +136,30 @@ struct ClientArgs {
         default_value = "127.0.0.1:2379,127.0.0.1:2389,127.0.0.1:2399"
     )]
     endpoints: String,
+    /// Verify the members' certificates with this CA (etcdctl's --cacert); given any of
+    /// --cacert, --cert, --key, host:port endpoints are dialed with TLS.
+    #[arg(long, global = true)]
+    cacert: Option<PathBuf>,
+    /// Present this client certificate (for members started with --client-cert-auth).
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
+    /// The key of --cert.
+    #[arg(long = "key", value_name = "KEY", global = true)]
+    cert_key: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// The endpoints, after making this process dial https:// ones as the flags say.
+    fn endpoints(&self) -> Result<&str, String> {
+        let files = server::tls::Files {
+            cert: self.cert.clone(),
+            key: self.cert_key.clone(),
+            trusted_ca: self.cacert.clone(),
+            cert_auth: false,
+        };
+        server::tls::set_client_dialer(server::tls::Dialer::from_cli(&files)?);
+        Ok(&self.endpoints)
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -148,6 +173,10 @@ struct ClusterArgs {
     /// Member i serves clients on base + 10·i and peers on base + 10·i + 1.
     #[arg(long, default_value_t = 2379)]
     base_port: u16,
+    /// Serve clients and peers over TLS, with client certificates required on both: makes
+    /// a throwaway CA and certificates under <data-dir>/tls (kept for the next run).
+    #[arg(long)]
+    tls: bool,
 }
 
 /// etcd's flags, each also taken from its environment variable as etcd does
@@ -224,6 +253,35 @@ struct ServeArgs {
     /// and several members per machine; more may help a lone member on many cores.
     #[arg(long, default_value_t = 1)]
     worker_threads: usize,
+    /// Certificate for the client URLs (required if --listen-client-urls is https://);
+    /// also presented when this member connects to other members' https client URLs.
+    #[arg(long, env = "ETCD_CERT_FILE")]
+    cert_file: Option<PathBuf>,
+    /// The key of --cert-file.
+    #[arg(long, env = "ETCD_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// CA that signs the client certificates accepted (with --client-cert-auth), and the
+    /// certificates of other members' https client URLs when this member connects to them
+    /// (the system's CAs if not given).
+    #[arg(long, env = "ETCD_TRUSTED_CA_FILE")]
+    trusted_ca_file: Option<PathBuf>,
+    /// Refuse clients without a certificate signed by --trusted-ca-file.
+    #[arg(long, env = "ETCD_CLIENT_CERT_AUTH")]
+    client_cert_auth: bool,
+    /// Certificate for the peer URLs (required if --listen-peer-urls is https://); also
+    /// presented when connecting to peers.
+    #[arg(long, env = "ETCD_PEER_CERT_FILE")]
+    peer_cert_file: Option<PathBuf>,
+    /// The key of --peer-cert-file.
+    #[arg(long, env = "ETCD_PEER_KEY_FILE")]
+    peer_key_file: Option<PathBuf>,
+    /// CA that signs the peers' certificates: those accepted (with --peer-client-cert-auth)
+    /// and those of the peers this member connects to (the system's CAs if not given).
+    #[arg(long, env = "ETCD_PEER_TRUSTED_CA_FILE")]
+    peer_trusted_ca_file: Option<PathBuf>,
+    /// Refuse peers without a certificate signed by --peer-trusted-ca-file.
+    #[arg(long, env = "ETCD_PEER_CLIENT_CERT_AUTH")]
+    peer_client_cert_auth: bool,
     /// Past this many bytes of keys and values in the store, the cluster raises NOSPACE and
     /// refuses writes that add data (0: etcd's default, 2 GiB).
     #[arg(long, default_value_t = 0, env = "ETCD_QUOTA_BACKEND_BYTES")]
@@ -320,14 +378,22 @@ async fn terminated() {
     }
 }
 
-fn listen_addr(urls: &str, flag: &str) -> Result<SocketAddr, String> {
+/// The address to listen on, and whether it is https://.
+fn listen_addr(urls: &str, flag: &str) -> Result<(SocketAddr, bool), String> {
     let first = urls.split(',').next().unwrap_or_default();
-    let hostport = first.strip_prefix("http://").ok_or_else(|| {
-        format!("--{flag}: {first:?} must start with http:// (TLS is not supported yet)")
-    })?;
-    hostport
+    let (hostport, https) = match first.strip_prefix("https://") {
+        Some(rest) => (rest, true),
+        None => (
+            first.strip_prefix("http://").ok_or_else(|| {
+                format!("--{flag}: {first:?} must start with http:// or https://")
+            })?,
+            false,
+        ),
+    };
+    let addr = hostport
         .parse()
-        .map_err(|_| format!("--{flag}: {first:?} is not an http://IP:port address"))
+        .map_err(|_| format!("--{flag}: {first:?} is not an http(s)://IP:port address"))?;
+    Ok((addr, https))
 }
 
 async fn cluster(a: ClusterArgs) -> Result<(), String> {
@@ -346,22 +412,40 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
         }
     }
     std::fs::create_dir_all(&a.data_dir).map_err(|e| format!("{}: {e}", a.data_dir.display()))?;
+    let scheme = if a.tls { "https" } else { "http" };
+    let names: Vec<String> = (0..a.nodes).map(|i| format!("n{i}")).collect();
+    let pki = match a.tls {
+        true => Some(tls::DevPki::ensure(&a.data_dir.join("tls"), &names)?),
+        false => None,
+    };
     let initial_cluster = (0..a.nodes)
-        .map(|i| format!("n{i}=http://127.0.0.1:{}", port(i, true)))
+        .map(|i| format!("n{i}={scheme}://127.0.0.1:{}", port(i, true)))
         .collect::<Vec<_>>()
         .join(",");
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut children = Vec::new();
-    for i in 0..a.nodes {
+    for (i, n) in names.iter().enumerate() {
         let log_path = a.data_dir.join(format!("n{i}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .map_err(|e| format!("{}: {e}", log_path.display()))?;
-        let client = format!("http://127.0.0.1:{}", port(i, false));
-        let peer = format!("http://127.0.0.1:{}", port(i, true));
+        let client = format!("{scheme}://127.0.0.1:{}", port(i, false));
+        let peer = format!("{scheme}://127.0.0.1:{}", port(i, true));
         let mut cmd = tokio::process::Command::new(&exe);
+        cmd.arg("serve");
+        if let Some(pki) = &pki {
+            let path = |p: PathBuf| p.display().to_string();
+            cmd.arg(format!("--cert-file={}", path(pki.server_cert(n))))
+                .arg(format!("--key-file={}", path(pki.server_key(n))))
+                .arg(format!("--trusted-ca-file={}", path(pki.ca())))
+                .arg("--client-cert-auth")
+                .arg(format!("--peer-cert-file={}", path(pki.peer_cert(n))))
+                .arg(format!("--peer-key-file={}", path(pki.peer_key(n))))
+                .arg(format!("--peer-trusted-ca-file={}", path(pki.ca())))
+                .arg("--peer-client-cert-auth");
+        }
         // The members' flags are all on their command lines: an ETCD_* variable exported
         // for a member started by hand (ETCD_INITIAL_CLUSTER_STATE=existing, say) must not
         // reach them.
@@ -371,7 +455,6 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
             }
         }
         let child = cmd
-            .arg("serve")
             .arg(format!("--name=n{i}"))
             .arg(format!(
                 "--data-dir={}",
@@ -391,9 +474,22 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
         children.push(child);
     }
     let endpoints = (0..a.nodes)
-        .map(|i| format!("127.0.0.1:{}", port(i, false)))
+        .map(|i| match a.tls {
+            true => format!("https://127.0.0.1:{}", port(i, false)),
+            false => format!("127.0.0.1:{}", port(i, false)),
+        })
         .collect::<Vec<_>>()
         .join(",");
+    // etcdctl's TLS flags (raftkv's client commands take the same), if any.
+    let tls_flags = match &pki {
+        Some(pki) => format!(
+            " --cacert {} --cert {} --key {}",
+            pki.ca().display(),
+            pki.client_cert().display(),
+            pki.client_key().display()
+        ),
+        None => String::new(),
+    };
     println!(
         "raftkv: {} members, data in {}",
         a.nodes,
@@ -401,16 +497,16 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
     );
     for i in 0..a.nodes {
         println!(
-            "  n{i}: client http://127.0.0.1:{}  peer http://127.0.0.1:{}",
+            "  n{i}: client {scheme}://127.0.0.1:{}  peer {scheme}://127.0.0.1:{}",
             port(i, false),
             port(i, true)
         );
     }
     println!();
     println!("Try it (etcd's own client, etcdctl 3.4+):");
-    println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints} put hello world");
-    println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints} endpoint status -w table");
-    println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints} watch hello --prev-kv   # in another terminal");
+    println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints}{tls_flags} put hello world");
+    println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints}{tls_flags} endpoint status -w table");
+    println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints}{tls_flags} watch hello --prev-kv   # in another terminal");
     println!();
     println!("Ctrl-C stops the cluster; running this again brings it back with its data.");
     // Ctrl-C reaches the whole process group: each member shuts down on its own. A member
@@ -493,8 +589,30 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     };
     let own_client_urls = urls(&a.advertise_client_urls);
     let own_peer_urls = urls(&a.initial_advertise_peer_urls);
-    let client_addr = listen_addr(&a.listen_client_urls, "listen-client-urls")?;
-    let peer_addr = listen_addr(&a.listen_peer_urls, "listen-peer-urls")?;
+    let (client_addr, client_https) = listen_addr(&a.listen_client_urls, "listen-client-urls")?;
+    let (peer_addr, peer_https) = listen_addr(&a.listen_peer_urls, "listen-peer-urls")?;
+    let client_tls = tls::Side::load(
+        &tls::Files {
+            cert: a.cert_file.clone(),
+            key: a.key_file.clone(),
+            trusted_ca: a.trusted_ca_file.clone(),
+            cert_auth: a.client_cert_auth,
+        },
+        tls::CLIENT_FLAGS,
+        client_https,
+    )?;
+    let peer_tls = tls::Side::load(
+        &tls::Files {
+            cert: a.peer_cert_file.clone(),
+            key: a.peer_key_file.clone(),
+            trusted_ca: a.peer_trusted_ca_file.clone(),
+            cert_auth: a.peer_client_cert_auth,
+        },
+        tls::PEER_FLAGS,
+        peer_https,
+    )?;
+    // This member reaches the leader's client URL with its own client identity.
+    tls::set_client_dialer(client_tls.dialer.clone());
     // Bind before touching the data directory, so a taken port is reported plainly and
     // nothing is recovered or started for nothing.
     let bind = |addr, flag: &str| {
@@ -506,7 +624,13 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     let peer_listener = bind(peer_addr, "listen-peer-urls")?;
     let mut metrics_listeners = Vec::new();
     for url in a.listen_metrics_urls.split(',').filter(|u| !u.is_empty()) {
-        let addr = listen_addr(url, "listen-metrics-urls")?;
+        let (addr, https) = listen_addr(url, "listen-metrics-urls")?;
+        if https {
+            return Err(format!(
+                "--listen-metrics-urls: {url:?}: metrics are served over http:// only (the \
+                 client port serves them over TLS when its URLs are https://)"
+            ));
+        }
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("--listen-metrics-urls: cannot listen on {addr}: {e}"))?;
@@ -523,6 +647,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         token: a.initial_cluster_token.clone(),
         advertise_peer_urls: own_peer_urls.clone(),
         data_dir: data_dir.clone(),
+        peer_dialer: peer_tls.dialer.clone(),
     };
     let plan = bootstrap::plan(&flags).await?;
     let (me, cluster_id) = (plan.id, plan.cluster_id);
@@ -557,6 +682,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         hello,
         heard.clone(),
         cell.clone(),
+        peer_tls.dialer.clone(),
     ));
     let (node, task) = Node::start(cfg, transport.clone()).await?;
     let _ = cell.set(node.clone());
@@ -568,9 +694,12 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     let raft_service = RaftService::new(cell, cluster_id, plan.bootstrap, transport, heard);
     let services = Services::new(node.clone());
     let leases = LeaseService::new(node.clone());
-    let peer_server = tonic::transport::Server::builder()
-        .add_service(RaftServer::new(raft_service))
-        .serve_with_incoming(peer_listener);
+    let peer_server = tls::serve(
+        tonic::transport::Server::builder().add_service(RaftServer::new(raft_service)),
+        peer_listener,
+        peer_tls.acceptor,
+        "peer",
+    );
     // etcd serves /metrics, /health and /version on the client port beside gRPC: HTTP/1
     // is accepted for them (gRPC clients speak HTTP/2 from the first byte).
     let routes = tonic::service::Routes::new(KvServer::new(services.clone()))
@@ -585,11 +714,19 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         .add_service(ElectionServer::new(ElectionService::new(node.clone())))
         .into_axum_router()
         .merge(health::router(node.clone()));
-    let client_server = tonic::transport::Server::builder()
+    let client_router = tonic::transport::Server::builder()
         .accept_http1(true)
         .layer(GrpcMetricsLayer(metrics.clone()))
-        .add_routes(routes.into())
-        .serve_with_incoming(client_listener);
+        .add_routes(routes.into());
+    let client_server = async move {
+        match client_tls.acceptor {
+            None => client_router.serve_with_incoming(client_listener).await,
+            Some(acceptor) => {
+                let incoming = tls::incoming_of(client_listener, acceptor, "client");
+                client_router.serve_with_incoming(incoming).await
+            }
+        }
+    };
     for listener in metrics_listeners {
         let app = health::router(node.clone());
         tokio::spawn(async move {
@@ -685,27 +822,27 @@ fn main() {
     .expect("start the tokio runtime");
     let result = rt.block_on(async {
         match cli.cmd {
-            Cmd::Serve(a) => serve(a).await,
+            Cmd::Serve(a) => serve(*a).await,
             Cmd::Cluster(a) => cluster(a).await,
-            Cmd::Put { key, value, c } => client::put(&c.endpoints, key, value).await,
+            Cmd::Put { key, value, c } => client::put(c.endpoints()?, key, value).await,
             Cmd::Get {
                 key,
                 prefix,
                 serializable,
                 c,
-            } => client::get(&c.endpoints, key, prefix, serializable).await,
-            Cmd::Del { key, prefix, c } => client::del(&c.endpoints, key, prefix).await,
+            } => client::get(c.endpoints()?, key, prefix, serializable).await,
+            Cmd::Del { key, prefix, c } => client::del(c.endpoints()?, key, prefix).await,
             Cmd::Watch {
                 key,
                 prefix,
                 rev,
                 prev_kv,
                 c,
-            } => client::watch(&c.endpoints, key, prefix, rev, prev_kv).await,
-            Cmd::Status { c } => client::status(&c.endpoints).await,
-            Cmd::Member { cmd, c } => member_cli::run(&c.endpoints, cmd).await,
-            Cmd::MoveLeader { id, c } => member_cli::move_leader(&c.endpoints, &id).await,
-            Cmd::Snapshot { cmd, c } => snapshot_cli::run(&c.endpoints, cmd).await,
+            } => client::watch(c.endpoints()?, key, prefix, rev, prev_kv).await,
+            Cmd::Status { c } => client::status(c.endpoints()?).await,
+            Cmd::Member { cmd, c } => member_cli::run(c.endpoints()?, cmd).await,
+            Cmd::MoveLeader { id, c } => member_cli::move_leader(c.endpoints()?, &id).await,
+            Cmd::Snapshot { cmd, c } => snapshot_cli::run(c.endpoints()?, cmd).await,
             Cmd::Bench(a) => bench::run(a).await,
             Cmd::BenchWatch(a) => bench_watch::run(a).await,
             Cmd::BenchLease(a) => bench_lease::run(a).await,

@@ -136,6 +136,8 @@ fn restore(a: RestoreArgs) -> Result<(), String> {
             .map(str::to_string)
             .collect(),
         data_dir: data_dir.clone(),
+        // Restoring talks to nobody.
+        peer_dialer: Default::default(),
     };
     let (cluster_id, id, registry) = bootstrap::founding(&flags)?;
     std::fs::create_dir_all(&data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;

@@ -40,6 +40,8 @@ pub struct PeerTransport {
     heard: Heard,
     /// Told when a peer says this member was removed.
     node: Arc<OnceLock<Node>>,
+    /// How https:// peer URLs are reached.
+    dialer: crate::tls::Dialer,
 }
 
 impl PeerTransport {
@@ -51,6 +53,7 @@ impl PeerTransport {
         hello: pb::Hello,
         heard: Heard,
         node: Arc<OnceLock<Node>>,
+        dialer: crate::tls::Dialer,
     ) -> PeerTransport {
         let t = PeerTransport {
             me,
@@ -58,6 +61,7 @@ impl PeerTransport {
             peers: Mutex::new(HashMap::new()),
             heard,
             node,
+            dialer,
         };
         for (id, url) in urls {
             t.ensure(id, &url, true);
@@ -82,6 +86,7 @@ impl PeerTransport {
             self.hello.clone(),
             rx,
             self.node.clone(),
+            self.dialer.clone(),
         ));
         peers.insert(
             id,
@@ -136,12 +141,22 @@ async fn run_peer(
     hello: pb::Hello,
     mut rx: mpsc::Receiver<Message>,
     node: Arc<OnceLock<Node>>,
+    dialer: crate::tls::Dialer,
 ) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let client = match RaftClient::connect(url.clone()).await {
-            Ok(c) => c,
-            Err(_) => {
+        let connected = match tonic::transport::Endpoint::from_shared(url.clone()) {
+            Ok(endpoint) => dialer.connect(endpoint).await,
+            Err(e) => Err(e),
+        };
+        let client = match connected {
+            Ok(c) => RaftClient::new(c),
+            Err(e) => {
+                // A peer that is down is normal and retried in silence; one whose
+                // certificate we refuse will not get better by itself.
+                if let Some(why) = crate::tls::tls_failure(&e) {
+                    crate::tls::warn_dial_refused(&url, &why);
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 // Messages queued meanwhile are stale; raft will send what is still needed.
@@ -149,9 +164,18 @@ async fn run_peer(
                 continue;
             }
         };
-        backoff = Duration::from_millis(50);
+        let opened = Instant::now();
         if !stream_to(client, &url, &hello, &mut rx, &node).await {
             return; // the node stopped
+        }
+        // A peer that refuses our certificate over TLS 1.3 lets the handshake finish and
+        // drops the stream at its first frame: a stream that ends at once is retried with
+        // backoff, as a failed connect is, rather than twenty handshakes a second.
+        if url.starts_with("https://") && opened.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        } else {
+            backoff = Duration::from_millis(50);
         }
     }
 }
@@ -192,7 +216,12 @@ async fn stream_to(
                         }
                         return false;
                     }
-                    if status.code() == tonic::Code::FailedPrecondition {
+                    if let Some(why) = crate::tls::tls_failure(&status) {
+                        // The peer refused our certificate (TLS 1.3 says so only once
+                        // the stream starts): retrying at once would not change its mind.
+                        crate::tls::warn_dial_refused(url, &why);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    } else if status.code() == tonic::Code::FailedPrecondition {
                         // Not a network hiccup: the peer will refuse us until someone fixes
                         // the configuration. Say so, and do not hammer it.
                         tracing::error!(peer = %url, "the peer refused us: {}", status.message());

@@ -1,0 +1,815 @@
+//! TLS for the client and peer URLs, with etcd's flags and meanings (rustls, ring).
+//!
+//! Each side — clients (`--cert-file`, `--key-file`, `--trusted-ca-file`,
+//! `--client-cert-auth`) and peers (the same with `--peer-`) — gives:
+//! - an acceptor for its listener when the listen URL is `https://`: it presents the side's
+//!   certificate and, with `…-cert-auth`, demands one signed by the side's trusted CA;
+//! - a [`Dialer`] for the connections this member opens to `https://` URLs of that side
+//!   (peers, or other members' client URLs when passing a request to the leader): it
+//!   presents the same certificate, as etcd does, and checks the other end's against the
+//!   trusted CA (the system's roots if none is given, as Go's TLS does).
+//!
+//! The handshake runs here rather than inside tonic so that a refused connection is
+//! logged: who it came from and why. Nothing in this module runs for `http://` URLs: the
+//! plaintext listener and connections are tonic's own, unchanged.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::{
+    self,
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
+    server::WebPkiClientVerifier,
+    ClientConfig, RootCertStore, ServerConfig,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_stream::StreamExt;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a connection may take to finish its handshake, either way. Without a bound, a
+/// peer that accepts TCP but never answers (a member still starting) would hold a dial
+/// forever, and a client that never speaks would hold a task on the listener.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A refusal is logged at most this often per side and remote address (a peer retries
+/// every second or faster; its first refusal says all there is to say).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The names of one side's flags, for error messages.
+#[derive(Clone, Copy, Debug)]
+pub struct FlagNames {
+    pub cert: &'static str,
+    pub key: &'static str,
+    pub trusted_ca: &'static str,
+    pub cert_auth: &'static str,
+    pub listen: &'static str,
+}
+
+pub const CLIENT_FLAGS: FlagNames = FlagNames {
+    cert: "cert-file",
+    key: "key-file",
+    trusted_ca: "trusted-ca-file",
+    cert_auth: "client-cert-auth",
+    listen: "listen-client-urls",
+};
+
+pub const PEER_FLAGS: FlagNames = FlagNames {
+    cert: "peer-cert-file",
+    key: "peer-key-file",
+    trusted_ca: "peer-trusted-ca-file",
+    cert_auth: "peer-client-cert-auth",
+    listen: "listen-peer-urls",
+};
+
+/// etcdctl's names, which the `raftkv` client commands take.
+pub const CLI_FLAGS: FlagNames = FlagNames {
+    cert: "cert",
+    key: "key",
+    trusted_ca: "cacert",
+    cert_auth: "",
+    listen: "",
+};
+
+/// One side's files, as its flags give them.
+#[derive(Clone, Debug, Default)]
+pub struct Files {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub trusted_ca: Option<PathBuf>,
+    /// Refuse connections without a certificate signed by `trusted_ca`.
+    pub cert_auth: bool,
+}
+
+impl Files {
+    pub fn is_empty(&self) -> bool {
+        self.cert.is_none() && self.key.is_none() && self.trusted_ca.is_none() && !self.cert_auth
+    }
+}
+
+/// Everything TLS is done with: ring, whatever provider another crate may have installed
+/// process-wide.
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let bad = |e: &dyn std::fmt::Display| format!("--{flag} {}: {e}", path.display());
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(&e))?;
+    if certs.is_empty() {
+        return Err(bad(&"no PEM certificate (BEGIN CERTIFICATE) in the file"));
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path, flag: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        let why = match e {
+            rustls::pki_types::pem::Error::NoItemsFound => {
+                "no PEM private key (BEGIN PRIVATE KEY, EC or RSA PRIVATE KEY) in the file"
+                    .to_string()
+            }
+            e => e.to_string(),
+        };
+        format!("--{flag} {}: {why}", path.display())
+    })
+}
+
+fn roots(path: &Path, flag: &str) -> Result<Arc<RootCertStore>, String> {
+    let mut store = RootCertStore::empty();
+    for cert in certs(path, flag)? {
+        store
+            .add(cert)
+            .map_err(|e| format!("--{flag} {}: not a CA certificate: {e}", path.display()))?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// The system's trusted roots, for https URLs when no CA file is given (loaded once, and
+/// only when such a URL is dialed).
+fn system_roots() -> Arc<RootCertStore> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut store = RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = store.add_parsable_certificates(found.certs);
+            if added == 0 {
+                tracing::warn!("no trusted CA certificates found on this system");
+            }
+            Arc::new(store)
+        })
+        .clone()
+}
+
+/// A certificate with its key, checked to belong together.
+type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// The side's certificate and key: both or neither.
+fn identity(files: &Files, names: FlagNames) -> Result<Option<Identity>, String> {
+    match (&files.cert, &files.key) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(format!("--{} is given without --{}", names.cert, names.key)),
+        (None, Some(_)) => Err(format!("--{} is given without --{}", names.key, names.cert)),
+        (Some(c), Some(k)) => Ok(Some((certs(c, names.cert)?, key(k, names.key)?))),
+    }
+}
+
+/// One side's TLS: what its listener accepts and how this member dials that side.
+#[derive(Clone, Debug, Default)]
+pub struct Side {
+    pub acceptor: Option<Acceptor>,
+    pub dialer: Dialer,
+}
+
+/// A TLS acceptor (a newtype for Debug).
+#[derive(Clone)]
+pub struct Acceptor(TlsAcceptor);
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Acceptor")
+    }
+}
+
+impl Side {
+    /// Load one side's files. `listen_https`: the side's listen URL is `https://` (then a
+    /// certificate and key are required, as etcd requires them).
+    pub fn load(files: &Files, names: FlagNames, listen_https: bool) -> Result<Side, String> {
+        let ident = identity(files, names)?;
+        if files.cert_auth && files.trusted_ca.is_none() {
+            return Err(format!(
+                "--{} needs --{} (the CA whose certificates are accepted)",
+                names.cert_auth, names.trusted_ca
+            ));
+        }
+        let roots = match &files.trusted_ca {
+            Some(p) => Some(roots(p, names.trusted_ca)?),
+            None => None,
+        };
+        let acceptor = match (&ident, listen_https) {
+            (None, true) => {
+                return Err(format!(
+                    "--{} is https:// but --{} and --{} are not given",
+                    names.listen, names.cert, names.key
+                ))
+            }
+            (Some(ident), true) => Some(server_config(ident, roots.as_ref(), files, names)?),
+            (Some(_), false) => {
+                tracing::warn!(
+                    "--{} is http://: it is served without TLS (--{} is used only to connect \
+                     to https:// URLs)",
+                    names.listen,
+                    names.cert
+                );
+                None
+            }
+            (None, false) => None,
+        };
+        let dialer = if ident.is_none() && roots.is_none() {
+            Dialer::default()
+        } else {
+            Dialer::new(ident, roots, names)?
+        };
+        Ok(Side { acceptor, dialer })
+    }
+}
+
+fn server_config(
+    (chain, key): &Identity,
+    roots: Option<&Arc<RootCertStore>>,
+    files: &Files,
+    names: FlagNames,
+) -> Result<Acceptor, String> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match (files.cert_auth, roots) {
+        (true, Some(roots)) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .build()
+                .map_err(|e| format!("--{}: {e}", names.trusted_ca))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        // As etcd: without the cert-auth flag, no certificate is asked for.
+        _ => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(|e| {
+            format!(
+                "--{} / --{}: cannot serve with this certificate and key: {e}",
+                names.cert, names.key
+            )
+        })?;
+    // gRPC is HTTP/2; clients that negotiate (Go's do) must be told so.
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Acceptor(TlsAcceptor::from(Arc::new(config))))
+}
+
+/// How this process connects to `https://` URLs of one side. The default has no
+/// certificate and trusts the system's roots; `http://` URLs are dialed as tonic always
+/// does, whatever the dialer.
+#[derive(Clone, Default)]
+pub struct Dialer {
+    config: Option<Arc<ClientConfig>>,
+    client_cert: bool,
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Dialer {{ configured: {} }}", self.config.is_some())
+    }
+}
+
+impl Dialer {
+    fn new(
+        ident: Option<Identity>,
+        roots: Option<Arc<RootCertStore>>,
+        names: FlagNames,
+    ) -> Result<Dialer, String> {
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots.unwrap_or_else(system_roots));
+        let client_cert = ident.is_some();
+        let mut config = match ident {
+            Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
+                format!(
+                    "--{} / --{}: cannot use this certificate and key: {e}",
+                    names.cert, names.key
+                )
+            })?,
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Dialer {
+            config: Some(Arc::new(config)),
+            client_cert,
+        })
+    }
+
+    /// A dialer from a client command's `--cacert`, `--cert` and `--key` (etcdctl's).
+    pub fn from_cli(files: &Files) -> Result<Dialer, String> {
+        if files.is_empty() {
+            return Ok(Dialer::default());
+        }
+        let ident = identity(files, CLI_FLAGS)?;
+        let roots = match &files.trusted_ca {
+            Some(p) => Some(roots(p, CLI_FLAGS.trusted_ca)?),
+            None => None,
+        };
+        Dialer::new(ident, roots, CLI_FLAGS)
+    }
+
+    /// Whether TLS files were given (a client command then dials bare `host:port`
+    /// endpoints with TLS, as etcdctl does).
+    pub fn configured(&self) -> bool {
+        self.config.is_some()
+    }
+
+    /// Whether it presents a certificate.
+    pub fn has_client_cert(&self) -> bool {
+        self.client_cert
+    }
+
+    fn connector(&self) -> Connector {
+        let config = self.config.clone().unwrap_or_else(|| {
+            static DEFAULT: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+            DEFAULT
+                .get_or_init(|| {
+                    let mut c = ClientConfig::builder_with_provider(provider())
+                        .with_safe_default_protocol_versions()
+                        .expect("ring supports the default protocol versions")
+                        .with_root_certificates(system_roots())
+                        .with_no_client_auth();
+                    c.alpn_protocols = vec![b"h2".to_vec()];
+                    Arc::new(c)
+                })
+                .clone()
+        });
+        Connector { config }
+    }
+
+    /// Connect to `endpoint` now (with TLS if its URL is `https://`).
+    pub async fn connect(&self, endpoint: Endpoint) -> Result<Channel, tonic::transport::Error> {
+        if is_https(&endpoint) {
+            endpoint.connect_with_connector(self.connector()).await
+        } else {
+            endpoint.connect().await
+        }
+    }
+
+    /// A channel to `endpoint` that connects on first use.
+    pub fn connect_lazy(&self, endpoint: Endpoint) -> Channel {
+        if is_https(&endpoint) {
+            endpoint.connect_with_connector_lazy(self.connector())
+        } else {
+            endpoint.connect_lazy()
+        }
+    }
+}
+
+fn is_https(endpoint: &Endpoint) -> bool {
+    endpoint.uri().scheme_str() == Some("https")
+}
+
+/// The dialer for other members' client URLs (and, in the client commands, for the
+/// endpoints): one per process, set once at start. A member has one client identity,
+/// as an etcd member has, and its services reach the leader from many places (the
+/// Cluster and Lease services, the lock and election recipes built on them).
+static CLIENT_DIALER: OnceLock<Dialer> = OnceLock::new();
+
+/// Set the process's client dialer (once; later calls are ignored).
+pub fn set_client_dialer(d: Dialer) {
+    let _ = CLIENT_DIALER.set(d);
+}
+
+pub fn client_dialer() -> &'static Dialer {
+    static PLAIN: Dialer = Dialer {
+        config: None,
+        client_cert: false,
+    };
+    CLIENT_DIALER.get().unwrap_or(&PLAIN)
+}
+
+/// TCP, then a TLS handshake checking the server's certificate against the host in the URL
+/// (a DNS name or an IP address, either of which the certificate must name).
+#[derive(Clone)]
+struct Connector {
+    config: Arc<ClientConfig>,
+}
+
+type Connecting = Pin<
+    Box<
+        dyn Future<
+                Output = io::Result<
+                    hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+                >,
+            > + Send,
+    >,
+>;
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = Connecting;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Connecting {
+        let config = self.config.clone();
+        Box::pin(async move {
+            let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+            let host = uri
+                .host()
+                .ok_or_else(|| invalid(format!("{uri}: no host")))?;
+            let host = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let name = ServerName::try_from(host.clone())
+                .map_err(|_| invalid(format!("{host:?} is not a host name or IP address")))?;
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tokio::time::timeout(
+                HANDSHAKE_TIMEOUT,
+                TlsConnector::from(config).connect(name, tcp),
+            )
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no TLS handshake in time"))??;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
+    }
+}
+
+/// Serve `router` on `listener`: as it is when `tls` is None, else behind TLS handshakes.
+pub async fn serve(
+    router: tonic::transport::server::Router,
+    listener: TcpIncoming,
+    tls: Option<Acceptor>,
+    side: &'static str,
+) -> Result<(), tonic::transport::Error> {
+    match tls {
+        None => router.serve_with_incoming(listener).await,
+        Some(Acceptor(acceptor)) => {
+            router
+                .serve_with_incoming(incoming(listener, acceptor, side))
+                .await
+        }
+    }
+}
+
+pub type Accepted = io::Result<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// The listener's connections once through TLS, for a server built by the caller (the
+/// client port's, whose router carries the metrics layer, is not a plain `Router`).
+pub fn incoming_of(
+    listener: TcpIncoming,
+    acceptor: Acceptor,
+    side: &'static str,
+) -> tokio_stream::wrappers::ReceiverStream<Accepted> {
+    incoming(listener, acceptor.0, side)
+}
+
+/// The listener's connections once their handshakes succeed. Each handshake runs in a
+/// task of its own, so a slow or silent client holds up nobody; a refused one is logged.
+fn incoming(
+    mut listener: TcpIncoming,
+    acceptor: TlsAcceptor,
+    side: &'static str,
+) -> tokio_stream::wrappers::ReceiverStream<Accepted> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Accepted>(64);
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                next = listener.next() => next,
+                // The server is gone.
+                _ = tx.closed() => return,
+            };
+            let tcp = match next {
+                None => return,
+                Some(Ok(tcp)) => tcp,
+                // Accept errors go to the server, as on a plaintext listener.
+                Some(Err(e)) => {
+                    if tx.send(Err(e)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let (tx, acceptor) = (tx.clone(), acceptor.clone());
+            tokio::spawn(async move {
+                let from = tcp.peer_addr().ok();
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => refused(side, from, &handshake_error(&e)),
+                    Err(_) => refused(side, from, "no TLS handshake in time"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Why a handshake failed, in words.
+fn handshake_error(e: &io::Error) -> String {
+    match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => {
+            "it does not speak TLS (a plaintext client?)".into()
+        }
+        Some(rustls::Error::NoCertificatesPresented) => "it presented no certificate".into(),
+        Some(rustls::Error::InvalidCertificate(why)) => {
+            format!("its certificate is not acceptable: {why:?}")
+        }
+        Some(e) => e.to_string(),
+        None => e.to_string(),
+    }
+}
+
+fn refused(side: &str, from: Option<SocketAddr>, why: &str) {
+    let who = from.map_or_else(|| "an unknown address".to_string(), |a| a.to_string());
+    // Keyed by IP, not port: a retrying peer comes from a new port each time.
+    let key = format!(
+        "{side} {}",
+        from.map_or_else(String::new, |a| a.ip().to_string())
+    );
+    if let Some(more) = throttle(&key) {
+        tracing::warn!(
+            "refused a {side} connection from {who}: {why}{}",
+            suppressed(more)
+        );
+    }
+}
+
+fn suppressed(more: u64) -> String {
+    if more == 0 {
+        String::new()
+    } else {
+        format!(" ({more} more refused from there since the last report)")
+    }
+}
+
+/// Whether a warning under `key` may be logged now: Some(how many were held back since the
+/// last one) at most once per [`REFUSAL_LOG_INTERVAL`].
+fn throttle(key: &str) -> Option<u64> {
+    static LAST: OnceLock<Mutex<HashMap<String, (Instant, u64)>>> = OnceLock::new();
+    let mut last = LAST.get_or_init(Default::default).lock().unwrap();
+    let now = Instant::now();
+    if last.len() > 1024 {
+        last.retain(|_, (at, _)| now.duration_since(*at) < REFUSAL_LOG_INTERVAL);
+    }
+    match last.get_mut(key) {
+        Some((at, held)) if now.duration_since(*at) < REFUSAL_LOG_INTERVAL => {
+            *held += 1;
+            None
+        }
+        Some((at, held)) => {
+            let more = *held;
+            *at = now;
+            *held = 0;
+            Some(more)
+        }
+        None => {
+            last.insert(key.to_string(), (now, 0));
+            Some(0)
+        }
+    }
+}
+
+/// If `err` (or what caused it) is a TLS failure, say which; for a dialing member to warn
+/// that a peer's certificate is refused, or refuses ours, rather than retry in silence.
+pub fn tls_failure(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(t) = e.downcast_ref::<rustls::Error>() {
+            return Some(t.to_string());
+        }
+        if let Some(t) = e
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(t.to_string());
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// Warn (at most once per [`REFUSAL_LOG_INTERVAL`] per peer) that dialing `url` failed on TLS.
+pub fn warn_dial_refused(url: &str, why: &str) {
+    if let Some(more) = throttle(&format!("dial {url}")) {
+        tracing::warn!(
+            peer = %url,
+            "TLS with the peer failed: {why}{}",
+            if more == 0 { String::new() } else { format!(" ({more} more times since the last report)") }
+        );
+    }
+}
+
+/// A throwaway certificate authority and certificates for a local cluster (`raftkv
+/// cluster --tls`, and tests): PEM files in one directory.
+#[derive(Clone, Debug)]
+pub struct DevPki {
+    pub dir: PathBuf,
+}
+
+impl DevPki {
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    /// Member `name`'s certificate for its client URLs.
+    pub fn server_cert(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-server.pem"))
+    }
+    pub fn server_key(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-server-key.pem"))
+    }
+    /// Member `name`'s certificate for its peer URLs.
+    pub fn peer_cert(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-peer.pem"))
+    }
+    pub fn peer_key(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-peer-key.pem"))
+    }
+    /// A client's certificate (for etcdctl's `--cert`).
+    pub fn client_cert(&self) -> PathBuf {
+        self.dir.join("client.pem")
+    }
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.join("client-key.pem")
+    }
+
+    fn all_files(&self, members: &[String]) -> Vec<PathBuf> {
+        let mut v = vec![self.ca(), self.client_cert(), self.client_key()];
+        for m in members {
+            v.extend([
+                self.server_cert(m),
+                self.server_key(m),
+                self.peer_cert(m),
+                self.peer_key(m),
+            ]);
+        }
+        v
+    }
+
+    /// The certificates in `dir` for `members`, made now unless all are there already (a
+    /// restarted cluster keeps its CA, so clients configured for it keep working). Member
+    /// certificates name 127.0.0.1 and localhost, and serve as client certificates too (a
+    /// member dials its peers and its leader with them).
+    pub fn ensure(dir: &Path, members: &[String]) -> Result<DevPki, String> {
+        let pki = DevPki {
+            dir: dir.to_path_buf(),
+        };
+        if pki.all_files(members).iter().all(|p| p.is_file()) {
+            return Ok(pki);
+        }
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let err = |e: rcgen::Error| format!("making certificates: {e}");
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose as Eku, IsCa,
+            KeyPair, KeyUsagePurpose,
+        };
+        let ca_key = KeyPair::generate().map_err(err)?;
+        let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        ca.distinguished_name.push(
+            DnType::CommonName,
+            format!("raftkv local CA {}", dir.display()),
+        );
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = ca.self_signed(&ca_key).map_err(err)?;
+        let leaf = |cn: &str, ekus: Vec<Eku>| -> Result<(String, String), String> {
+            let key = KeyPair::generate().map_err(err)?;
+            let mut p = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])
+                .map_err(err)?;
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            p.extended_key_usages = ekus;
+            let cert = p.signed_by(&key, &ca, &ca_key).map_err(err)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        };
+        let write = |path: PathBuf, text: &str, secret: bool| -> Result<(), String> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(if secret { 0o600 } else { 0o644 })
+                .open(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            f.write_all(text.as_bytes())
+                .map_err(|e| format!("{}: {e}", path.display()))
+        };
+        for m in members {
+            let both = vec![Eku::ServerAuth, Eku::ClientAuth];
+            let (cert, key) = leaf(m, both.clone())?;
+            write(pki.server_cert(m), &cert, false)?;
+            write(pki.server_key(m), &key, true)?;
+            let (cert, key) = leaf(m, both)?;
+            write(pki.peer_cert(m), &cert, false)?;
+            write(pki.peer_key(m), &key, true)?;
+        }
+        let (cert, key) = leaf("client", vec![Eku::ClientAuth])?;
+        write(pki.client_cert(), &cert, false)?;
+        write(pki.client_key(), &key, true)?;
+        // The CA last: its presence alone does not mean the set is complete (see above).
+        write(pki.ca(), &ca.pem(), false)?;
+        Ok(pki)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path, cert: &str, key: &str, ca: Option<&str>, auth: bool) -> Files {
+        Files {
+            cert: Some(dir.join(cert)),
+            key: Some(dir.join(key)),
+            trusted_ca: ca.map(|c| dir.join(c)),
+            cert_auth: auth,
+        }
+    }
+
+    fn err(f: &Files, https: bool) -> String {
+        match Side::load(f, CLIENT_FLAGS, https) {
+            Ok(_) => panic!("{f:?} was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn bad_flags_and_files_are_refused_naming_the_flag_and_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path(), &["a".to_string()]).unwrap();
+        let d = &pki.dir;
+        std::fs::write(d.join("junk.pem"), "not pem at all\n").unwrap();
+        let good = files(d, "a-server.pem", "a-server-key.pem", Some("ca.pem"), true);
+        assert!(Side::load(&good, CLIENT_FLAGS, true)
+            .unwrap()
+            .acceptor
+            .is_some());
+
+        let no_tls = Files::default();
+        assert_eq!(
+            err(&no_tls, true),
+            "--listen-client-urls is https:// but --cert-file and --key-file are not given"
+        );
+        let mut no_key = good.clone();
+        no_key.key = None;
+        assert_eq!(
+            err(&no_key, true),
+            "--cert-file is given without --key-file"
+        );
+        let mut no_ca = good.clone();
+        no_ca.trusted_ca = None;
+        assert!(err(&no_ca, true).starts_with("--client-cert-auth needs --trusted-ca-file"));
+        let missing = files(d, "nope.pem", "a-server-key.pem", None, false);
+        let e = err(&missing, true);
+        assert!(
+            e.starts_with(&format!("--cert-file {}", d.join("nope.pem").display())),
+            "{e}"
+        );
+        let junk_cert = files(d, "junk.pem", "a-server-key.pem", None, false);
+        assert!(err(&junk_cert, true).contains("no PEM certificate"));
+        let junk_key = files(d, "a-server.pem", "junk.pem", None, false);
+        assert!(err(&junk_key, true).contains("no PEM private key"));
+        let key_as_ca = files(
+            d,
+            "a-server.pem",
+            "a-server-key.pem",
+            Some("a-server-key.pem"),
+            true,
+        );
+        assert!(err(&key_as_ca, true).starts_with("--trusted-ca-file"));
+        let mismatched = files(d, "a-server.pem", "a-peer-key.pem", None, false);
+        assert!(err(&mismatched, true).starts_with("--cert-file / --key-file"));
+        // The peer side names its own flags.
+        let e = Side::load(&no_key, PEER_FLAGS, true).unwrap_err();
+        assert_eq!(e, "--peer-cert-file is given without --peer-key-file");
+    }
+
+    #[test]
+    fn certificates_are_reused_when_all_are_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["n0".to_string(), "n1".to_string()];
+        let first = DevPki::ensure(dir.path(), &names).unwrap();
+        let ca = std::fs::read(first.ca()).unwrap();
+        let again = DevPki::ensure(dir.path(), &names).unwrap();
+        assert_eq!(std::fs::read(again.ca()).unwrap(), ca);
+        // A member more: a new set (the CA's key is not kept to sign with).
+        let more = DevPki::ensure(
+            dir.path(),
+            &[names[0].clone(), names[1].clone(), "n2".into()],
+        )
+        .unwrap();
+        assert_ne!(std::fs::read(more.ca()).unwrap(), ca);
+        assert!(more.peer_cert("n2").is_file());
+    }
+
+    #[test]
+    fn refusals_from_one_address_are_logged_once_per_interval() {
+        let key = "test 192.0.2.1";
+        assert_eq!(throttle(key), Some(0));
+        assert_eq!(throttle(key), None);
+        assert_eq!(throttle(key), None);
+        assert_eq!(throttle("test 192.0.2.2"), Some(0));
+    }
+}
