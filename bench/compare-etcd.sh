@@ -11,6 +11,8 @@
 #   TOTAL=100000 RUNS=5 bench/compare-etcd.sh
 #   SYSTEMS=raftkv bench/compare-etcd.sh     # only one side (while tuning)
 #   WATCH_SECONDS=20 bench/compare-etcd.sh   # length of the watch workload (default 20 s)
+#   KV_ONLY=1 bench/compare-etcd.sh          # only the put/get workloads (no watch, no lease)
+#   RAFTKV_BIN=/path/to/raftkv bench/compare-etcd.sh   # a given build (for before/after)
 #
 # The watch workload (`raftkv bench-watch`): 10,000 watchers over 100 streams on the first
 # member, 1,000 puts/s to it for WATCH_SECONDS; delivery latency is from the put leaving the
@@ -39,8 +41,12 @@ if [[ $SYSTEMS == *etcd* ]] && ! command -v etcd >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server
 fi
-cargo build -q --release -p server --bin raftkv
-RAFTKV="$PWD/target/release/raftkv"
+if [ -n "${RAFTKV_BIN:-}" ]; then
+  RAFTKV="$RAFTKV_BIN"
+else
+  cargo build -q --release -p server --bin raftkv
+  RAFTKV="$PWD/target/release/raftkv"
+fi
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$WORK"; }
@@ -134,6 +140,7 @@ for round in $(seq "$RUNS"); do
     echo "== $sys, round $round of $RUNS"
     start "$sys"
     for label in "${WORKLOADS[@]}"; do run "$sys" "$label"; done
+    if [ -n "${KV_ONLY:-}" ]; then stop; continue; fi
     run_watch "$sys"
     stop
     start "$sys"
@@ -150,6 +157,7 @@ if [[ $SYSTEMS != *etcd* || $SYSTEMS != *raftkv* ]]; then
       printf '%-8s %-30s %8s ops/s  p50 %7s ms  p99 %7s ms\n' "$sys" "$label" "$(median "$sys,$label" ops_per_sec)" \
         "$(median "$sys,$label" p50_ms)" "$(median "$sys,$label" p99_ms)"
     done
+    [ -n "${KV_ONLY:-}" ] && continue
     printf '%-8s %-30s delivery p50 %7s ms  p99 %7s ms  %s bytes per idle watcher\n' "$sys" "$WATCH_LABEL" \
       "$(median "$sys,$WATCH_LABEL" p50_ms)" "$(median "$sys,$WATCH_LABEL" p99_ms)" "$(median "$sys,$WATCH_LABEL" bytes_per_watcher)"
     printf '%-8s %-30s grants %7s/s  keep-alives %7s/s  expiry late p50 %6s ms  p99 %6s ms  %s bytes per lease\n' "$sys" "$LEASE_LABEL" \

@@ -466,6 +466,8 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster={initial_cluster}"))
             .arg("--initial-cluster-token=raftkv-local")
+            // A small local cluster hashes in microseconds: check the members agree often.
+            .arg("--experimental-corrupt-check-time=1m")
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
             .kill_on_drop(true)
@@ -507,6 +509,11 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
     println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints}{tls_flags} put hello world");
     println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints}{tls_flags} endpoint status -w table");
     println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints}{tls_flags} watch hello --prev-kv   # in another terminal");
+    println!();
+    println!(
+        "Metrics and health (etcd's names): {scheme}://127.0.0.1:{}/metrics, /health, /version",
+        port(0, false)
+    );
     println!();
     println!("Ctrl-C stops the cluster; running this again brings it back with its data.");
     // Ctrl-C reaches the whole process group: each member shuts down on its own. A member

@@ -554,10 +554,16 @@ async fn a_backup_restores_into_a_new_cluster_that_serves_the_same_data() {
 async fn a_member_whose_store_diverges_gets_the_corrupt_alarm() {
     let dir = tempfile::tempdir().unwrap();
     let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+    let metrics_port = free_port();
     let spawn = |i: usize, env: &[(&str, &str)]| {
         let mut args = member_args(dir.path(), i, &ports, "corrupt");
         args.push("--experimental-corrupt-check-time=300ms".into());
         args.push("--log-format=json".into());
+        if i == 0 {
+            args.push(format!(
+                "--listen-metrics-urls=http://127.0.0.1:{metrics_port}"
+            ));
+        }
         spawn_member(&args, &dir.path().join(format!("m{i}.log")), env)
     };
     // m2 applies every put with another value than the log's (the test-only hook).
@@ -611,6 +617,11 @@ async fn a_member_whose_store_diverges_gets_the_corrupt_alarm() {
     );
     // Reads go on (etcd serves reads under CORRUPT).
     assert!(get(&members[0].client, "k0").await.unwrap().is_some());
+    // The extra metrics URL serves the same endpoints: unhealthy, with an alarm raised.
+    let extra = format!("http://127.0.0.1:{metrics_port}");
+    let (code, body) = http_get(&extra, "/health");
+    assert_eq!((code, body.as_str()), (503, "{\"health\":\"false\"}\n"));
+    assert_eq!(scrape(&extra, "etcd_server_has_leader"), 1.0);
     // The leader logged both hashes, as JSON lines.
     let leader = leader_of(&members).await;
     let log = std::fs::read_to_string(&members[leader].log).unwrap();
@@ -628,6 +639,19 @@ async fn a_member_whose_store_diverges_gets_the_corrupt_alarm() {
             .filter(|l| !l.starts_with("raftkv member"))
             .all(|l| l.starts_with('{')),
         "every log line is JSON:\n{log}"
+    );
+    // One line per election won and leader change, on every member.
+    let logs: Vec<String> = members
+        .iter()
+        .map(|m| std::fs::read_to_string(&m.log).unwrap())
+        .collect();
+    assert!(
+        logs.iter().any(|l| l.contains("elected leader")),
+        "{logs:?}"
+    );
+    assert!(
+        logs.iter().all(|l| l.contains("leader changed")),
+        "{logs:?}"
     );
     members.clear();
 }
