@@ -24,7 +24,7 @@ use std::process::Command;
 use std::time::Duration;
 use support::{Cluster, KillOnDrop, Kind, Timing};
 
-const PORTS: (u16, u16) = (10_000, 11_000);
+const PORTS: (u16, u16) = (9_000, 10_000);
 
 fn etcdctl(endpoints: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new("etcdctl")

@@ -132,6 +132,48 @@ fn etcdctl_with_client_certificates_puts_gets_and_reports_status() {
     );
 }
 
+/// Over https, etcdctl's `--cluster` (which dials every member's advertised client URL)
+/// reaches each member: every member hashes alike, reports its status, and a snapshot
+/// is saved over TLS.
+#[test]
+fn etcdctl_endpoint_commands_reach_every_member_with_cluster() {
+    let c = start();
+    for i in 0..20 {
+        let put = run(c.etcdctl(true).args(["put", &format!("k{i}"), "v"]));
+        assert!(put.status.success(), "put: {}", text(&put.stderr));
+    }
+    let hashes = run(c.etcdctl(true).args(["endpoint", "hashkv", "--cluster"]));
+    assert!(hashes.status.success(), "hashkv: {}", text(&hashes.stderr));
+    let out = text(&hashes.stdout);
+    let values: Vec<&str> = out.lines().filter_map(|l| l.rsplit(", ").next()).collect();
+    assert_eq!(values.len(), 3, "{out}");
+    assert!(values.windows(2).all(|w| w[0] == w[1]), "{out}");
+    let status = run(c.etcdctl(true).args(["endpoint", "status", "--cluster"]));
+    assert!(status.status.success(), "status: {}", text(&status.stderr));
+    assert_eq!(text(&status.stdout).lines().count(), 3);
+    let alarms = run(c.etcdctl(true).args(["alarm", "list"]));
+    assert!(alarms.status.success());
+    assert_eq!(text(&alarms.stdout), "");
+    let file = c.dir.path().join("backup.db");
+    let save = run(Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", c.endpoints[0]))
+        .arg("--cacert")
+        .arg(c.tls("ca.pem"))
+        .arg("--cert")
+        .arg(c.tls("client.pem"))
+        .arg("--key")
+        .arg(c.tls("client-key.pem"))
+        .args(["snapshot", "save"])
+        .arg(&file));
+    assert!(save.status.success(), "save: {}", text(&save.stderr));
+    let check = run(Command::new(support::raftkv_bin())
+        .args(["snapshot", "status"])
+        .arg(&file));
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    assert!(text(&check.stdout).contains(&format!("hashkv:           {}", values[0])));
+}
+
 #[test]
 fn etcdctl_without_a_client_certificate_is_refused() {
     let c = start();

@@ -213,13 +213,22 @@ async fn metrics_health_and_version_follow_the_cluster() {
         })
         .collect();
     procs[l].kill();
-    for (i, before) in seen {
+    for &(i, before) in &seen {
         eventually("the survivors count a leader change", 20, async || {
             scrape(&procs[i].client, "etcd_server_leader_changes_seen_total") > before
                 && scrape(&procs[i].client, "etcd_server_has_leader") == 1.0
         })
         .await;
     }
+    // One member left of three: no leader, and /health says so.
+    let (gone, last) = (seen[0].0, seen[1].0);
+    procs[gone].kill();
+    eventually("the lone member reports no leader", 20, async || {
+        scrape(&procs[last].client, "etcd_server_has_leader") == 0.0
+            && http_get(&procs[last].client, "/health")
+                == (503, "{\"health\":\"false\"}\n".to_string())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
