@@ -109,7 +109,9 @@ fn normalize(s: &Server, names: &HashMap<String, &str>, text: &str) -> String {
             // with its member).
             let line = match line.find(" cluster ") {
                 Some(at) => {
-                    let rest = &line[at + " cluster ".len()..];
+                    // etcdctl pads the id to 16 digits with spaces: an id with a leading
+                    // zero digit (one run in 16) comes after two spaces.
+                    let rest = line[at + " cluster ".len()..].trim_start();
                     let end = rest
                         .find(|c: char| !c.is_ascii_hexdigit())
                         .unwrap_or(rest.len());
