@@ -537,7 +537,7 @@ impl Node {
     /// Propose a write; answers once it is committed and applied here.
     pub async fn write(&self, w: Write) -> WriteResult {
         self.check_quota(&w)?;
-        if self.leader() != Some(self.id) {
+        if self.leader().is_some_and(|l| l != self.id) {
             self.metrics.proposals_forwarded.inc();
         }
         let (reply, rx) = oneshot::channel();
