@@ -9,7 +9,9 @@
 use crate::grpc::channel_to;
 use crate::machine::CORRUPT;
 use crate::node::Node;
-use crate::pb::etcdserverpb::{maintenance_client::MaintenanceClient, AlarmRequest, HashKvRequest};
+use crate::pb::etcdserverpb::{
+    alarm_request::AlarmAction, maintenance_client::MaintenanceClient, AlarmRequest, HashKvRequest,
+};
 use raft::NodeId;
 use std::time::Duration;
 
@@ -65,7 +67,7 @@ pub async fn check_once(node: &Node) -> Result<Vec<NodeId>, String> {
         );
         disagree.push(peer);
         let raise = AlarmRequest {
-            action: 1,
+            action: AlarmAction::Activate as i32,
             member_id: peer,
             alarm: CORRUPT,
         };

@@ -32,7 +32,7 @@ pub struct Services {
     member_id: NodeId,
 }
 
-fn timed_out() -> Status {
+pub fn timed_out() -> Status {
     Status::unavailable("etcdserver: request timed out")
 }
 

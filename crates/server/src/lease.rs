@@ -5,7 +5,7 @@
 //! its leases alive through any member.
 
 use crate::command::Write;
-use crate::grpc::{channel_to, REQUEST_TIMEOUT};
+use crate::grpc::{channel_to, timed_out, REQUEST_TIMEOUT};
 use crate::node::{not_leader, LeaseInfo, Node};
 use crate::pb::etcdserverpb::{self as pb, lease_server};
 use crate::pb::raftkvpb::lease_forward_client::LeaseForwardClient;
@@ -37,10 +37,6 @@ pub struct LeaseService {
 
 /// The leader's id and a client of its LeaseForward service.
 type Forward = (u64, LeaseForwardClient<Channel>);
-
-fn timed_out() -> Status {
-    Status::unavailable("etcdserver: request timed out")
-}
 
 /// A mix of the bits of `x` (splitmix64's finalizer): a bijection, so distinct counters
 /// give distinct ids.

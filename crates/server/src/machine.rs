@@ -105,11 +105,12 @@ impl KvMachine {
                 let touched = self.registry.alarm(a.action, a.member_id, a.alarm);
                 for &(member, alarm) in &touched {
                     let name = alarm_name(alarm);
-                    match a.action {
-                        1 => {
+                    use crate::pb::etcdserverpb::alarm_request::AlarmAction;
+                    match AlarmAction::try_from(a.action) {
+                        Ok(AlarmAction::Activate) => {
                             tracing::warn!(member = %format!("{member:x}"), alarm = name, "alarm raised")
                         }
-                        2 => {
+                        Ok(AlarmAction::Deactivate) => {
                             tracing::info!(member = %format!("{member:x}"), alarm = name, "alarm cleared")
                         }
                         _ => {}

@@ -16,7 +16,7 @@
 //! Hashing and serializing run on a blocking thread from a copy of the store (a clone
 //! shares every value), so neither stalls the raft loop.
 
-use crate::grpc::{API_VERSION, REQUEST_TIMEOUT};
+use crate::grpc::{timed_out, API_VERSION, REQUEST_TIMEOUT};
 use crate::machine::alarm_name;
 use crate::members;
 use crate::node::{Frozen, Node};
@@ -120,7 +120,7 @@ impl maintenance_server::Maintenance for MaintenanceService {
         let (alarms, header) =
             tokio::time::timeout(REQUEST_TIMEOUT, self.node.alarm(req.into_inner()))
                 .await
-                .map_err(|_| Status::unavailable("etcdserver: request timed out"))??;
+                .map_err(|_| timed_out())??;
         Ok(Response::new(pb::AlarmResponse {
             header: Some(header),
             alarms: alarms
@@ -160,7 +160,7 @@ impl maintenance_server::Maintenance for MaintenanceService {
         // A large store takes a while to serialize: allow more than a request's timeout.
         tokio::time::timeout(Duration::from_secs(300), self.node.compact_log())
             .await
-            .map_err(|_| Status::unavailable("etcdserver: request timed out"))??;
+            .map_err(|_| timed_out())??;
         let after = disk_usage(&dir);
         tracing::info!(before, after, "defragmented: log compacted into a snapshot");
         Ok(Response::new(pb::DefragmentResponse {

@@ -10,6 +10,7 @@ use crate::command::{self, Write};
 use crate::machine::{Applied, KvMachine, Output, Served};
 use crate::members::{self, Registry};
 use crate::metrics::Metrics;
+use crate::pb::etcdserverpb::alarm_request::AlarmAction;
 use crate::pb::etcdserverpb::ResponseHeader;
 use crate::reconfig::{self, MemberOp};
 use crate::watch::Watchers;
@@ -491,11 +492,16 @@ impl Node {
     }
 
     async fn write_any(&self, w: Write) -> Result<ResponseHeader, Status> {
+        self.propose(w).await.map(|(_, header)| header)
+    }
+
+    /// Propose a write and wait for it to apply here: what it answered, and the header.
+    async fn propose(&self, w: Write) -> Result<(Option<Output>, ResponseHeader), Status> {
         let (reply, rx) = oneshot::channel();
         self.submit(Input::Write(w, Waiter(reply)))?;
         let answered = rx.await.map_err(|_| gone())?.map_err(refused)?;
-        let (_, revision) = answered.value?;
-        Ok(self.header(revision, answered.term))
+        let (out, revision) = answered.value?;
+        Ok((out, self.header(revision, answered.term)))
     }
 
     /// Start handing leadership to `to` (this member must lead).
@@ -558,14 +564,10 @@ impl Node {
         &self,
         req: crate::pb::etcdserverpb::AlarmRequest,
     ) -> Result<(Vec<(NodeId, i32)>, ResponseHeader), Status> {
-        let (reply, rx) = oneshot::channel();
-        self.submit(Input::Write(Write::Alarm(req), Waiter(reply)))?;
-        let answered = rx.await.map_err(|_| gone())?.map_err(refused)?;
-        let (out, revision) = answered.value?;
-        let Some(Output::Alarms(alarms)) = out else {
-            return Err(Status::internal("the store answered a different request"));
-        };
-        Ok((alarms, self.header(revision, answered.term)))
+        match self.propose(Write::Alarm(req)).await? {
+            (Some(Output::Alarms(alarms)), header) => Ok((alarms, header)),
+            _ => Err(Status::internal("the store answered a different request")),
+        }
     }
 
     /// A range read: linearizable (ReadIndex) or serializable (local state).
@@ -603,7 +605,7 @@ impl Node {
                 "the store is over its quota (--quota-backend-bytes); raising NOSPACE"
             );
             let raise = crate::pb::etcdserverpb::AlarmRequest {
-                action: 1,
+                action: AlarmAction::Activate as i32,
                 member_id: self.id,
                 alarm: crate::machine::NOSPACE,
             };
