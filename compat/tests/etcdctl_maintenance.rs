@@ -306,13 +306,13 @@ async fn etcdctl_snapshot_save_then_raftkv_restore_serves_the_same_data() {
             .arg("--heartbeat-interval=50")
             .arg("--election-timeout=500")
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.with_extension("log")).unwrap())
             .spawn()
             .unwrap();
         procs.push(KillOnDrop(child));
         endpoints.push(client);
     }
-    drop(c);
+    let logs = c.dir.path().to_path_buf();
     let all = endpoints.join(",");
     let mut restored_keys = String::new();
     for _ in 0..100 {
@@ -331,7 +331,16 @@ async fn etcdctl_snapshot_save_then_raftkv_restore_serves_the_same_data() {
         "the same keys, values and revisions"
     );
     let (code, out, err) = etcdctl(&all, &["endpoint", "hashkv"]);
-    assert_eq!(code, 0, "{err}");
+    let log = |i: u16| std::fs::read_to_string(logs.join(format!("restored-{i}.log")));
+    assert_eq!(
+        code,
+        0,
+        "{err}\nthe restored members' logs:\n{:?}\n{:?}\n{:?}",
+        log(0),
+        log(1),
+        log(2)
+    );
+    drop(c);
     for line in out.lines() {
         assert!(
             line.ends_with(&format!(", {}", original[0])),

@@ -46,6 +46,16 @@ pub struct Cluster {
     peer_urls: Vec<String>,
     procs: Vec<KillOnDrop>,
     pub dir: tempfile::TempDir,
+    /// The port block, given back when the cluster is dropped.
+    base: u16,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Kill the members first: the block is free only once nothing listens on it.
+        self.procs.clear();
+        release_block(self.base);
+    }
 }
 
 /// A block of `2 * members` ports, `base + 10 * i` (client) and `+ 1` (peer) for member
@@ -53,21 +63,39 @@ pub struct Cluster {
 /// outgoing connection can hold them. Each call of a test binary starts at a different
 /// block (tests of one file run in parallel), offset by the process id (so that two runs at
 /// once rarely meet); a block some other process holds is skipped.
+///
+/// A block handed out stays this process's until `release_block`: the tests of one file
+/// run at once, and a block that one test was given but has not bound yet looks free to
+/// the next (two clusters on the same ports — seen in CI).
 pub fn port_block(from: u16, to: u16, members: u16) -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let span = u32::from(to - from);
     let blocks = span / 100;
     let first = std::process::id() % blocks + NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut taken = TAKEN.lock().unwrap();
     for k in 0..blocks {
         let base = from + (((first + k) % blocks) * 100) as u16;
+        if taken.contains(&base) {
+            continue;
+        }
         let free = (0..members).all(|i| {
             (0..2).all(|p| std::net::TcpListener::bind(("127.0.0.1", base + 10 * i + p)).is_ok())
         });
         if free {
+            taken.insert(base);
             return base;
         }
     }
     panic!("no free block of ports in {from}..{to}");
+}
+
+/// The blocks `port_block` has handed out and that are not yet released.
+static TAKEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Give a block back once nothing listens on it any more.
+pub fn release_block(base: u16) {
+    TAKEN.lock().unwrap().remove(&base);
 }
 
 /// Somewhere quick for the members' data: a tmpfs when there is one (both servers fsync
@@ -190,6 +218,7 @@ fn spawn(kind: Kind, members: u16, base: u16, t: Timing, flags: &[&str]) -> Clus
         peer_urls: (0..members).map(peer).collect(),
         procs,
         dir,
+        base,
     }
 }
 
