@@ -152,6 +152,9 @@ where
     pub fn storage_mut(&mut self) -> &mut S {
         &mut self.storage
     }
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
     pub fn transport_mut(&mut self) -> &mut T {
         &mut self.transport
     }

@@ -6,6 +6,7 @@
 use clap::{Parser, Subcommand};
 use server::bootstrap;
 use server::corrupt;
+use server::dashboard::supervisor;
 use server::election::ElectionService;
 use server::grpc::Services;
 use server::grpc_metrics::GrpcMetricsLayer;
@@ -177,6 +178,10 @@ struct ClusterArgs {
     /// a throwaway CA and certificates under <data-dir>/tls (kept for the next run).
     #[arg(long)]
     tls: bool,
+    /// Where the dashboard listens on 127.0.0.1 (default: --base-port + 100; 0 picks a
+    /// free port, printed at start).
+    #[arg(long)]
+    dashboard_port: Option<u16>,
 }
 
 /// etcd's flags, each also taken from its environment variable as etcd does
@@ -298,6 +303,14 @@ struct ServeArgs {
         env = "ETCD_EXPERIMENTAL_CORRUPT_CHECK_TIME"
     )]
     experimental_corrupt_check_time: Duration,
+    /// Serve the live dashboard, read-only, at /dashboard/ on the client port and the
+    /// metrics URLs (not an etcd flag; `raftkv cluster` serves it with controls).
+    #[arg(long)]
+    dashboard: bool,
+    /// Run under `raftkv cluster`: take its network switch (`cut from=… to=…` lines) on
+    /// stdin. Not for use by hand.
+    #[arg(long, hide = true)]
+    supervised: bool,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -423,58 +436,82 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
         .collect::<Vec<_>>()
         .join(",");
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut children = Vec::new();
+    let mut specs = Vec::new();
     for (i, n) in names.iter().enumerate() {
-        let log_path = a.data_dir.join(format!("n{i}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| format!("{}: {e}", log_path.display()))?;
         let client = format!("{scheme}://127.0.0.1:{}", port(i, false));
         let peer = format!("{scheme}://127.0.0.1:{}", port(i, true));
-        let mut cmd = tokio::process::Command::new(&exe);
-        cmd.arg("serve");
+        let mut args = vec!["serve".to_string()];
         if let Some(pki) = &pki {
             let path = |p: PathBuf| p.display().to_string();
-            cmd.arg(format!("--cert-file={}", path(pki.server_cert(n))))
-                .arg(format!("--key-file={}", path(pki.server_key(n))))
-                .arg(format!("--trusted-ca-file={}", path(pki.ca())))
-                .arg("--client-cert-auth")
-                .arg(format!("--peer-cert-file={}", path(pki.peer_cert(n))))
-                .arg(format!("--peer-key-file={}", path(pki.peer_key(n))))
-                .arg(format!("--peer-trusted-ca-file={}", path(pki.ca())))
-                .arg("--peer-client-cert-auth");
+            args.extend([
+                format!("--cert-file={}", path(pki.server_cert(n))),
+                format!("--key-file={}", path(pki.server_key(n))),
+                format!("--trusted-ca-file={}", path(pki.ca())),
+                "--client-cert-auth".to_string(),
+                format!("--peer-cert-file={}", path(pki.peer_cert(n))),
+                format!("--peer-key-file={}", path(pki.peer_key(n))),
+                format!("--peer-trusted-ca-file={}", path(pki.ca())),
+                "--peer-client-cert-auth".to_string(),
+            ]);
         }
-        // The members' flags are all on their command lines: an ETCD_* variable exported
-        // for a member started by hand (ETCD_INITIAL_CLUSTER_STATE=existing, say) must not
-        // reach them.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ETCD_") {
-                cmd.env_remove(k);
+        // The dashboard polls each member's state over plain HTTP on loopback: the client
+        // port when it is plaintext, else a metrics URL of its own (base + 10·i + 2).
+        let poll_url = match a.tls {
+            true => {
+                let url = format!("http://127.0.0.1:{}", port(i, true) + 1);
+                args.push(format!("--listen-metrics-urls={url}"));
+                url
             }
-        }
-        let child = cmd
-            .arg(format!("--name=n{i}"))
-            .arg(format!(
-                "--data-dir={}",
-                a.data_dir.join(format!("n{i}")).display()
-            ))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster={initial_cluster}"))
-            .arg("--initial-cluster-token=raftkv-local")
+            false => client.clone(),
+        };
+        args.extend([
+            format!("--name={n}"),
+            format!("--data-dir={}", a.data_dir.join(n).display()),
+            format!("--listen-client-urls={client}"),
+            format!("--advertise-client-urls={client}"),
+            format!("--listen-peer-urls={peer}"),
+            format!("--initial-advertise-peer-urls={peer}"),
+            format!("--initial-cluster={initial_cluster}"),
+            "--initial-cluster-token=raftkv-local".to_string(),
             // A small local cluster hashes in microseconds: check the members agree often.
-            .arg("--experimental-corrupt-check-time=1m")
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("starting member n{i}: {e}"))?;
-        children.push(child);
+            "--experimental-corrupt-check-time=1m".to_string(),
+        ]);
+        specs.push(supervisor::MemberSpec {
+            name: n.clone(),
+            args,
+            log: a.data_dir.join(format!("{n}.log")),
+            client_url: client,
+            poll_url,
+        });
     }
+    if let Some(pki) = &pki {
+        // The load and the scenarios' clients present the client certificate.
+        tls::set_client_dialer(tls::Dialer::from_cli(&tls::Files {
+            cert: Some(pki.client_cert()),
+            key: Some(pki.client_key()),
+            trusted_ca: Some(pki.ca()),
+            cert_auth: false,
+        })?);
+    }
+    let dash_port = match a.dashboard_port {
+        Some(p) => p,
+        None => u16::try_from(u32::from(a.base_port) + 100).map_err(|_| {
+            "--base-port is too high for the dashboard's port; give --dashboard-port"
+        })?,
+    };
+    let dash_listener = tokio::net::TcpListener::bind(("127.0.0.1", dash_port))
+        .await
+        .map_err(|e| {
+            format!("dashboard port 127.0.0.1:{dash_port}: {e}; pick another --dashboard-port")
+        })?;
+    let dash_addr = dash_listener.local_addr().map_err(|e| e.to_string())?;
+    let (sup, mut exits) = supervisor::Supervisor::start(exe, specs).await?;
+    let app = sup.router();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(dash_listener, app).await {
+            eprintln!("raftkv: the dashboard stopped: {e}");
+        }
+    });
     let endpoints = (0..a.nodes)
         .map(|i| match a.tls {
             true => format!("https://127.0.0.1:{}", port(i, false)),
@@ -505,6 +542,8 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
         );
     }
     println!();
+    println!("Dashboard (watch it, break it): http://{dash_addr}/dashboard/");
+    println!();
     println!("Try it (etcd's own client, etcdctl 3.4+):");
     println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints}{tls_flags} put hello world");
     println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints}{tls_flags} endpoint status -w table");
@@ -516,59 +555,26 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
     );
     println!();
     println!("Ctrl-C stops the cluster; running this again brings it back with its data.");
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
     // Ctrl-C reaches the whole process group: each member shuts down on its own. A member
-    // that exits (killed, removed from the cluster) is reported and the others keep running:
-    // replacing a member is something to try on this cluster.
-    let mut running: Vec<bool> = vec![true; children.len()];
+    // that exits by itself (removed from the cluster, a failed disk) is reported and the
+    // others keep running; one killed from the dashboard is the dashboard's to restart.
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = terminated() => break,
-            (which, status) = wait_any(&mut children, &running) => {
-                running[which] = false;
+            Some((name, status)) = exits.recv() => {
                 eprintln!(
-                    "raftkv: member n{which} exited ({status}); see {}",
-                    a.data_dir.join(format!("n{which}.log")).display()
+                    "raftkv: member {name} exited ({status}); see {}",
+                    a.data_dir.join(format!("{name}.log")).display()
                 );
-                if !running.contains(&true) {
-                    return Err("every member has exited".into());
-                }
             }
         }
     }
-    // Members in our process group got the Ctrl-C too; tell them anyway, in case only this
-    // process was signalled.
-    for child in &children {
-        if let Some(pid) = child.id() {
-            // SAFETY: sending a signal to a child process we started has no memory effects.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-        }
-    }
-    for child in &mut children {
-        if tokio::time::timeout(Duration::from_secs(5), child.wait())
-            .await
-            .is_err()
-        {
-            let _ = child.kill().await;
-        }
-    }
+    sup.stop_all(Duration::from_secs(5)).await;
     println!("raftkv: stopped");
     Ok(())
-}
-
-/// Resolves with the index and exit status of the first running child to exit.
-async fn wait_any(
-    children: &mut [tokio::process::Child],
-    running: &[bool],
-) -> (usize, std::process::ExitStatus) {
-    loop {
-        for (i, c) in children.iter_mut().enumerate().filter(|(i, _)| running[*i]) {
-            if let Ok(Some(status)) = c.try_wait() {
-                return (i, status);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 async fn serve(a: ServeArgs) -> Result<(), String> {
@@ -701,6 +707,14 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     let raft_service = RaftService::new(cell, cluster_id, plan.bootstrap, transport, heard);
     let services = Services::new(node.clone());
     let leases = LeaseService::new(node.clone());
+    let dashboard = a.dashboard.then(|| {
+        server::dashboard::collect::Collector::start(Arc::new(server::dashboard::MemberSource(
+            node.clone(),
+        )))
+    });
+    if a.supervised {
+        tokio::spawn(take_switch(node.clone()));
+    }
     let peer_server = tls::serve(
         tonic::transport::Server::builder().add_service(RaftServer::new(raft_service)),
         peer_listener,
@@ -720,7 +734,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         .add_service(LockServer::new(LockService::new(node.clone())))
         .add_service(ElectionServer::new(ElectionService::new(node.clone())))
         .into_axum_router()
-        .merge(health::router(node.clone()));
+        .merge(http_routes(&node, &dashboard));
     let client_router = tonic::transport::Server::builder()
         .accept_http1(true)
         .layer(GrpcMetricsLayer(metrics.clone()))
@@ -735,7 +749,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         }
     };
     for listener in metrics_listeners {
-        let app = health::router(node.clone());
+        let app = http_routes(&node, &dashboard);
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!("metrics listener: {e}");
@@ -770,6 +784,37 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     }
     node.stop();
     Ok(())
+}
+
+/// What the client port and metrics URLs serve over HTTP/1: /metrics, /health, /version,
+/// the member's dashboard state, and the page itself with `--dashboard`.
+fn http_routes(
+    node: &server::node::Node,
+    dashboard: &Option<Arc<server::dashboard::collect::Collector>>,
+) -> axum::Router {
+    let mut r = health::router(node.clone()).merge(server::dashboard::state_routes(node.clone()));
+    if let Some(c) = dashboard {
+        r = r.merge(server::dashboard::page_routes(c.clone()));
+    }
+    r
+}
+
+/// Under `raftkv cluster`: apply the supervisor's network switch, a line at a time from
+/// stdin (a pipe only the supervisor holds). A line that does not parse is logged and
+/// ignored; the end of the pipe leaves the links as they are.
+async fn take_switch(node: server::node::Node) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        match server::insight::parse_cut(&line) {
+            Ok(cut) => {
+                if node.cut(cut).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!("supervisor: {e}"),
+        }
+    }
 }
 
 mod bench;

@@ -7,6 +7,7 @@
 
 use crate::api;
 use crate::command::{self, Write};
+use crate::insight::{self, Links, MemberState, SharedChronicle, SharedRequests};
 use crate::machine::{Applied, KvMachine, Output, Served};
 use crate::members::{self, Registry};
 use crate::metrics::Metrics;
@@ -20,7 +21,7 @@ use raft::{
     ConfChange, ConfEntry, EntryKind, Index, Membership, Message, NodeId, Raft, Role, Snapshot,
     SnapshotMeta, Term,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -195,6 +196,10 @@ enum Input {
     SnapshotNow(oneshot::Sender<Index>),
     /// A peer says this member was removed from the cluster.
     Removed,
+    /// The dashboard asks for this member's state, with the events numbered from this on.
+    Inspect(u64, oneshot::Sender<MemberState>),
+    /// A supervisor cuts these links, healing all others.
+    Cut(insight::Cut),
     Stop,
 }
 
@@ -229,6 +234,8 @@ pub struct Node {
     quota: u64,
     metrics: Arc<Metrics>,
     data_dir: PathBuf,
+    /// Writes and reads served here, with their latencies (for the dashboard).
+    requests: SharedRequests,
 }
 
 fn gone() -> Status {
@@ -291,6 +298,7 @@ impl Node {
         let (tx, rx) = mpsc::channel(INPUT_QUEUE);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let added = Added::default();
+        let chronicle = SharedChronicle::default();
         let observer: storage::Observer = {
             let m = cfg.metrics.clone();
             Arc::new(move |round: &storage::CommitRound| m.observe_commit(round))
@@ -316,6 +324,8 @@ impl Node {
                 out: transport.clone(),
                 metrics: cfg.metrics.clone(),
                 heartbeats: HashMap::new(),
+                links: Links::default(),
+                chronicle: chronicle.clone(),
             },
             Ids::new(cfg.id, boot),
             dcfg,
@@ -356,7 +366,14 @@ impl Node {
             metrics: cfg.metrics.clone(),
             leader: None,
             role: Role::Follower,
+            chronicle,
+            cluster_id: cfg.cluster_id,
         };
+        {
+            let r = lp.d.raft();
+            let text = format!("started: term {}, last index {}", r.term(), r.last_index());
+            lp.chronicle.lock().unwrap().push("start", text);
+        }
         lp.refresh_view();
         let task = tokio::spawn(lp.run(cfg.tick, rx, done_rx));
         let node = Node {
@@ -372,6 +389,7 @@ impl Node {
             quota: cfg.quota_bytes,
             metrics: cfg.metrics.clone(),
             data_dir: cfg.data_dir.clone(),
+            requests: SharedRequests::default(),
         };
         Ok((node, task))
     }
@@ -542,6 +560,13 @@ impl Node {
 
     /// Propose a write; answers once it is committed and applied here.
     pub async fn write(&self, w: Write) -> WriteResult {
+        let started = std::time::Instant::now();
+        let r = self.write_timed(w).await;
+        self.requests.writes.record(started.elapsed());
+        r
+    }
+
+    async fn write_timed(&self, w: Write) -> WriteResult {
         self.check_quota(&w)?;
         if self.leader().is_some_and(|l| l != self.id) {
             self.metrics.proposals_forwarded.inc();
@@ -578,6 +603,7 @@ impl Node {
         let answered = rx.await.map_err(|_| gone())?.map_err(refused)?;
         if let Some(t) = started {
             self.metrics.read_index.observe(t.elapsed().as_secs_f64());
+            self.requests.reads.record(t.elapsed());
         }
         let (resp, revision) = answered.value?;
         Ok((resp, self.header(revision, answered.term)))
@@ -641,6 +667,21 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// This member's state for the dashboard, with its events numbered `since` and on.
+    pub async fn inspect(&self, since: u64) -> Result<MemberState, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Input::Inspect(since, reply))?;
+        let mut s = rx.await.map_err(|_| gone())?;
+        s.writes = self.requests.writes.counts();
+        s.reads = self.requests.reads.counts();
+        Ok(s)
+    }
+
+    /// Cut these peer links and heal every other: the supervisor's switch.
+    pub async fn cut(&self, peers: insight::Cut) -> Result<(), Status> {
+        self.tx.send(Input::Cut(peers)).await.map_err(|_| gone())
     }
 
     pub async fn status(&self) -> Result<NodeStatus, Status> {
@@ -747,6 +788,10 @@ struct Loop {
     /// The leader and role as of the last round (leader changes are counted and logged).
     leader: Option<NodeId>,
     role: Role,
+    /// What the dashboard shows of this member's history (shared with the transport,
+    /// which sees the votes and snapshots leave).
+    chronicle: SharedChronicle,
+    cluster_id: u64,
 }
 
 impl Loop {
@@ -903,6 +948,7 @@ impl Loop {
         if v.registry != next.registry {
             self.transport.set_members(r.id(), &next.registry);
         }
+        chronicle_changes(&self.chronicle, &v, &next);
         *v = next;
     }
 
@@ -911,16 +957,29 @@ impl Loop {
     fn note_role(&mut self) {
         let r = self.d.raft();
         let (leader, role, term) = (r.leader(), r.role(), r.term());
+        let mut events: Vec<(&'static str, String)> = Vec::new();
         if role != self.role {
             match role {
-                Role::Leader => tracing::info!(term, "elected leader"),
-                Role::Candidate => tracing::info!(term, "campaigning for leadership"),
-                Role::PreCandidate => tracing::info!(term, "starting a pre-vote"),
+                Role::Leader => {
+                    tracing::info!(term, "elected leader");
+                    events.push(("election", format!("won the election for term {term}")));
+                }
+                Role::Candidate => {
+                    tracing::info!(term, "campaigning for leadership");
+                    events.push(("election", format!("campaigning for term {term}")));
+                }
+                Role::PreCandidate => {
+                    tracing::info!(term, "starting a pre-vote");
+                    let next = term + 1;
+                    events.push(("election", format!("asking for pre-votes for term {next}")));
+                }
                 _ if matches!(self.role, Role::Candidate | Role::PreCandidate) => {
-                    tracing::info!(term, leader = ?leader.map(|l| format!("{l:x}")), "lost the election")
+                    tracing::info!(term, leader = ?leader.map(|l| format!("{l:x}")), "lost the election");
+                    events.push(("election", format!("did not win (term {term})")));
                 }
                 Role::Follower if self.role == Role::Leader => {
-                    tracing::warn!(term, "stepped down from leadership")
+                    tracing::warn!(term, "stepped down from leadership");
+                    events.push(("step-down", format!("stepped down in term {term}")));
                 }
                 _ => {}
             }
@@ -930,10 +989,80 @@ impl Loop {
             if let Some(l) = leader {
                 self.metrics.leader_changes.inc();
                 tracing::info!(term, leader = %format!("{l:x}"), "leader changed");
+                let text = format!("the leader is {} (term {term})", insight::hex(l));
+                events.push(("leader", text));
             } else {
                 tracing::info!(term, "lost the leader");
+                events.push(("leader", format!("no leader known (term {term})")));
             }
             self.leader = leader;
+        }
+        if !events.is_empty() {
+            let mut c = self.chronicle.lock().unwrap();
+            for (kind, text) in events {
+                c.push(kind, text);
+            }
+        }
+    }
+
+    /// This member's state as the dashboard shows it (the request counts are the handle's).
+    fn inspect(&self, since: u64) -> MemberState {
+        let r = self.d.raft();
+        let me = r.id();
+        let registry = &self.d.machine().registry;
+        let name = |id: NodeId| registry.members.get(&id).map(|m| m.name.clone());
+        let last = r.last_index();
+        let first = last.saturating_sub(insight::LOG_STRIP - 1).max(1);
+        let log = (first..=last)
+            .filter_map(|i| r.term_at(i).map(|t| (i, t)))
+            .collect();
+        let membership = r.membership();
+        let members = registry
+            .members
+            .values()
+            .map(|m| insight::MemberInfo {
+                id: insight::hex(m.id),
+                name: m.name.clone(),
+                client_urls: m.client_urls.clone(),
+                learner: membership.is_learner(m.id),
+            })
+            .collect();
+        let links = &self.d.transport().links;
+        let (events, next_event) = self.chronicle.lock().unwrap().since(since);
+        let alarms: Vec<String> = registry
+            .alarms
+            .iter()
+            .map(|(id, kind)| format!("{} on {}", insight::alarm_name(*kind), insight::hex(*id)))
+            .collect();
+        MemberState {
+            id: insight::hex(me),
+            name: name(me).unwrap_or_default(),
+            cluster_id: insight::hex(self.cluster_id),
+            role: insight::role_name(r.role()).to_string(),
+            learner: membership.is_learner(me),
+            term: r.term(),
+            leader: r.leader().map(insight::hex),
+            last_index: last,
+            commit: r.commit_index(),
+            applied: r.applied(),
+            snapshot_index: r.snapshot_index(),
+            revision: self.d.machine().store.revision(),
+            wal_bytes: 0,
+            healthy: r.leader().is_some() && alarms.is_empty(),
+            alarms,
+            members,
+            log,
+            links: links
+                .traffic
+                .iter()
+                .map(|(id, t)| (insight::hex(*id), *t))
+                .collect(),
+            cut_from: links.cut.from.iter().map(|id| insight::hex(*id)).collect(),
+            cut_to: links.cut.to.iter().map(|id| insight::hex(*id)).collect(),
+            writes: Vec::new(),
+            reads: Vec::new(),
+            events,
+            next_event,
         }
     }
 
@@ -993,7 +1122,12 @@ impl Loop {
         match done {
             Done::Persisted(result) => self.d.on_persisted(result),
             Done::Snapshotted(result) => self.d.on_snapshot(result),
-            Done::Restored(result) => self.d.on_restored(result.map(|m| *m)),
+            Done::Restored(result) => {
+                self.d.on_restored(result.map(|m| *m));
+                let index = self.d.raft().snapshot_index();
+                let text = format!("installed the leader's snapshot (up to index {index})");
+                self.chronicle.lock().unwrap().push("snapshot", text);
+            }
         }
     }
 
@@ -1004,8 +1138,9 @@ impl Loop {
             // Messages from strangers, or that break the protocol's rules, are the core's to
             // refuse (and count).
             Input::Step(m) => {
-                d.transport_mut().heard(&m);
-                let _ = d.step(m);
+                if d.transport_mut().heard(&m) {
+                    let _ = d.step(m);
+                }
             }
             Input::Write(w, reply) => d.propose(|id| command::encode(id, w), reply),
             Input::Read(req, linearizable, reply) => d.read(req, linearizable, reply),
@@ -1053,6 +1188,26 @@ impl Loop {
             Input::Leases(reply) => {
                 let store = &self.d.machine().store;
                 let _ = reply.send(store.leases().map(|l| l.id).collect());
+            }
+            Input::Inspect(since, reply) => {
+                let _ = reply.send(self.inspect(since));
+            }
+            Input::Cut(peers) => {
+                let ids = |s: &HashSet<NodeId>| {
+                    let v: Vec<String> = s.iter().map(|p| insight::hex(*p)).collect();
+                    v.join(", ")
+                };
+                let text = match peers.is_empty() {
+                    true => "peer links healed".to_string(),
+                    false => format!(
+                        "peer links cut: hears nothing from [{}], reaches nothing of [{}]",
+                        ids(&peers.from),
+                        ids(&peers.to)
+                    ),
+                };
+                tracing::warn!("{text} (by the supervisor)");
+                self.chronicle.lock().unwrap().push("fault", text);
+                d.transport_mut().links.cut = peers;
             }
             Input::Removed => {
                 let why = self.stop_removed();
@@ -1182,6 +1337,45 @@ impl Loop {
     }
 }
 
+/// Note in the chronicle what changed between two views: the configuration, alarms.
+fn chronicle_changes(c: &SharedChronicle, old: &View, new: &View) {
+    let mut c = c.lock().unwrap();
+    if old.latest != new.latest {
+        if let Some(m) = &new.latest {
+            let ids = |ids: &[NodeId]| {
+                ids.iter()
+                    .map(|id| insight::hex(*id))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let mut text = format!("configuration: voters {}", ids(m.voters()));
+            if !m.learners().is_empty() {
+                text += &format!("; learners {}", ids(m.learners()));
+            }
+            if old.latest.is_some() {
+                c.push("membership", text);
+            }
+        }
+    }
+    let (was, is) = (&old.registry.alarms, &new.registry.alarms);
+    for (id, kind) in is.difference(was) {
+        let text = format!(
+            "alarm {} raised on {}",
+            insight::alarm_name(*kind),
+            insight::hex(*id)
+        );
+        c.push("alarm", text);
+    }
+    for (id, kind) in was.difference(is) {
+        let text = format!(
+            "alarm {} cleared on {}",
+            insight::alarm_name(*kind),
+            insight::hex(*id)
+        );
+        c.push("alarm", text);
+    }
+}
+
 /// The peer transport, as the driver sees it. It also times heartbeats: the round trip
 /// of a heartbeat and its answer is the peer round-trip time etcd reports.
 struct Peers {
@@ -1190,32 +1384,82 @@ struct Peers {
     /// The last heartbeat sent to each peer: its round number and when it left. One entry
     /// per peer, so bounded by the membership.
     heartbeats: HashMap<NodeId, (u64, std::time::Instant)>,
+    /// Traffic per peer and the supervisor's cut switch (for the dashboard).
+    links: Links,
+    chronicle: SharedChronicle,
 }
 
 impl Peers {
-    /// A message arrived: if it answers the last heartbeat sent to its sender, time it.
-    fn heard(&mut self, m: &Message) {
+    /// A message arrived: false if its link is cut (it is dropped, as a network would).
+    /// If it answers the last heartbeat sent to its sender, time it.
+    fn heard(&mut self, m: &Message) -> bool {
+        if self.links.cut.from.contains(&m.from) {
+            return false;
+        }
+        self.links.received(m);
         if let raft::Body::HeartbeatResponse { seq } = m.body {
             if let Some((sent_seq, at)) = self.heartbeats.get(&m.from) {
                 if *sent_seq == seq {
+                    let rtt = at.elapsed();
                     let to = format!("{:x}", m.from);
                     self.metrics
                         .peer_rtt
                         .with_label_values(&[&to])
-                        .observe(at.elapsed().as_secs_f64());
+                        .observe(rtt.as_secs_f64());
+                    self.links.rtt(m.from, rtt);
                     self.heartbeats.remove(&m.from);
                 }
             }
         }
+        true
+    }
+
+    /// Note what the dashboard's timeline shows of a message leaving: a vote granted,
+    /// the first chunk of a snapshot.
+    fn chronicle(&self, m: &Message) {
+        let (kind, text) = match &m.body {
+            raft::Body::VoteResponse { pre_vote, granted } if *granted => {
+                let what = if *pre_vote { "pre-vote" } else { "vote" };
+                (
+                    "vote",
+                    format!(
+                        "granted its {what} to {} for term {}",
+                        insight::hex(m.to),
+                        m.term
+                    ),
+                )
+            }
+            raft::Body::InstallSnapshot { meta, offset, .. } if *offset == 0 => (
+                "snapshot",
+                format!(
+                    "sending a snapshot (up to index {}) to {}",
+                    meta.index,
+                    insight::hex(m.to)
+                ),
+            ),
+            _ => return,
+        };
+        self.chronicle.lock().unwrap().push(kind, text);
     }
 }
 
 impl driver::Transport for Peers {
-    fn send(&mut self, msgs: Vec<Message>) {
+    fn send(&mut self, mut msgs: Vec<Message>) {
+        if !self.links.cut.to.is_empty() {
+            msgs.retain(|m| !self.links.cut.to.contains(&m.to));
+        }
         if msgs.is_empty() {
             return;
         }
         for m in &msgs {
+            self.links.sent(m);
+            if matches!(
+                m.body,
+                raft::Body::VoteResponse { granted: true, .. }
+                    | raft::Body::InstallSnapshot { offset: 0, .. }
+            ) {
+                self.chronicle(m);
+            }
             if let raft::Body::Heartbeat { seq, .. } = m.body {
                 // Keep the oldest unanswered round (a slow peer shows a long round trip,
                 // not none), unless its answer looks lost.

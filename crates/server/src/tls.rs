@@ -349,6 +349,29 @@ impl Dialer {
         }
     }
 
+    /// TLS over `tcp` to `host` for HTTP/1.1 (the dashboard's polls): the same identity
+    /// and roots, without the gRPC dialer's `h2` protocol offer.
+    pub async fn connect_http1(
+        &self,
+        host: &str,
+        tcp: TcpStream,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let mut config = (*self.connector().config).clone();
+        config.alpn_protocols.clear();
+        let name = ServerName::try_from(host.to_string()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{host:?} is not a host"),
+            )
+        })?;
+        tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            TlsConnector::from(Arc::new(config)).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no TLS handshake in time"))?
+    }
+
     /// A channel to `endpoint` that connects on first use.
     pub fn connect_lazy(&self, endpoint: Endpoint) -> Channel {
         if is_https(&endpoint) {

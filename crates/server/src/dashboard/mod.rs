@@ -1,0 +1,126 @@
+//! The live dashboard: one page that draws a real cluster as it runs — each member's role,
+//! term, indexes and log, the traffic on each link, request rates and latencies, and a
+//! timeline of elections, votes, snapshots and membership changes.
+//!
+//! - Every member answers `GET /dashboard/state` (its own state, `insight.rs`) on its
+//!   client port and metrics ports, like `/metrics`.
+//! - The page (`assets/`, embedded in the binary) gets one snapshot of the whole cluster
+//!   about four times a second over server-sent events, built by a `Collector` that polls
+//!   every member: no polling storm from browsers, however many are open.
+//! - `raftkv cluster` serves it with controls (`supervisor.rs`): it owns the members'
+//!   processes, so it can kill, pause and restart them, cut their links, run a write load
+//!   and walk through scenarios. A member started with `--dashboard` serves it read-only.
+
+pub mod collect;
+pub mod http;
+mod load;
+mod scenario;
+pub mod supervisor;
+
+use crate::node::Node;
+use axum::http::{header, StatusCode, Uri};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use collect::{Collector, Extras, Source, Target};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio_stream::StreamExt;
+
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const STYLE_CSS: &str = include_str!("assets/style.css");
+
+/// `GET /dashboard/state?since=N`: this member's state, with its events from N on.
+pub fn state_routes(node: Node) -> axum::Router {
+    axum::Router::new().route(
+        "/dashboard/state",
+        get(move |uri: Uri| member_state(node.clone(), uri)),
+    )
+}
+
+async fn member_state(node: Node, uri: Uri) -> axum::response::Response {
+    let since = uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("since=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut state = match node.inspect(since).await {
+        Ok(s) => s,
+        Err(e) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, e.message().to_string()).into_response()
+        }
+    };
+    let dir = node.data_dir().to_path_buf();
+    state.wal_bytes = tokio::task::spawn_blocking(move || crate::maintenance::disk_usage(&dir))
+        .await
+        .unwrap_or(0);
+    json(&state)
+}
+
+fn json<T: serde::Serialize>(v: &T) -> axum::response::Response {
+    match serde_json::to_string(v) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// The page, its assets and its live feed, drawn from `collector`.
+pub fn page_routes(collector: Arc<Collector>) -> axum::Router {
+    let asset = |body: &'static str, kind: &'static str| {
+        get(move || async move { ([(header::CONTENT_TYPE, kind)], body) })
+    };
+    axum::Router::new()
+        .route(
+            "/dashboard",
+            get(|| async { axum::response::Redirect::permanent("/dashboard/") }),
+        )
+        .route("/dashboard/", asset(INDEX_HTML, "text/html; charset=utf-8"))
+        .route(
+            "/dashboard/app.js",
+            asset(APP_JS, "text/javascript; charset=utf-8"),
+        )
+        .route(
+            "/dashboard/style.css",
+            asset(STYLE_CSS, "text/css; charset=utf-8"),
+        )
+        .route("/dashboard/events", get(move || events(collector.clone())))
+}
+
+/// Server-sent events: the latest snapshot at once, then each new one.
+async fn events(collector: Arc<Collector>) -> impl IntoResponse {
+    let stream = tokio_stream::wrappers::WatchStream::new(collector.subscribe()).map(|view| {
+        let data = serde_json::to_string(&*view).unwrap_or_default();
+        Ok::<_, Infallible>(Event::default().event("state").data(data))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// A member's read-only dashboard: the members its registry lists, at their client URLs.
+pub struct MemberSource(pub Node);
+
+impl Source for MemberSource {
+    fn targets(&self) -> Vec<Target> {
+        self.0
+            .view()
+            .registry
+            .members
+            .values()
+            .filter_map(|m| {
+                let url = m.client_urls.first()?;
+                let name = match m.name.is_empty() {
+                    true => crate::insight::hex(m.id),
+                    false => m.name.clone(),
+                };
+                Some(Target {
+                    name,
+                    url: url.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn extras(&self, _since: u64) -> Extras {
+        Extras::default()
+    }
+}
