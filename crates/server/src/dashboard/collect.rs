@@ -1,7 +1,7 @@
 //! The dashboard's eyes: polls every member's `GET /dashboard/state` a few times a second,
 //! turns their cumulative counters into rates and percentiles, merges their chronicles
 //! into one timeline, and publishes the cluster as one JSON snapshot (the page's contract:
-//! `PAGE_CONTRACT.md`).
+//! `docs/dashboard.md`).
 //!
 //! A member that does not answer in time (killed, paused, cut off from this process) keeps
 //! its last known state, marked unreachable: what a newcomer should see when a member dies.
@@ -85,7 +85,7 @@ pub struct StepView {
     pub state: &'static str,
 }
 
-/// The snapshot the page draws (see `PAGE_CONTRACT.md`).
+/// The snapshot the page draws (see `docs/dashboard.md`).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ClusterView {
     pub now_ms: u64,
@@ -475,10 +475,23 @@ fn build(
             cut_from: s.cut_from.iter().map(|p| name_of(p)).collect(),
         });
     }
-    // A link is cut if either end drops it.
+    // A link is cut if either end drops it; a cut between two members that had nothing to
+    // say to each other (two followers) is still drawn.
     for l in &mut links {
         if cut_pairs.iter().any(|(f, t)| *f == l.from && *t == l.to) {
             l.cut = true;
+        }
+    }
+    for (from, to) in cut_pairs {
+        if !links.iter().any(|l| l.from == from && l.to == to) {
+            links.push(LinkView {
+                from,
+                to,
+                msgs_per_s: 0.0,
+                bytes_per_s: 0.0,
+                rtt_ms: None,
+                cut: true,
+            });
         }
     }
     stats.write_p50_ms = insight::quantile_ms(&write_diff, 0.5);

@@ -1,7 +1,7 @@
-//! A minimal HTTP/1.1 GET over hyper's client connection, for polling members'
-//! `/dashboard/state`: one connection per request (a few a second, on loopback), TLS when
-//! the URL is `https://` (with the process's client identity, as other member-to-member
-//! calls use).
+//! A minimal HTTP/1.1 client over hyper's client connection, for polling members'
+//! `/dashboard/state` (and for scripts and tests driving the dashboard's API): one
+//! connection per request (a few a second, on loopback), TLS when the URL is `https://`
+//! (with the process's client identity, as other member-to-member calls use).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -13,6 +13,15 @@ const MAX_BODY: usize = 1 << 20;
 
 /// GET `path` from `base` (`http://host:port` or `https://host:port`): the body of a 200.
 pub async fn get(base: &str, path: &str) -> Result<Vec<u8>, String> {
+    call(http::Method::GET, base, path).await
+}
+
+/// POST an empty body to `path`: the body of a 200, or the status and body of anything else.
+pub async fn post(base: &str, path: &str) -> Result<Vec<u8>, String> {
+    call(http::Method::POST, base, path).await
+}
+
+async fn call(method: http::Method, base: &str, path: &str) -> Result<Vec<u8>, String> {
     let uri: http::Uri = base
         .parse()
         .map_err(|e| format!("{base:?} is not a URL: {e}"))?;
@@ -32,13 +41,18 @@ pub async fn get(base: &str, path: &str) -> Result<Vec<u8>, String> {
             .connect_http1(host, tcp)
             .await
             .map_err(|e| format!("{base}: {e}"))?;
-        request(TokioIo::new(tls), &authority, path).await
+        request(TokioIo::new(tls), method, &authority, path).await
     } else {
-        request(TokioIo::new(tcp), &authority, path).await
+        request(TokioIo::new(tcp), method, &authority, path).await
     }
 }
 
-async fn request<I>(io: I, authority: &str, path: &str) -> Result<Vec<u8>, String>
+async fn request<I>(
+    io: I,
+    method: http::Method,
+    authority: &str,
+    path: &str,
+) -> Result<Vec<u8>, String>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -48,15 +62,22 @@ where
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = http::Request::get(path)
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
         .header(http::header::HOST, authority)
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    if resp.status() != http::StatusCode::OK {
-        return Err(format!("{path}: {}", resp.status()));
-    }
+    let status = resp.status();
     let limited = http_body_util::Limited::new(resp.into_body(), MAX_BODY);
     let body = limited.collect().await.map_err(|e| e.to_string())?;
-    Ok(body.to_bytes().to_vec())
+    let body = body.to_bytes().to_vec();
+    match status {
+        http::StatusCode::OK => Ok(body),
+        _ => Err(format!(
+            "{path}: {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        )),
+    }
 }

@@ -6,7 +6,8 @@
 //!   client port and metrics ports, like `/metrics`.
 //! - The page (`assets/`, embedded in the binary) gets one snapshot of the whole cluster
 //!   about four times a second over server-sent events, built by a `Collector` that polls
-//!   every member: no polling storm from browsers, however many are open.
+//!   every member: no polling storm from browsers, however many are open. The same
+//!   snapshot, once, is `GET /dashboard/view` (for scripts and tests).
 //! - `raftkv cluster` serves it with controls (`supervisor.rs`): it owns the members'
 //!   processes, so it can kill, pause and restart them, cut their links, run a write load
 //!   and walk through scenarios. A member started with `--dashboard` serves it read-only.
@@ -84,6 +85,10 @@ pub fn page_routes(collector: Arc<Collector>) -> axum::Router {
             "/dashboard/style.css",
             asset(STYLE_CSS, "text/css; charset=utf-8"),
         )
+        .route("/dashboard/view", {
+            let collector = collector.clone();
+            get(move || async move { json(&*collector.latest()) })
+        })
         .route("/dashboard/events", get(move || events(collector.clone())))
 }
 

@@ -1,7 +1,7 @@
 // raftkv live dashboard.
 //
 // The server pushes a whole cluster snapshot about four times a second over
-// server-sent events (see PAGE_CONTRACT.md). The page keeps almost no state of
+// server-sent events (see docs/dashboard.md). The page keeps almost no state of
 // its own: every snapshot is drawn from scratch, except for the few things a
 // snapshot cannot carry (sparkline history) and the DOM we keep on purpose so
 // that clicks are not lost (member cards, the network drawing, the scenario
