@@ -13,8 +13,8 @@
 #   WATCH_SECONDS=20 bench/compare-etcd.sh   # length of the watch workload (default 20 s)
 #   KV_ONLY=1 bench/compare-etcd.sh          # only the put/get workloads (no watch, no lease)
 #   RAFTKV_BIN=/path/to/raftkv bench/compare-etcd.sh   # a given build (for before/after)
-#   DASHBOARD=1 bench/compare-etcd.sh        # raftkv with its dashboard open (a viewer on
-#                                            # every member's live feed: the cost of watching)
+#   DASHBOARD=1 bench/compare-etcd.sh        # raftkv with its dashboard open (a page on the
+#                                            # first member; VIEWERS=3, one on each member)
 #
 # The watch workload (`raftkv bench-watch`): 10,000 watchers over 100 streams on the first
 # member, 1,000 puts/s to it for WATCH_SECONDS; delivery latency is from the put leaving the
@@ -90,9 +90,9 @@ start() { # $1: etcd | raftkv
         kill -0 "$p" 2>/dev/null || { echo "$1: a member exited; see $WORK/$1-m*.log" >&2; exit 1; }
       done
       if [ "$1" = raftkv ] && [ -n "${DASHBOARD:-}" ]; then
-        # A viewer on each member's page feed for the whole run (each feed makes its
-        # member poll every member four times a second).
-        for i in 0 1 2; do
+        # An open page (the first member's live feed, read for the whole run; it makes
+        # that member poll every member four times a second). VIEWERS=3: one per member.
+        for i in $(seq 0 $((${VIEWERS:-1} - 1))); do
           curl -sN "http://127.0.0.1:$((32379 + 10 * i))/dashboard/events" >/dev/null 2>&1 &
           PIDS+=($!)
         done
