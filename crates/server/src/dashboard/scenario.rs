@@ -308,8 +308,9 @@ impl Ctx {
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "did not see {what} within {}s",
-                    STEP_TIMEOUT.as_secs()
+                    "did not see {what} within {}s ({})",
+                    STEP_TIMEOUT.as_secs(),
+                    summary(&self.view())
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -451,6 +452,37 @@ impl Ctx {
         })
         .await
     }
+}
+
+/// What each member showed when a step gave up: enough to tell a slow cluster from a stuck
+/// one (role, term, leader, indexes, its last entries, its cuts).
+fn summary(v: &ClusterView) -> String {
+    v.members
+        .iter()
+        .map(|m| {
+            let tail: Vec<String> = m
+                .log
+                .iter()
+                .rev()
+                .take(4)
+                .rev()
+                .map(|e| format!("{}:{}", e.index, e.term))
+                .collect();
+            format!(
+                "{} {}{} term {} leader {} last {} commit {} log [{}] cut from {:?}",
+                m.name,
+                m.role,
+                if m.reachable { "" } else { " (unreachable)" },
+                m.term,
+                m.leader.as_deref().unwrap_or("none"),
+                m.last_index,
+                m.commit,
+                tail.join(" "),
+                m.cut_from
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn channel(url: &str) -> Result<tonic::transport::Channel, String> {
