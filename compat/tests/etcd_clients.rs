@@ -44,7 +44,14 @@ async fn start() -> LocalCluster {
     let dir = tempfile::tempdir().unwrap();
     let base = free_base_port();
     let parent = Command::new(bin)
-        .args(["cluster", "--base-port", &base.to_string(), "--data-dir"])
+        .args([
+            "cluster",
+            "--dashboard-port",
+            "0",
+            "--base-port",
+            &base.to_string(),
+            "--data-dir",
+        ])
         .arg(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

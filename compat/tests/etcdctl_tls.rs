@@ -74,7 +74,14 @@ fn start() -> TlsCluster {
     let base = support::port_block(PORTS.0, PORTS.1, 3);
     let dir = tempfile::tempdir().unwrap();
     let parent = Command::new(support::raftkv_bin())
-        .args(["cluster", "--tls", "--base-port", &base.to_string()])
+        .args([
+            "cluster",
+            "--tls",
+            "--dashboard-port",
+            "0",
+            "--base-port",
+            &base.to_string(),
+        ])
         .arg("--data-dir")
         .arg(dir.path())
         .stdin(Stdio::null())

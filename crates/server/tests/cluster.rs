@@ -206,7 +206,14 @@ async fn the_cluster_command_runs_a_local_cluster_that_keeps_its_data() {
     };
     let spawn = || {
         Command::new(env!("CARGO_BIN_EXE_raftkv"))
-            .args(["cluster", "--base-port", &base.to_string(), "--data-dir"])
+            .args([
+                "cluster",
+                "--dashboard-port",
+                "0",
+                "--base-port",
+                &base.to_string(),
+                "--data-dir",
+            ])
             .arg(dir.path().join("data"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
