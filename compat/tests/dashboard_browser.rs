@@ -24,7 +24,7 @@ const DRIVER_OFFSET: u16 = 50;
 async fn the_page_shows_the_cluster_and_a_kill_at_a_click_elects_another_leader() {
     let base = support::port_block(PORTS.0, PORTS.1, 3);
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = support::KillOnDrop(
+    let mut cluster = Interrupt(
         Command::new(support::raftkv_bin())
             .args(["cluster", "--base-port", &base.to_string()])
             .args(["--dashboard-port", "0", "--data-dir"])
@@ -55,6 +55,25 @@ async fn the_page_shows_the_cluster_and_a_kill_at_a_click_elects_another_leader(
     drop(cluster);
     support::release_block(base);
     outcome.unwrap();
+}
+
+/// `raftkv cluster`, stopped with SIGINT (as Ctrl-C stops it) so that it stops its members:
+/// a SIGKILL would leave them running.
+struct Interrupt(std::process::Child);
+
+impl Drop for Interrupt {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 async fn look_and_kill(b: &Client, url: &str) -> Result<(), String> {
