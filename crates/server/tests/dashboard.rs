@@ -238,7 +238,17 @@ async fn faults_at_a_click_and_every_scenario_play_out_on_a_real_cluster() {
                 Ok(steps) => break steps,
                 Err(e) if tries == 1 => {
                     eprintln!("FLAKE? scenario {id} failed once, playing it again: {e}");
+                    // A failed scenario leaves its cuts and kills: undo them first.
                     post(&url, "/dashboard/api/scenario/stop").await.unwrap();
+                    post(&url, "/dashboard/api/heal").await.unwrap();
+                    for m in view(&url).await["members"].as_array().unwrap() {
+                        if m["process"] != "running" {
+                            let name = m["name"].as_str().unwrap();
+                            post(&url, &format!("/dashboard/api/member/{name}/restart"))
+                                .await
+                                .unwrap();
+                        }
+                    }
                     until(&url, "a healthy cluster before the replay", healthy).await;
                 }
                 Err(e) => panic!("scenario {id} failed twice: {e}"),

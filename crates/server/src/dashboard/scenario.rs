@@ -416,6 +416,26 @@ impl Ctx {
         .await
     }
 
+    /// Cut `a` off and, at once, write `key` there (serial 1 of `session`): within an
+    /// election timeout a cut-off leader steps down (CheckQuorum) and would refuse it. The
+    /// client's attempt and the index of the entry only `a` holds.
+    async fn isolate_and_write(
+        &self,
+        a: &str,
+        key: &str,
+        session: i64,
+    ) -> Result<((Attempt, u64), Option<String>), String> {
+        let ch = channel(&self.url(a)?)?;
+        let quiet = self.quiet().await?;
+        self.sup.isolate(a).await?;
+        let attempt = self.attempt(ch, key.to_string(), Some((session, 1)));
+        let (i, t) = self.uncommitted_on(a, quiet).await?;
+        Ok((
+            (attempt, i),
+            Some(format!("entry {i} (term {t}) is only in {a}'s log")),
+        ))
+    }
+
     /// The last index once every member holds it committed: writes still in flight (the
     /// load's, just stopped) must not be taken for the scenario's own.
     async fn quiet(&self) -> Result<u64, String> {
@@ -530,19 +550,7 @@ async fn before_replicating(ctx: Ctx) -> Result<(), String> {
     let sup = ctx.sup.clone();
     // Cut and write at once: within an election timeout the cut-off leader steps down
     // (CheckQuorum) and would refuse the write.
-    let (attempt, index) = ctx
-        .step(async {
-            let ch = channel(&ctx.url(&a)?)?;
-            let quiet = ctx.quiet().await?;
-            sup.isolate(&a).await?;
-            let attempt = ctx.attempt(ch, key.clone(), Some((session, 1)));
-            let (i, t) = ctx.uncommitted_on(&a, quiet).await?;
-            Ok((
-                (attempt, i),
-                Some(format!("entry {i} (term {t}) is only in {a}'s log")),
-            ))
-        })
-        .await?;
+    let (attempt, index) = ctx.step(ctx.isolate_and_write(&a, &key, session)).await?;
     ctx.step(async { sup.kill(&a).map(|_| ((), None)) }).await?;
     let (leader, new_term) = ctx
         .step(async {
@@ -712,19 +720,7 @@ async fn split_brain(ctx: Ctx) -> Result<(), String> {
     let key2 = format!("{key}-majority");
     let session = ctx.grant_session(&a).await?;
     let sup = ctx.sup.clone();
-    let (attempt, index) = ctx
-        .step(async {
-            let ch = channel(&ctx.url(&a)?)?;
-            let quiet = ctx.quiet().await?;
-            sup.isolate(&a).await?;
-            let attempt = ctx.attempt(ch, key.clone(), Some((session, 1)));
-            let (i, t) = ctx.uncommitted_on(&a, quiet).await?;
-            Ok((
-                (attempt, i),
-                Some(format!("entry {i} (term {t}) is only in {a}'s log")),
-            ))
-        })
-        .await?;
+    let (attempt, index) = ctx.step(ctx.isolate_and_write(&a, &key, session)).await?;
     let leader = ctx
         .step(async {
             let (l, t) = ctx.new_leader(&[&b, &c]).await?;
