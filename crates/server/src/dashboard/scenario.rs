@@ -430,6 +430,17 @@ impl Ctx {
         self.sup.isolate(a).await?;
         let attempt = self.attempt(ch, key.to_string(), Some((session, 1)));
         let (i, t) = self.uncommitted_on(a, quiet).await?;
+        let v = self.view();
+        if let Some(m) = v
+            .members
+            .iter()
+            .find(|m| m.name != a && m.log.iter().any(|e| e.index == i && e.term == t))
+        {
+            return Err(format!(
+                "entry {i} (term {t}) reached {} through the cut",
+                m.name
+            ));
+        }
         Ok((
             (attempt, i),
             Some(format!("entry {i} (term {t}) is only in {a}'s log")),

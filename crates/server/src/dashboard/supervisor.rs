@@ -19,6 +19,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::io::AsyncWriteExt;
 
+/// How long a running member may take to report a new network switch.
+const CUT_TAKEN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One member as the supervisor starts it.
 #[derive(Clone, Debug)]
 pub struct MemberSpec {
@@ -334,13 +337,62 @@ impl Supervisor {
         !self.blocked.lock().unwrap().is_empty()
     }
 
-    /// Tell every member its cuts.
+    /// Tell every member its cuts, and return once every running member has taken them.
+    ///
+    /// The switch is a line on each member's stdin, read beside its peer traffic: without
+    /// waiting, a write sent right after a cut could still leave on a link being cut (or be
+    /// heard by a member that has not read its line yet), reaching a follower the scenario
+    /// says it cannot reach.
     async fn push_cuts(&self) -> Result<(), String> {
         let ids = self.ids()?;
+        let mut wanted = Vec::new();
         for i in 0..self.specs.len() {
-            self.push_cuts_with(i, &ids).await;
+            wanted.push((i, self.push_cuts_with(i, &ids).await));
+        }
+        for (i, cut) in wanted {
+            if self.procs.lock().unwrap()[i].state == ProcState::Running {
+                self.await_cut(i, &cut).await?;
+            }
         }
         Ok(())
+    }
+
+    /// Wait until member `i` reports `cut` as its switch (a paused member reads it later).
+    async fn await_cut(&self, i: usize, cut: &Cut) -> Result<(), String> {
+        let spec = &self.specs[i];
+        let hexes = |s: &std::collections::HashSet<u64>| {
+            let mut v: Vec<String> = s.iter().map(|id| insight::hex(*id)).collect();
+            v.sort();
+            v
+        };
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        let (from, to) = (hexes(&cut.from), hexes(&cut.to));
+        let deadline = std::time::Instant::now() + CUT_TAKEN;
+        // No events wanted: only the switch's state.
+        let path = format!("/dashboard/state?since={}", u64::MAX);
+        loop {
+            let got = super::http::get(&spec.client_url, &path)
+                .await
+                .and_then(|b| {
+                    serde_json::from_slice::<insight::MemberState>(&b).map_err(|e| e.to_string())
+                });
+            if let Ok(s) = got {
+                if sorted(s.cut_from) == from && sorted(s.cut_to) == to {
+                    return Ok(());
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "{} did not take its network switch within {}s",
+                    spec.name,
+                    CUT_TAKEN.as_secs()
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     async fn push_cuts_to(&self, i: usize) {
@@ -352,7 +404,8 @@ impl Supervisor {
         }
     }
 
-    async fn push_cuts_with(&self, i: usize, ids: &HashMap<String, u64>) {
+    /// Write member `i` its cuts; the cuts written.
+    async fn push_cuts_with(&self, i: usize, ids: &HashMap<String, u64>) -> Cut {
         let me = &self.specs[i].name;
         let mut cut = Cut::default();
         for (from, to) in self.blocked.lock().unwrap().iter() {
@@ -369,6 +422,7 @@ impl Supervisor {
             // A paused member reads it when it resumes (the pipe holds it meanwhile).
             let _ = stdin.lock().await.write_all(line.as_bytes()).await;
         }
+        cut
     }
 
     /// Every member's id, as the collector learned them (cuts are by id).
