@@ -228,32 +228,10 @@ async fn faults_at_a_click_and_every_scenario_play_out_on_a_real_cluster() {
         .collect();
     assert_eq!(ids.len(), 4);
     for id in &ids {
-        // A scenario that fails is played once more, its failure printed: the split-brain
-        // repair once went unseen for 15 s in CI (not reproduced here; see the step's
-        // message, which says what each member showed). Two failures fail the test.
-        let mut tries = 0;
-        let steps = loop {
-            tries += 1;
-            match play(&url, id).await {
-                Ok(steps) => break steps,
-                Err(e) if tries == 1 => {
-                    eprintln!("FLAKE? scenario {id} failed once, playing it again: {e}");
-                    // A failed scenario leaves its cuts and kills: undo them first.
-                    post(&url, "/dashboard/api/scenario/stop").await.unwrap();
-                    post(&url, "/dashboard/api/heal").await.unwrap();
-                    for m in view(&url).await["members"].as_array().unwrap() {
-                        if m["process"] != "running" {
-                            let name = m["name"].as_str().unwrap();
-                            post(&url, &format!("/dashboard/api/member/{name}/restart"))
-                                .await
-                                .unwrap();
-                        }
-                    }
-                    until(&url, "a healthy cluster before the replay", healthy).await;
-                }
-                Err(e) => panic!("scenario {id} failed twice: {e}"),
-            }
-        };
+        // A failure fails the test: a step's message says what each member showed.
+        let steps = play(&url, id)
+            .await
+            .unwrap_or_else(|e| panic!("scenario {id} failed: {e}"));
         // Every step ran and said what it saw.
         for st in &steps {
             assert_eq!(st["state"], "done", "{id}: {st:#}");
