@@ -25,7 +25,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use collect::{Collector, Extras, Source, Target};
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
@@ -34,13 +36,48 @@ const STYLE_CSS: &str = include_str!("assets/style.css");
 
 /// `GET /dashboard/state?since=N`: this member's state, with its events from N on.
 pub fn state_routes(node: Node) -> axum::Router {
+    let disk = Arc::new(DiskUsage::new(node.data_dir().to_path_buf()));
     axum::Router::new().route(
         "/dashboard/state",
-        get(move |uri: Uri| member_state(node.clone(), uri)),
+        get(move |uri: Uri| member_state(node.clone(), disk.clone(), uri)),
     )
 }
 
-async fn member_state(node: Node, uri: Uri) -> axum::response::Response {
+/// How long a measured data directory size is shown before it is walked again.
+const DISK_USAGE_FRESH: Duration = Duration::from_secs(1);
+
+/// The data directory's size, walked at most once a second: every open page has each
+/// member asked for its state four times a second, and a walk costs a syscall per file
+/// on the machine serving the cluster's writes.
+struct DiskUsage {
+    dir: PathBuf,
+    last: Mutex<Option<(Instant, u64)>>,
+}
+
+impl DiskUsage {
+    fn new(dir: PathBuf) -> Self {
+        DiskUsage {
+            dir,
+            last: Mutex::new(None),
+        }
+    }
+
+    async fn bytes(&self) -> u64 {
+        if let Some((at, bytes)) = *self.last.lock().unwrap() {
+            if at.elapsed() < DISK_USAGE_FRESH {
+                return bytes;
+            }
+        }
+        let dir = self.dir.clone();
+        let bytes = tokio::task::spawn_blocking(move || crate::maintenance::disk_usage(&dir))
+            .await
+            .unwrap_or(0);
+        *self.last.lock().unwrap() = Some((Instant::now(), bytes));
+        bytes
+    }
+}
+
+async fn member_state(node: Node, disk: Arc<DiskUsage>, uri: Uri) -> axum::response::Response {
     let since = uri
         .query()
         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("since=")))
@@ -52,10 +89,7 @@ async fn member_state(node: Node, uri: Uri) -> axum::response::Response {
             return (StatusCode::SERVICE_UNAVAILABLE, e.message().to_string()).into_response()
         }
     };
-    let dir = node.data_dir().to_path_buf();
-    state.wal_bytes = tokio::task::spawn_blocking(move || crate::maintenance::disk_usage(&dir))
-        .await
-        .unwrap_or(0);
+    state.wal_bytes = disk.bytes().await;
     json(&state)
 }
 
