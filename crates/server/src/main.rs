@@ -712,9 +712,19 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
             node.clone(),
         )))
     });
-    if a.supervised {
-        tokio::spawn(take_switch(node.clone()));
-    }
+    // Under `raftkv cluster` the member lives as long as its supervisor's pipe: a
+    // supervisor killed outright must not leave members holding the cluster's ports.
+    let supervisor = {
+        let node = node.clone();
+        let supervised = a.supervised;
+        async move {
+            if supervised {
+                take_switch(node).await
+            } else {
+                std::future::pending().await
+            }
+        }
+    };
     let peer_server = tls::serve(
         tonic::transport::Server::builder().add_service(RaftServer::new(raft_service)),
         peer_listener,
@@ -771,6 +781,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         r = client_server => r.map_err(|e| format!("client listener {client_addr}: {e}"))?,
         _ = tokio::signal::ctrl_c() => {}
         _ = terminated() => {}
+        _ = supervisor => tracing::warn!("the supervisor is gone (its pipe closed): stopping"),
         r = task => return Err(match r {
             Ok(Err(why)) if why == node::REMOVED => {
                 // Give the last messages (the handover to the next leader) a moment to
@@ -801,7 +812,7 @@ fn http_routes(
 
 /// Under `raftkv cluster`: apply the supervisor's network switch, a line at a time from
 /// stdin (a pipe only the supervisor holds). A line that does not parse is logged and
-/// ignored; the end of the pipe leaves the links as they are.
+/// ignored. Returns at the end of the pipe: the supervisor is gone.
 async fn take_switch(node: server::node::Node) {
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -809,7 +820,8 @@ async fn take_switch(node: server::node::Node) {
         match server::insight::parse_cut(&line) {
             Ok(cut) => {
                 if node.cut(cut).await.is_err() {
-                    return;
+                    // The member is stopping: its raft loop says why.
+                    std::future::pending::<()>().await;
                 }
             }
             Err(e) => tracing::warn!("supervisor: {e}"),

@@ -193,17 +193,7 @@ fn another_clusters_data_directory_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_command_runs_a_local_cluster_that_keeps_its_data() {
     let dir = tempfile::tempdir().unwrap();
-    // Find a base port whose six ports are free.
-    let base = loop {
-        let b = free_port();
-        if b < 60_000
-            && (0..3).all(|i| {
-                (0..2).all(|p| std::net::TcpListener::bind(("127.0.0.1", b + 10 * i + p)).is_ok())
-            })
-        {
-            break b;
-        }
-    };
+    let base = free_base();
     let spawn = || {
         Command::new(env!("CARGO_BIN_EXE_raftkv"))
             .args([
@@ -317,5 +307,59 @@ async fn the_cluster_command_runs_a_local_cluster_that_keeps_its_data() {
             status.success(),
             "the cluster did not stop cleanly: {status}"
         );
+    }
+}
+
+/// A base port for `raftkv cluster` whose six ports (two per member) are free.
+fn free_base() -> u16 {
+    loop {
+        let b = free_port();
+        if b < 32_000
+            && (0..3).all(|i| {
+                (0..2).all(|p| std::net::TcpListener::bind(("127.0.0.1", b + 10 * i + p)).is_ok())
+            })
+        {
+            return b;
+        }
+    }
+}
+
+/// `raftkv cluster` killed outright (kill -9, no chance to stop its members): the members,
+/// whose switch pipe it held, stop on their own rather than keep the cluster's ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_stop_when_their_cluster_command_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = free_base();
+    let mut parent = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+        .args(["cluster", "--dashboard-port", "0", "--base-port"])
+        .arg(base.to_string())
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let clients: Vec<String> = (0..3)
+        .map(|i| format!("http://127.0.0.1:{}", base + 10 * i))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for c in &clients {
+        while get(c, "up?").await.is_err() {
+            assert!(Instant::now() < deadline, "{c} never answered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for i in 0..3 {
+        let port = base + 10 * i;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "member n{i} still serves on {port} 10s after its supervisor was killed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
