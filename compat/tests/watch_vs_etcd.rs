@@ -1962,9 +1962,18 @@ impl Run {
                 let before = m.rev;
                 both(etcd.expired(*id), raftkv.expired(*id)).await?;
                 // Its keys went at one revision, the same on both, and every watcher sees
-                // their deletes in one response.
-                let (a, b) = tokio::join!(etcd.revision(), raftkv.revision());
+                // their deletes in one response. A side's TimeToLive may say "gone" a moment
+                // before the member read from has applied the revoke (etcd answers it on
+                // the leader): wait for the revision to get there, not past.
                 let want = if keys.is_empty() { before } else { before + 1 };
+                let deadline = Instant::now() + SETTLE_TIMEOUT;
+                let (a, b) = loop {
+                    let (a, b) = tokio::join!(etcd.revision(), raftkv.revision());
+                    if (a >= want && b >= want) || Instant::now() > deadline {
+                        break (a, b);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                };
                 if a != want || b != want {
                     return Err(format!(
                         "step {step}: lease {id} with keys {keys:?} expired at revision {before}; \
