@@ -351,7 +351,8 @@ where
     out
 }
 
-async fn poll(t: Target, since: u64) -> Result<MemberState, String> {
+/// One member's state, with its events from `since` on.
+pub(super) async fn poll(t: Target, since: u64) -> Result<MemberState, String> {
     let path = format!("/dashboard/state?since={since}");
     let body = tokio::time::timeout(POLL_TIMEOUT, super::http::get(&t.url, &path))
         .await

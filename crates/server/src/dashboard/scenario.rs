@@ -429,7 +429,14 @@ impl Ctx {
         let quiet = self.quiet().await?;
         self.sup.isolate(a).await?;
         let attempt = self.attempt(ch, key.to_string(), Some((session, 1)));
-        let (i, t) = self.uncommitted_on(a, quiet).await?;
+        let names = self.sup.names();
+        let others: Vec<&str> = names
+            .iter()
+            .map(String::as_str)
+            .filter(|m| *m != a)
+            .collect();
+        let held = self.held_now(&others).await?;
+        let (i, t) = self.uncommitted_on(a, quiet.max(held)).await?;
         let v = self.view();
         if let Some(m) = v
             .members
@@ -458,6 +465,18 @@ impl Ctx {
                 .then_some(last)
         })
         .await
+    }
+
+    /// The highest last index among `names`, as they answer now. Asked once a cut has
+    /// taken, it bounds what they got from a member cut off from them: an entry that
+    /// member appended past it is one the cut kept to itself (not one proposed just
+    /// before the cut, already sent).
+    async fn held_now(&self, names: &[&str]) -> Result<u64, String> {
+        let mut held = 0;
+        for name in names {
+            held = held.max(self.sup.state_now(name).await?.last_index);
+        }
+        Ok(held)
     }
 
     /// `name`'s last entry, once it is past `after` and uncommitted there.
@@ -607,7 +626,8 @@ async fn after_replicating(ctx: Ctx) -> Result<(), String> {
             let quiet = ctx.quiet().await?;
             sup.cut_directed(&[(&b, &a), (&a, &c), (&c, &a)]).await?;
             let attempt = ctx.attempt(ch, key.clone(), Some((session, 1)));
-            let (i, t) = ctx.uncommitted_on(&a, quiet).await?;
+            let held = ctx.held_now(&[&c]).await?;
+            let (i, t) = ctx.uncommitted_on(&a, quiet.max(held)).await?;
             ctx.until("the entry on the follower", |v| {
                 let m = v.members.iter().find(|m| m.name == b)?;
                 m.log

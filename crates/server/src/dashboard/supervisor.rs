@@ -14,7 +14,7 @@ use crate::insight::{self, Chronicle, Cut};
 use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::routing::post;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio::io::AsyncWriteExt;
@@ -357,30 +357,26 @@ impl Supervisor {
         Ok(())
     }
 
+    /// `name`'s state as it answers now, without its events (the collector's latest view
+    /// may be a poll old).
+    pub async fn state_now(&self, name: &str) -> Result<insight::MemberState, String> {
+        let spec = &self.specs[self.index(name)?];
+        let target = super::collect::Target {
+            name: spec.name.clone(),
+            url: spec.client_url.clone(),
+        };
+        super::collect::poll(target, u64::MAX).await
+    }
+
     /// Wait until member `i` reports `cut` as its switch (a paused member reads it later).
     async fn await_cut(&self, i: usize, cut: &Cut) -> Result<(), String> {
         let spec = &self.specs[i];
-        let hexes = |s: &std::collections::HashSet<u64>| {
-            let mut v: Vec<String> = s.iter().map(|id| insight::hex(*id)).collect();
-            v.sort();
-            v
-        };
-        let sorted = |mut v: Vec<String>| {
-            v.sort();
-            v
-        };
-        let (from, to) = (hexes(&cut.from), hexes(&cut.to));
+        let hexes = |ids: &HashSet<u64>| ids.iter().map(|id| insight::hex(*id)).collect();
+        let (from, to): (HashSet<String>, HashSet<String>) = (hexes(&cut.from), hexes(&cut.to));
         let deadline = std::time::Instant::now() + CUT_TAKEN;
-        // No events wanted: only the switch's state.
-        let path = format!("/dashboard/state?since={}", u64::MAX);
         loop {
-            let got = super::http::get(&spec.client_url, &path)
-                .await
-                .and_then(|b| {
-                    serde_json::from_slice::<insight::MemberState>(&b).map_err(|e| e.to_string())
-                });
-            if let Ok(s) = got {
-                if sorted(s.cut_from) == from && sorted(s.cut_to) == to {
+            if let Ok(s) = self.state_now(&spec.name).await {
+                if HashSet::from_iter(s.cut_from) == from && HashSet::from_iter(s.cut_to) == to {
                     return Ok(());
                 }
             }
