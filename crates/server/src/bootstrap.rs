@@ -8,7 +8,11 @@
 //!   `member add` recorded them.
 //!
 //! The registry the cluster was bootstrapped with is written to the data directory
-//! (`MEMBERS`): every member's replicated registry starts from it.
+//! (`MEMBERS`): every member's replicated registry starts from it. A newcomer also writes
+//! down the members the cluster named when it joined (`JOINED`): until its own log tells it
+//! who the members are, those are the peers it admits and reaches. The bootstrap registry
+//! alone would not do — after earlier replacements it names members long gone, possibly at
+//! the newcomer's own peer URL, and none of the members that now run.
 
 use crate::members::Registry;
 use crate::node::Node;
@@ -19,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const MEMBERS_FILE: &str = "MEMBERS";
+const JOINED_FILE: &str = "JOINED";
 
 /// The flags a member's identity is decided from.
 #[derive(Clone, Debug)]
@@ -44,8 +49,9 @@ pub struct Plan {
     /// member that joined later starts empty and learns its configuration from the log).
     pub voters: Vec<NodeId>,
     pub bootstrap: Registry,
-    /// Peers to reach at once (id → peer URL), beyond what the registry knows: for a
-    /// newcomer, the members the cluster has now.
+    /// For a member that joined an existing cluster: the members the cluster named when it
+    /// joined (id → peer URL), itself excluded. It admits and reaches them before its log
+    /// says who the members are. Empty for a founding member.
     pub peers: HashMap<NodeId, String>,
 }
 
@@ -137,12 +143,17 @@ pub async fn plan(f: &Flags) -> Result<Plan, String> {
             } else {
                 Vec::new()
             };
+            let joined = storage::read_small_file(&f.data_dir, JOINED_FILE)
+                .map_err(|e| e.to_string())?
+                .map(|b| Registry::decode(&b))
+                .transpose()?;
+            let peers = joined.map_or_else(HashMap::new, |r| peers_of(&r, ident.node_id, f));
             Ok(Plan {
                 id: ident.node_id,
                 cluster_id: ident.cluster_id,
                 voters,
                 bootstrap,
-                peers: HashMap::new(),
+                peers,
             })
         }
         (None, false) => join(f).await,
@@ -248,12 +259,9 @@ fn find_self(f: &Flags, info: pb::ClusterInfo) -> Result<Result<Plan, String>, S
     }
     let id = me.id;
     save(&f.data_dir, &bootstrap)?;
-    let peers = current
-        .members
-        .values()
-        .filter(|m| m.id != id)
-        .filter_map(|m| Some((m.id, m.peer_urls.first()?.clone())))
-        .collect();
+    storage::write_small_file(&f.data_dir, JOINED_FILE, &current.encode())
+        .map_err(|e| e.to_string())?;
+    let peers = peers_of(&current, id, f);
     Ok(Ok(Plan {
         id,
         cluster_id: info.cluster_id,
@@ -261,6 +269,17 @@ fn find_self(f: &Flags, info: pb::ClusterInfo) -> Result<Result<Plan, String>, S
         bootstrap,
         peers,
     }))
+}
+
+/// The members of `r` other than this one, at their first peer URL; never this member's own
+/// URLs (a removed predecessor may be listed there).
+fn peers_of(r: &Registry, me: NodeId, f: &Flags) -> HashMap<NodeId, String> {
+    r.members
+        .values()
+        .filter(|m| m.id != me)
+        .filter_map(|m| Some((m.id, m.peer_urls.first()?.clone())))
+        .filter(|(_, url)| !f.advertise_peer_urls.contains(url))
+        .collect()
 }
 
 async fn ask(url: &str, dialer: &crate::tls::Dialer) -> Result<pb::ClusterInfo, String> {

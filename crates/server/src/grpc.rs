@@ -259,6 +259,21 @@ pub fn channel_to(v: &View, member: NodeId) -> Result<tonic::transport::Channel,
     Ok(crate::tls::client_dialer().connect_lazy(endpoint))
 }
 
+/// A leader's refusal passes through unchanged; failing to reach it (a leader that died
+/// before this member noticed) is "no leader" to the client, as etcd says, which retries.
+pub fn relayed(s: Status) -> Status {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+            if s.message().starts_with("etcdserver:") {
+                s
+            } else {
+                Status::unavailable("etcdserver: no leader")
+            }
+        }
+        _ => s,
+    }
+}
+
 impl Services {
     /// The leader's Cluster service, if this member is not the leader: membership changes
     /// are the leader's to propose.
@@ -306,7 +321,8 @@ impl cluster_server::Cluster for Services {
         req: Request<pb::MemberAddRequest>,
     ) -> Result<Response<pb::MemberAddResponse>, Status> {
         if let Some(mut leader) = self.leader_elsewhere(&req)? {
-            return leader.member_add(Self::forwarded(req.into_inner())).await;
+            let forwarded = leader.member_add(Self::forwarded(req.into_inner()));
+            return forwarded.await.map_err(relayed);
         }
         let r = req.into_inner();
         check_peer_urls(&r.peer_ur_ls)?;
@@ -337,7 +353,8 @@ impl cluster_server::Cluster for Services {
         if let Some(mut leader) = self.leader_elsewhere(&req)? {
             return leader
                 .member_remove(Self::forwarded(req.into_inner()))
-                .await;
+                .await
+                .map_err(relayed);
         }
         let id = req.into_inner().id;
         if self.node.view().registry.removed.contains(&id) {
@@ -401,7 +418,8 @@ impl cluster_server::Cluster for Services {
         if let Some(mut leader) = self.leader_elsewhere(&req)? {
             return leader
                 .member_promote(Self::forwarded(req.into_inner()))
-                .await;
+                .await
+                .map_err(relayed);
         }
         let id = req.into_inner().id;
         let (header, members) = self.change(MemberOp::Promote(id)).await?;

@@ -5,7 +5,7 @@
 //! its leases alive through any member.
 
 use crate::command::Write;
-use crate::grpc::{channel_to, timed_out, REQUEST_TIMEOUT};
+use crate::grpc::{channel_to, relayed, timed_out, REQUEST_TIMEOUT};
 use crate::node::{not_leader, LeaseInfo, Node};
 use crate::pb::etcdserverpb::{self as pb, lease_server};
 use crate::pb::raftkvpb::lease_forward_client::LeaseForwardClient;
@@ -214,21 +214,6 @@ impl LeaseService {
             granted_ttl: info.granted_ttl,
             keys: if req.keys { info.keys } else { Vec::new() },
         }
-    }
-}
-
-/// A leader's refusal passes through unchanged; failing to reach it is "no leader" to the
-/// client, which retries.
-fn relayed(s: Status) -> Status {
-    match s.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
-            if s.message().starts_with("etcdserver:") {
-                s
-            } else {
-                Status::unavailable("etcdserver: no leader")
-            }
-        }
-        _ => s,
     }
 }
 

@@ -594,6 +594,13 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
             .ok_or_else(|| format!("--initial-cluster: {part:?} is not name=url"))?;
         cluster.push((name.to_string(), url.to_string()));
     }
+    // Checked before anything binds a port: a port clash must not hide a wrong name.
+    if a.initial_cluster_state == "new" && !cluster.iter().any(|(n, _)| *n == a.name) {
+        return Err(format!(
+            "--initial-cluster has no member named {:?} (--name)",
+            a.name
+        ));
+    }
     let urls = |s: &str| -> Vec<String> {
         s.split(',')
             .filter(|u| !u.is_empty())
@@ -669,6 +676,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         id: me,
         voters: plan.voters.clone(),
         bootstrap: plan.bootstrap.clone(),
+        introduced: plan.peers.keys().copied().collect(),
         cluster_id,
         data_dir,
         tick: Duration::from_millis(a.heartbeat_interval),
@@ -699,7 +707,10 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
     ));
     let (node, task) = Node::start(cfg, transport.clone()).await?;
     let _ = cell.set(node.clone());
-    tokio::spawn(bootstrap::publish(
+    // As etcd, a member serves clients only once it has published itself through the log:
+    // it then has a leader and has applied at least the entry that made it a member, so a
+    // newcomer never answers from the empty store it starts with.
+    let published = tokio::spawn(bootstrap::publish(
         node.clone(),
         a.name.clone(),
         own_client_urls,
@@ -750,6 +761,10 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         .layer(GrpcMetricsLayer(metrics.clone()))
         .add_routes(routes.into());
     let client_server = async move {
+        if published.await.is_err() {
+            return Ok(());
+        }
+        tracing::info!("published this member; ready to serve client requests");
         match client_tls.acceptor {
             None => client_router.serve_with_incoming(client_listener).await,
             Some(acceptor) => {
@@ -773,8 +788,8 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         ));
     }
     println!(
-        "raftkv member {} ({me:016x}) of cluster {cluster_id:016x} serving clients on {} and peers on {}",
-        a.name, a.listen_client_urls, a.listen_peer_urls
+        "raftkv member {} ({me:016x}) of cluster {cluster_id:016x} serving peers on {}; clients on {} once it has published itself",
+        a.name, a.listen_peer_urls, a.listen_client_urls
     );
     tokio::select! {
         r = peer_server => r.map_err(|e| format!("peer listener {peer_addr}: {e}"))?,

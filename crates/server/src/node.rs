@@ -21,7 +21,7 @@ use raft::{
     ConfChange, ConfEntry, EntryKind, Index, Membership, Message, NodeId, Raft, Role, Snapshot,
     SnapshotMeta, Term,
 };
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -37,6 +37,10 @@ pub struct NodeConfig {
     pub voters: Vec<NodeId>,
     /// The member registry the cluster was bootstrapped with (see `members.rs`).
     pub bootstrap: Registry,
+    /// For a member that joined an existing cluster: the members the cluster named when it
+    /// joined. They are admitted as peers until this member has applied a configuration
+    /// that includes itself (from then on its registry and log say who the members are).
+    pub introduced: BTreeSet<NodeId>,
     pub cluster_id: u64,
     pub data_dir: PathBuf,
     /// The heartbeat interval; one raft tick.
@@ -99,13 +103,18 @@ pub struct View {
     pub pending: BTreeMap<NodeId, Vec<String>>,
     pub leader: Option<NodeId>,
     pub term: Term,
+    /// The members a newcomer was introduced to by the cluster, until it has applied a
+    /// configuration holding itself (see [`NodeConfig::introduced`]); then empty.
+    pub introduced: BTreeSet<NodeId>,
 }
 
 impl View {
-    /// A member this one should talk to: in the registry, or in a configuration on its way.
+    /// A member this one should talk to: in the registry, in a configuration on its way, or
+    /// (for a newcomer still catching up) one the cluster introduced it to.
     pub fn knows(&self, id: NodeId) -> bool {
         self.registry.members.contains_key(&id)
             || self.latest.as_ref().is_some_and(|m| m.contains(id))
+            || self.introduced.contains(&id)
     }
 
     /// The registry with the members still on their way (unnamed, as etcd lists a member
@@ -368,6 +377,7 @@ impl Node {
             role: Role::Follower,
             chronicle,
             cluster_id: cfg.cluster_id,
+            introduced: cfg.introduced.clone(),
         };
         {
             let r = lp.d.raft();
@@ -792,6 +802,9 @@ struct Loop {
     /// which sees the votes and snapshots leave).
     chronicle: SharedChronicle,
     cluster_id: u64,
+    /// See [`NodeConfig::introduced`]; emptied once the applied configuration holds this
+    /// member.
+    introduced: BTreeSet<NodeId>,
 }
 
 impl Loop {
@@ -918,6 +931,9 @@ impl Loop {
         let registry = &self.d.machine().registry;
         let applied = self.d.membership();
         let latest = r.membership();
+        if applied.is_some_and(|m| m.contains(r.id())) {
+            self.introduced.clear();
+        }
         let mut added = self.added.lock().unwrap();
         // Forget what applied, or what the log no longer holds.
         added.retain(|id, _| latest.contains(*id) && !registry.members.contains_key(id));
@@ -929,6 +945,7 @@ impl Loop {
                 || v.applied.as_ref() != applied
                 || v.latest.as_ref() != Some(latest)
                 || v.pending != *added
+                || v.introduced != self.introduced
         };
         if !changed {
             return;
@@ -943,6 +960,7 @@ impl Loop {
             pending,
             leader,
             term,
+            introduced: self.introduced.clone(),
         };
         let mut v = self.view.write().unwrap();
         if v.registry != next.registry {

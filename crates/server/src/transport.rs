@@ -70,8 +70,11 @@ impl PeerTransport {
     }
 
     /// Reach `id` at `url`; with `replace`, a known peer at another URL is reconnected.
+    /// Never this member itself, under its id or at one of its own peer URLs: a registry
+    /// may still list a removed predecessor there (a replacement reuses the URL), and a
+    /// stream to ourselves would be refused by ourselves forever.
     fn ensure(&self, id: NodeId, url: &str, replace: bool) {
-        if id == self.me || url.is_empty() {
+        if id == self.me || url.is_empty() || self.hello.peer_urls.iter().any(|u| u == url) {
             return;
         }
         let mut peers = self.peers.lock().unwrap();

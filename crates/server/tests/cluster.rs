@@ -141,6 +141,15 @@ fn wrong_flags_are_explained() {
         err.contains("cannot listen on") && err.contains("in use"),
         "{err}"
     );
+    // A wrong name is reported as such even when the port is taken too.
+    let (code, err) = run(&[
+        "serve",
+        "--name=a",
+        "--initial-cluster=b=http://127.0.0.1:1",
+        &format!("--listen-client-urls=http://127.0.0.1:{port}"),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no member named \"a\""), "{err}");
     let (code, err) = run(&["serve", "--no-such-flag"]);
     assert_ne!(code, 0);
     assert!(err.contains("--no-such-flag"), "{err}");

@@ -64,6 +64,7 @@ fn config(dir: &Path, id: u64, snapshot_count: u64) -> NodeConfig {
         bootstrap: server::members::Registry::bootstrap(
             (1..=3).map(|i| (i, format!("n{i}"), vec![format!("http://n{i}:2380")])),
         ),
+        introduced: Default::default(),
         cluster_id: 0xfeed,
         data_dir: dir.join(format!("node{id}")),
         tick: Duration::from_millis(10),
