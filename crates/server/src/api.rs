@@ -16,7 +16,9 @@ pub fn status(e: &kv::Error) -> Status {
         kv::Error::Compacted | kv::Error::FutureRevision => Code::OutOfRange,
         kv::Error::BadSnapshot(_) => Code::Internal,
         kv::Error::LeaseNotFound => Code::NotFound,
-        kv::Error::LeaseExists | kv::Error::StaleSequence { .. } => Code::FailedPrecondition,
+        kv::Error::LeaseExists
+        | kv::Error::StaleSequence { .. }
+        | kv::Error::SessionMismatch { .. } => Code::FailedPrecondition,
         kv::Error::LeaseTtlTooLarge => Code::OutOfRange,
         _ => Code::InvalidArgument,
     };

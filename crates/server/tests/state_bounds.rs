@@ -1,0 +1,203 @@
+//! Real one-member processes: a retried exactly-once write gets its first answer over the
+//! quota and under alarms (and raises none).
+
+mod common;
+
+use bytes::Bytes;
+use common::{free_port, kv, Proc};
+use server::pb::etcdserverpb::{
+    alarm_request::AlarmAction, lease_client::LeaseClient, maintenance_client::MaintenanceClient,
+    AlarmRequest, LeaseGrantRequest, PutRequest,
+};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// One member serving on its own, with extra flags.
+pub fn one_member(dir: &std::path::Path, extra: &[&str]) -> Proc {
+    let client = format!("http://127.0.0.1:{}", free_port());
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--name=n0".into(),
+        format!("--data-dir={}", dir.join("n0").display()),
+        format!("--listen-client-urls={client}"),
+        format!("--advertise-client-urls={client}"),
+        format!("--listen-peer-urls={peer}"),
+        format!("--initial-advertise-peer-urls={peer}"),
+        format!("--initial-cluster=n0={peer}"),
+        "--initial-cluster-token=test".into(),
+        "--heartbeat-interval=20".into(),
+        "--election-timeout=200".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut p = Proc {
+        name: "n0".into(),
+        client,
+        child: None,
+        args,
+    };
+    p.spawn();
+    p
+}
+
+fn channel(url: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect_lazy()
+}
+
+/// Wait until the member answers a write.
+pub async fn ready(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let put = PutRequest {
+            key: Bytes::from_static(b"ready"),
+            ..Default::default()
+        };
+        if kv(url).await.put(put).await.is_ok() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the member never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn grant(url: &str) -> i64 {
+    LeaseClient::new(channel(url))
+        .lease_grant(LeaseGrantRequest { ttl: 600, id: 0 })
+        .await
+        .unwrap()
+        .into_inner()
+        .id
+}
+
+/// A put of `size` bytes, in session `lease` with number `seq` (if any): its header revision.
+async fn put(
+    url: &str,
+    key: &str,
+    size: usize,
+    session: Option<(i64, u64)>,
+) -> Result<i64, tonic::Status> {
+    let mut req = tonic::Request::new(PutRequest {
+        key: Bytes::copy_from_slice(key.as_bytes()),
+        value: Bytes::from(vec![b'v'; size]),
+        ..Default::default()
+    });
+    if let Some((lease, seq)) = session {
+        let md = req.metadata_mut();
+        md.insert("raftkv-session", lease.to_string().parse().unwrap());
+        md.insert("raftkv-seq", seq.to_string().parse().unwrap());
+    }
+    Ok(kv(url)
+        .await
+        .put(req)
+        .await?
+        .into_inner()
+        .header
+        .unwrap()
+        .revision)
+}
+
+async fn alarms(url: &str) -> Vec<(u64, i32)> {
+    let r = MaintenanceClient::new(channel(url))
+        .alarm(AlarmRequest {
+            action: AlarmAction::Get as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.alarms.iter().map(|a| (a.member_id, a.alarm)).collect()
+}
+
+/// Defect 5: on one member with a 3000-byte quota, a 2000-byte put in a session passes; its
+/// retry (which would pass the quota if it ran again) is answered with the first answer,
+/// raises no alarm, and still is once NOSPACE is raised by a genuine write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_session_write_gets_its_first_answer_over_the_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = one_member(dir.path(), &["--quota-backend-bytes=3000"]);
+    let url = p.client.clone();
+    ready(&url).await;
+    let lease = grant(&url).await;
+    let first = put(&url, "k", 2000, Some((lease, 1))).await.unwrap();
+    let retry = put(&url, "k", 2000, Some((lease, 1))).await;
+    assert_eq!(
+        retry.map_err(|e| e.to_string()),
+        Ok(first),
+        "the retry was not answered as the first run"
+    );
+    assert_eq!(alarms(&url).await, vec![], "a retry raised an alarm");
+    // A new write in the session is over the quota, as any other.
+    let e = put(&url, "k2", 2000, Some((lease, 2))).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("database space exceeded"), "{e:?}");
+    // NOSPACE is now raised (by that write). Number 2 was refused before it was proposed,
+    // so 1 is still the session's last: its retry still gets its answer.
+    wait_for_alarm(&url, 1).await;
+    let retry = put(&url, "k", 2000, Some((lease, 1))).await;
+    assert_eq!(
+        retry.map_err(|e| e.to_string()),
+        Ok(first),
+        "a retry under NOSPACE was refused"
+    );
+    // The member still serves what frees space.
+    kv(&url)
+        .await
+        .delete_range(server::pb::etcdserverpb::DeleteRangeRequest {
+            key: Bytes::from_static(b"k"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+async fn wait_for_alarm(url: &str, alarm: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !alarms(url).await.iter().any(|a| a.1 == alarm) {
+        assert!(Instant::now() < deadline, "alarm {alarm} never raised");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Defect 5, CORRUPT: a retry of an applied write gets its first answer while every new
+/// write is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_session_write_gets_its_first_answer_under_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = one_member(dir.path(), &[]);
+    let url = p.client.clone();
+    ready(&url).await;
+    let lease = grant(&url).await;
+    let first = put(&url, "k", 10, Some((lease, 1))).await.unwrap();
+    let member = kv(&url)
+        .await
+        .range(server::pb::etcdserverpb::RangeRequest {
+            key: Bytes::from_static(b"k"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .member_id;
+    MaintenanceClient::new(channel(&url))
+        .alarm(AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: member,
+            alarm: 2,
+        })
+        .await
+        .unwrap();
+    wait_for_alarm(&url, 2).await;
+    let retry = put(&url, "k", 10, Some((lease, 1))).await;
+    assert_eq!(retry.map_err(|e| e.to_string()), Ok(first));
+    let e = put(&url, "k", 10, Some((lease, 2))).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    // The same number with another body is refused, clearly, whatever the alarms.
+    let e = put(&url, "k", 11, Some((lease, 1))).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("different request"), "{e:?}");
+}
