@@ -1,5 +1,6 @@
 //! Real one-member processes: a retried exactly-once write gets its first answer over the
-//! quota and under alarms (and raises none).
+//! quota and under alarms (and raises none); Snapshot and Hash calls are bounded, and a
+//! streamed backup restores.
 
 mod common;
 
@@ -7,7 +8,7 @@ use bytes::Bytes;
 use common::{free_port, kv, Proc};
 use server::pb::etcdserverpb::{
     alarm_request::AlarmAction, lease_client::LeaseClient, maintenance_client::MaintenanceClient,
-    AlarmRequest, LeaseGrantRequest, PutRequest,
+    AlarmRequest, HashRequest, LeaseGrantRequest, PutRequest, SnapshotRequest,
 };
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -200,4 +201,80 @@ async fn a_retried_session_write_gets_its_first_answer_under_corrupt() {
     let e = put(&url, "k", 11, Some((lease, 1))).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("different request"), "{e:?}");
+}
+
+/// Defect 7: at most `MAX_COPIES` Snapshot (and Hash) calls at once; one more is refused
+/// with "too many requests" while they are open, and served once one ends. A backup
+/// streamed chunk by chunk still restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_and_hash_calls_beyond_the_bound_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = one_member(dir.path(), &[]);
+    let url = p.client.clone();
+    ready(&url).await;
+    // Enough that a stream not read holds its copy: more than the queue and the
+    // transport's windows take.
+    for i in 0..12 {
+        put(&url, &format!("big{i}"), 1_000_000, None)
+            .await
+            .unwrap();
+    }
+    let bound = server::maintenance::MAX_COPIES;
+    let mut open = Vec::new();
+    for _ in 0..bound {
+        // Each on a connection of its own, reading one message and no more.
+        let mut s = MaintenanceClient::new(channel(&url))
+            .snapshot(SnapshotRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(s.message().await.unwrap().is_some());
+        open.push(s);
+    }
+    let e = MaintenanceClient::new(channel(&url))
+        .snapshot(SnapshotRequest {})
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("too many requests"), "{e:?}");
+    let e = MaintenanceClient::new(channel(&url))
+        .hash(HashRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // The member keeps serving writes meanwhile.
+    put(&url, "during", 10, None).await.unwrap();
+    // One ends: another is served, whole, and is a backup `raftkv snapshot restore` takes.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let backup = loop {
+        match MaintenanceClient::new(channel(&url))
+            .snapshot(SnapshotRequest {})
+            .await
+        {
+            Ok(s) => {
+                let mut s = s.into_inner();
+                let mut out = Vec::new();
+                let mut last_remaining = u64::MAX;
+                while let Some(m) = s.message().await.unwrap() {
+                    out.extend_from_slice(&m.blob);
+                    assert!(m.remaining_bytes < last_remaining);
+                    last_remaining = m.remaining_bytes;
+                }
+                assert_eq!(last_remaining, 0);
+                break out;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(Instant::now() < deadline, "the ended call kept its permit");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let data = server::maintenance::check_backup(&backup).unwrap();
+    let (_, store) = server::members::decode_snapshot(&data).unwrap();
+    let store = kv::Store::restore(&store).unwrap();
+    assert!(store.size_bytes() > 12_000_000);
+    drop(open);
 }
