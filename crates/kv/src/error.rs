@@ -30,6 +30,8 @@ pub enum Error {
     BadSequence,
     /// Only puts, deletes and transactions run in a session.
     NotInSession,
+    /// A retry of a session's last number whose command differs from the one applied.
+    SessionMismatch { seq: u64 },
 }
 
 impl fmt::Display for Error {
@@ -53,6 +55,13 @@ impl fmt::Display for Error {
             }
             Error::BadSequence => "raftkv: session sequence numbers start at 1",
             Error::NotInSession => "raftkv: only puts, deletes and txns run in a session",
+            Error::SessionMismatch { seq } => {
+                return write!(
+                    f,
+                    "raftkv: session sequence number {seq} was applied to a different request \
+                     (a retry must resend the same request)"
+                )
+            }
         })
     }
 }

@@ -111,7 +111,7 @@ impl Store {
             })?;
         }
         self.leases.remove(&id);
-        self.sessions.remove(&id);
+        self.forget_session(id);
         Ok(LeaseResponse::Revoked { id, deleted })
     }
 

@@ -1,86 +1,215 @@
 //! The store as bytes, for raft snapshots. Layout (little endian):
 //!
 //! ```text
-//! magic "RKVKV003" | revision i64 | compact_revision i64 | key count u64 |
+//! magic "RKVKV004" | revision i64 | compact_revision i64 | key count u64 |
 //!   per key: key len u32 | key | version count u32 |
 //!     per version: rev i64 | sub u32 | live u8 | if live: create i64 | version i64 |
 //!                                                    lease i64 | value len u32 | value
 //! lease count u64 | per lease: id i64 | ttl i64 | remaining i64
-//! session count u64 | per session: lease i64 | seq u64 | revision i64 | result
+//! session count u64 | per session: lease i64 | seq u64 | revision i64 |
+//!                                  has digest u8 | digest u32 | result
 //! ```
 //!
 //! `sub` is the version's place among the writes of its revision (etcd's sub-revision),
 //! from which the revision index that watchers replay is rebuilt. A lease's keys are not
-//! stored: they are the live keys naming it. A session's result is its last command's
-//! answer (see `encode_result`). Version 2 ("RKVKV002") had no leases or sessions; version
-//! 1 ("RKVKV001") had no `sub` either, and its writes of one revision replay in key order.
+//! stored: they are the live keys naming it. A session's result is what a retry of its last
+//! command is answered (see `session.rs` and `encode_result`): no key-values.
+//!
+//! Older versions still restore: version 3 ("RKVKV003") kept whole answers (key-values
+//! included) and no digest — they are stripped to a retry's answer as they are read, and
+//! the digest is unknown; version 2 ("RKVKV002") had no leases or sessions; version 1
+//! ("RKVKV001") had no `sub` either, and its writes of one revision replay in key order.
+//!
+//! A snapshot is produced in chunks ([`Store::snapshot_chunks`]) from a frozen copy of the
+//! store, so a backup streams in memory bounded by a chunk, whatever the store's size;
+//! [`Store::snapshot_len`] says its length up front (a backup's header carries it).
 //!
 //! Integrity is the snapshot file's job (it carries a CRC); decoding still checks every
 //! length and invariant, and never panics on bad bytes.
 
 use crate::error::{Error, Result};
-use crate::lease::Lease;
-use crate::session::Remembered;
+use crate::lease::{Lease, LeaseId};
+use crate::session::{retry_answer, Remembered};
 use crate::store::{cost, Response, Store, Version};
 use crate::types::*;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use imbl::{OrdSet, Vector};
+use std::ops::Bound;
 
-const MAGIC: &[u8; 8] = b"RKVKV003";
+const MAGIC: &[u8; 8] = b"RKVKV004";
+const MAGIC_V3: &[u8; 8] = b"RKVKV003";
 const MAGIC_V2: &[u8; 8] = b"RKVKV002";
 const MAGIC_V1: &[u8; 8] = b"RKVKV001";
-/// Deepest nesting of transactions a remembered answer may have (the store's own limit on
-/// a request's size bounds it far below this).
+/// Deepest nesting of transactions a remembered answer may have (the server's own limit on
+/// a request's nesting bounds it far below this).
 const MAX_DEPTH: usize = 64;
 
-impl Store {
-    pub fn snapshot(&self) -> Bytes {
-        let mut b = BytesMut::new();
-        b.put_slice(MAGIC);
-        b.put_i64_le(self.revision);
-        b.put_i64_le(self.compact_revision);
-        b.put_u64_le(self.keys.len() as u64);
-        for (key, history) in &self.keys {
-            b.put_u32_le(key.len() as u32);
-            b.put_slice(key);
-            b.put_u32_le(history.len() as u32);
-            for v in history {
-                b.put_i64_le(v.rev);
-                b.put_u32_le(self.sub_of(key, v.rev));
-                match &v.kv {
-                    None => b.put_u8(0),
-                    Some(kv) => {
-                        b.put_u8(1);
-                        b.put_i64_le(kv.create_revision);
-                        b.put_i64_le(kv.version);
-                        b.put_i64_le(kv.lease);
-                        b.put_u32_le(kv.value.len() as u32);
-                        b.put_slice(&kv.value);
+/// A snapshot being produced, chunk by chunk, from a frozen copy of the store (cloning a
+/// store is O(1): it shares every node with the original). Each chunk holds at least the
+/// target's bytes (but the last), and at most the target plus one key's history (or one
+/// lease, or one session): what it holds beyond the store itself is one chunk.
+pub struct SnapshotChunks {
+    store: Store,
+    target: usize,
+    stage: Stage,
+}
+
+/// Where the next chunk starts: after the item named (`None`: at the first).
+enum Stage {
+    Head,
+    Keys(Option<Bytes>),
+    Leases(Option<LeaseId>),
+    Sessions(Option<LeaseId>),
+    Done,
+}
+
+impl Iterator for SnapshotChunks {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        let target = self.target.max(1);
+        let mut b = BytesMut::with_capacity(target.min(1 << 20));
+        let s = &self.store;
+        while b.len() < target {
+            self.stage = match std::mem::replace(&mut self.stage, Stage::Done) {
+                Stage::Head => {
+                    b.put_slice(MAGIC);
+                    b.put_i64_le(s.revision);
+                    b.put_i64_le(s.compact_revision);
+                    b.put_u64_le(s.keys.len() as u64);
+                    Stage::Keys(None)
+                }
+                Stage::Keys(after) => {
+                    let keys: Box<dyn Iterator<Item = (&Bytes, &Vec<Version>)>> = match after {
+                        None => Box::new(s.keys.iter()),
+                        Some(k) => Box::new(s.keys.range((Bound::Excluded(k), Bound::Unbounded))),
+                    };
+                    let mut last = None;
+                    for (key, history) in keys {
+                        s.encode_key(&mut b, key, history);
+                        if b.len() >= target {
+                            last = Some(key.clone());
+                            break;
+                        }
                     }
+                    match last {
+                        Some(k) => Stage::Keys(Some(k)),
+                        None => {
+                            b.put_u64_le(s.leases.len() as u64);
+                            Stage::Leases(None)
+                        }
+                    }
+                }
+                Stage::Leases(after) => {
+                    let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+                    let mut last = None;
+                    for (id, l) in s.leases.range((from, Bound::Unbounded)) {
+                        b.put_i64_le(l.id);
+                        b.put_i64_le(l.ttl);
+                        b.put_i64_le(l.remaining);
+                        if b.len() >= target {
+                            last = Some(*id);
+                            break;
+                        }
+                    }
+                    match last {
+                        Some(id) => Stage::Leases(Some(id)),
+                        None => {
+                            b.put_u64_le(s.sessions.len() as u64);
+                            Stage::Sessions(None)
+                        }
+                    }
+                }
+                Stage::Sessions(after) => {
+                    let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+                    let mut last = None;
+                    for (lease, m) in s.sessions.range((from, Bound::Unbounded)) {
+                        b.put_i64_le(*lease);
+                        b.put_u64_le(m.seq);
+                        b.put_i64_le(m.revision);
+                        b.put_u8(m.digest.is_some() as u8);
+                        b.put_u32_le(m.digest.unwrap_or(0));
+                        encode_result(&mut b, &m.result);
+                        if b.len() >= target {
+                            last = Some(*lease);
+                            break;
+                        }
+                    }
+                    match last {
+                        Some(lease) => Stage::Sessions(Some(lease)),
+                        None => Stage::Done,
+                    }
+                }
+                Stage::Done => break,
+            };
+        }
+        (!b.is_empty()).then(|| b.freeze())
+    }
+}
+
+impl Store {
+    /// The whole snapshot in one buffer (what a raft snapshot stores).
+    pub fn snapshot(&self) -> Bytes {
+        // With no target, the first chunk is the whole snapshot.
+        let mut chunks = self.clone().snapshot_chunks(usize::MAX);
+        chunks.next().unwrap_or_default()
+    }
+
+    /// The snapshot of this store (a frozen copy: later writes to the original do not show)
+    /// in chunks of about `target` bytes; their concatenation is [`Store::snapshot`].
+    pub fn snapshot_chunks(self, target: usize) -> SnapshotChunks {
+        SnapshotChunks {
+            store: self,
+            target,
+            stage: Stage::Head,
+        }
+    }
+
+    /// The length of [`Store::snapshot`], computed without producing it.
+    pub fn snapshot_len(&self) -> u64 {
+        let mut n = 8 + 8 + 8 + 8;
+        for (key, history) in &self.keys {
+            n += 4 + key.len() as u64 + 4;
+            for v in history {
+                n += 8 + 4 + 1;
+                if let Some(kv) = &v.kv {
+                    n += 8 + 8 + 8 + 4 + kv.value.len() as u64;
                 }
             }
         }
-        b.put_u64_le(self.leases.len() as u64);
-        for l in self.leases.values() {
-            b.put_i64_le(l.id);
-            b.put_i64_le(l.ttl);
-            b.put_i64_le(l.remaining);
+        n += 8 + 24 * self.leases.len() as u64;
+        // A session's cost is exactly its bytes here.
+        n += 8 + self.sessions.values().map(|m| m.cost()).sum::<u64>();
+        n
+    }
+
+    fn encode_key(&self, b: &mut BytesMut, key: &Bytes, history: &[Version]) {
+        b.put_u32_le(key.len() as u32);
+        b.put_slice(key);
+        b.put_u32_le(history.len() as u32);
+        for v in history {
+            b.put_i64_le(v.rev);
+            b.put_u32_le(self.sub_of(key, v.rev));
+            match &v.kv {
+                None => b.put_u8(0),
+                Some(kv) => {
+                    b.put_u8(1);
+                    b.put_i64_le(kv.create_revision);
+                    b.put_i64_le(kv.version);
+                    b.put_i64_le(kv.lease);
+                    b.put_u32_le(kv.value.len() as u32);
+                    b.put_slice(&kv.value);
+                }
+            }
         }
-        b.put_u64_le(self.sessions.len() as u64);
-        for (lease, s) in &self.sessions {
-            b.put_i64_le(*lease);
-            b.put_u64_le(s.seq);
-            b.put_i64_le(s.revision);
-            encode_result(&mut b, &s.result);
-        }
-        b.freeze()
     }
 
     /// Rebuild a store from [`Store::snapshot`]'s bytes.
     pub fn restore(data: &Bytes) -> Result<Store> {
         let mut r = Reader(data.clone());
         let version = match r.take(8)? {
-            m if m == MAGIC[..] => 3,
+            m if m == MAGIC[..] => 4,
+            m if m == MAGIC_V3[..] => 3,
             m if m == MAGIC_V2[..] => 2,
             m if m == MAGIC_V1[..] => 1,
             _ => return Err(Error::BadSnapshot("not a kv snapshot")),
@@ -141,7 +270,7 @@ impl Store {
             prev_key = Some(key);
         }
         if version >= 3 {
-            restore_leases(&mut r, &mut store)?;
+            restore_leases(&mut r, &mut store, version)?;
         }
         if r.0.has_remaining() {
             return Err(Error::BadSnapshot("trailing bytes"));
@@ -192,7 +321,7 @@ fn index(
     Ok(by_rev)
 }
 
-fn restore_leases(r: &mut Reader, store: &mut Store) -> Result<()> {
+fn restore_leases(r: &mut Reader, store: &mut Store, version: u8) -> Result<()> {
     let n = r.u64()?;
     for _ in 0..n {
         let (id, ttl, remaining) = (r.i64()?, r.i64()?, r.i64()?);
@@ -217,13 +346,26 @@ fn restore_leases(r: &mut Reader, store: &mut Store) -> Result<()> {
             return Err(Error::BadSnapshot("a session without its lease"));
         }
         let (seq, revision) = (r.u64()?, r.i64()?);
-        let result = decode_result(r)?;
-        store.sessions.insert(
+        let (digest, result) = if version >= 4 {
+            let has = r.bool()?;
+            let d = r.u32()?;
+            let result = decode_result(r, false)?;
+            // Written stripped; `retry_answer` is the identity on it, which `cost` assumes.
+            if retry_answer(&result) != result {
+                return Err(Error::BadSnapshot("a remembered answer with key-values"));
+            }
+            (has.then_some(d), result)
+        } else {
+            // Version 3 kept whole answers: keep what a retry needs, as a version 4 does.
+            (None, retry_answer(&decode_result(r, true)?))
+        };
+        store.remember(
             lease,
             Remembered {
                 seq,
                 result,
                 revision,
+                digest,
             },
         );
     }
@@ -234,12 +376,19 @@ fn restore_leases(r: &mut Reader, store: &mut Store) -> Result<()> {
 //
 // result:   0 | response    or    1 | error code u8 (| last u64 for a stale sequence)
 // response: 1 range | 2 put | 3 delete | 4 txn (only writes run in a session)
+// range:    more u8 | count i64
+// put:      (nothing)
+// delete:   deleted i64
+// txn:      succeeded u8 | op count u32 | per op: revision i64 | response
+//
+// Version 3 also had the key-values (see `decode_op`):
 // range:    more u8 | count i64 | kv count u32 | kvs
 // put:      has prev u8 | prev kv
 // delete:   deleted i64 | kv count u32 | kvs
-// txn:      succeeded u8 | op count u32 | per op: revision i64 | response
 // kv:       key len u32 | key | create i64 | mod i64 | version i64 | lease i64 |
 //           value len u32 | value
+//
+// `session::result_len` is the length of this encoding.
 
 fn encode_result(b: &mut BytesMut, r: &Result<Response>) {
     match r {
@@ -273,7 +422,7 @@ fn error_code(e: &Error) -> (u8, Option<u64>) {
         Error::BadSequence => (11, None),
         Error::NotInSession => (12, None),
         // Never an answer to a command.
-        Error::BadSnapshot(_) => (0, None),
+        Error::BadSnapshot(_) | Error::SessionMismatch { .. } => (0, None),
     }
 }
 
@@ -295,9 +444,10 @@ fn decode_error(r: &mut Reader) -> Result<Error> {
     })
 }
 
-fn decode_result(r: &mut Reader) -> Result<Result<Response>> {
+/// A remembered result; `v3`: in version 3's encoding, with key-values.
+fn decode_result(r: &mut Reader, v3: bool) -> Result<Result<Response>> {
     Ok(match r.u8()? {
-        0 => Ok(match decode_op(r, 0)? {
+        0 => Ok(match decode_op(r, 0, v3)? {
             ResponseOp::Range(x) => Response::Range(x),
             ResponseOp::Put(x) => Response::Put(x),
             ResponseOp::DeleteRange(x) => Response::DeleteRange(x),
@@ -310,9 +460,12 @@ fn decode_result(r: &mut Reader) -> Result<Result<Response>> {
 
 fn encode_response(b: &mut BytesMut, r: &Response) {
     match r {
-        Response::Range(x) => encode_op(b, &ResponseOp::Range(x.clone())),
-        Response::Put(x) => encode_op(b, &ResponseOp::Put(x.clone())),
-        Response::DeleteRange(x) => encode_op(b, &ResponseOp::DeleteRange(x.clone())),
+        Response::Range(x) => encode_range(b, x),
+        Response::Put(_) => b.put_u8(2),
+        Response::DeleteRange(x) => {
+            b.put_u8(3);
+            b.put_i64_le(x.deleted);
+        }
         Response::Txn(x) => encode_txn(b, x),
         // Not run in a session (see `Store::apply_in_session`).
         Response::Compact | Response::Lease(_) => b.put_u8(0),
@@ -329,54 +482,56 @@ fn encode_txn(b: &mut BytesMut, t: &TxnResponse) {
     }
 }
 
+fn encode_range(b: &mut BytesMut, x: &RangeResponse) {
+    b.put_u8(1);
+    b.put_u8(x.more as u8);
+    b.put_i64_le(x.count);
+}
+
+/// Only what a retry is answered is written (the memory holds nothing else).
 fn encode_op(b: &mut BytesMut, op: &ResponseOp) {
     match op {
-        ResponseOp::Range(x) => {
-            b.put_u8(1);
-            b.put_u8(x.more as u8);
-            b.put_i64_le(x.count);
-            encode_kvs(b, &x.kvs);
-        }
-        ResponseOp::Put(x) => {
-            b.put_u8(2);
-            b.put_u8(x.prev_kv.is_some() as u8);
-            if let Some(kv) = &x.prev_kv {
-                encode_kv(b, kv);
-            }
-        }
+        ResponseOp::Range(x) => encode_range(b, x),
+        ResponseOp::Put(_) => b.put_u8(2),
         ResponseOp::DeleteRange(x) => {
             b.put_u8(3);
             b.put_i64_le(x.deleted);
-            encode_kvs(b, &x.prev_kvs);
         }
         ResponseOp::Txn(t) => encode_txn(b, t),
     }
 }
 
-fn decode_op(r: &mut Reader, depth: usize) -> Result<ResponseOp> {
+fn decode_op(r: &mut Reader, depth: usize, v3: bool) -> Result<ResponseOp> {
     if depth > MAX_DEPTH {
         return Err(Error::BadSnapshot("answers nested too deep"));
     }
+    let kvs = |r: &mut Reader| if v3 { decode_kvs(r) } else { Ok(Vec::new()) };
     Ok(match r.u8()? {
         1 => ResponseOp::Range(RangeResponse {
             more: r.bool()?,
             count: r.i64()?,
-            kvs: decode_kvs(r)?,
+            kvs: kvs(r)?,
         }),
         2 => ResponseOp::Put(PutResponse {
-            prev_kv: if r.bool()? { Some(decode_kv(r)?) } else { None },
+            prev_kv: if v3 && r.bool()? {
+                Some(decode_kv(r)?)
+            } else {
+                None
+            },
         }),
         3 => ResponseOp::DeleteRange(DeleteRangeResponse {
             deleted: r.i64()?,
-            prev_kvs: decode_kvs(r)?,
+            prev_kvs: kvs(r)?,
         }),
         4 => {
             let succeeded = r.bool()?;
             let n = r.u32()? as usize;
-            let (mut responses, mut revisions) = (Vec::new(), Vec::new());
+            // Each op takes at least 9 bytes: a bad count cannot make a huge allocation.
+            let cap = n.min(r.0.remaining() / 9);
+            let (mut responses, mut revisions) = (Vec::with_capacity(cap), Vec::with_capacity(cap));
             for _ in 0..n {
                 revisions.push(r.i64()?);
-                responses.push(decode_op(r, depth + 1)?);
+                responses.push(decode_op(r, depth + 1, v3)?);
             }
             ResponseOp::Txn(TxnResponse {
                 succeeded,
@@ -388,13 +543,6 @@ fn decode_op(r: &mut Reader, depth: usize) -> Result<ResponseOp> {
     })
 }
 
-fn encode_kvs(b: &mut BytesMut, kvs: &[KeyValue]) {
-    b.put_u32_le(kvs.len() as u32);
-    for kv in kvs {
-        encode_kv(b, kv);
-    }
-}
-
 fn decode_kvs(r: &mut Reader) -> Result<Vec<KeyValue>> {
     let n = r.u32()? as usize;
     // Each key-value takes at least 44 bytes: a bad count cannot make a huge allocation.
@@ -403,16 +551,6 @@ fn decode_kvs(r: &mut Reader) -> Result<Vec<KeyValue>> {
         kvs.push(decode_kv(r)?);
     }
     Ok(kvs)
-}
-
-fn encode_kv(b: &mut BytesMut, kv: &KeyValue) {
-    b.put_u32_le(kv.key.len() as u32);
-    b.put_slice(&kv.key);
-    for x in [kv.create_revision, kv.mod_revision, kv.version, kv.lease] {
-        b.put_i64_le(x);
-    }
-    b.put_u32_le(kv.value.len() as u32);
-    b.put_slice(&kv.value);
 }
 
 fn decode_kv(r: &mut Reader) -> Result<KeyValue> {

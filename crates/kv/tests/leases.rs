@@ -239,10 +239,15 @@ fn a_retried_command_runs_once_and_gets_the_first_answer() {
         .unwrap();
     assert_eq!(bad.result, Err(Error::LeaseNotFound));
     assert_eq!(
-        s.apply_in_session(Session { lease: 9, seq: 3 }, &put("k", 0))
+        s.apply_in_session(Session { lease: 9, seq: 3 }, &put("k", 404))
             .unwrap()
             .result,
         Err(Error::LeaseNotFound)
+    );
+    // The same number with another command is refused: a retry resends its command.
+    assert_eq!(
+        s.apply_in_session(Session { lease: 9, seq: 3 }, &put("k", 0)),
+        Err(Error::SessionMismatch { seq: 3 })
     );
     // Without a lease there is no session; ending the lease frees its memory.
     assert_eq!(

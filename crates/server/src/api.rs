@@ -16,7 +16,9 @@ pub fn status(e: &kv::Error) -> Status {
         kv::Error::Compacted | kv::Error::FutureRevision => Code::OutOfRange,
         kv::Error::BadSnapshot(_) => Code::Internal,
         kv::Error::LeaseNotFound => Code::NotFound,
-        kv::Error::LeaseExists | kv::Error::StaleSequence { .. } => Code::FailedPrecondition,
+        kv::Error::LeaseExists
+        | kv::Error::StaleSequence { .. }
+        | kv::Error::SessionMismatch { .. } => Code::FailedPrecondition,
         kv::Error::LeaseTtlTooLarge => Code::OutOfRange,
         _ => Code::InvalidArgument,
     };
@@ -155,19 +157,47 @@ fn compare(c: &pb::Compare) -> Result<kv::Compare, Status> {
     })
 }
 
-fn request_op(op: &pb::RequestOp) -> Result<kv::RequestOp, Status> {
+fn request_op(op: &pb::RequestOp, depth: usize, max: usize) -> Result<kv::RequestOp, Status> {
     use pb::request_op::Request as R;
     Ok(match &op.request {
         Some(R::RequestRange(r)) => kv::RequestOp::Range(range_request(r)?),
         Some(R::RequestPut(p)) => kv::RequestOp::Put(put_request(p)?),
         Some(R::RequestDeleteRange(d)) => kv::RequestOp::DeleteRange(delete_request(d)?),
-        Some(R::RequestTxn(t)) => kv::RequestOp::Txn(txn_request(t)?),
+        Some(R::RequestTxn(t)) => kv::RequestOp::Txn(txn_at(t, depth + 1, max)?),
         None => return Err(invalid("empty operation in txn request")),
     })
 }
 
+/// Deepest nesting of transactions in a request (a transaction inside a transaction is at
+/// depth 1). etcd has no bound of its own beyond its decoder's; raftkv's keeps the work a
+/// request can make (recursive checks, a session's remembered answer) bounded, and stays
+/// below the protobuf decoder's recursion limit (100 messages: two per level, plus the log
+/// entry's wrapper), so that the refusal is this clear one. Checked when a client's request
+/// arrives ([`client_txn_request`]), not when a log entry is applied: what the log holds
+/// applies the same under every version.
+pub const MAX_TXN_DEPTH: usize = 32;
+
+/// A transaction from the log.
 pub fn txn_request(t: &pb::TxnRequest) -> Result<kv::TxnRequest, Status> {
-    let ops = |ops: &[pb::RequestOp]| ops.iter().map(request_op).collect::<Result<Vec<_>, _>>();
+    txn_at(t, 0, usize::MAX)
+}
+
+/// A transaction from a client: nested at most [`MAX_TXN_DEPTH`] deep.
+pub fn client_txn_request(t: &pb::TxnRequest) -> Result<kv::TxnRequest, Status> {
+    txn_at(t, 0, MAX_TXN_DEPTH)
+}
+
+fn txn_at(t: &pb::TxnRequest, depth: usize, max: usize) -> Result<kv::TxnRequest, Status> {
+    if depth > max {
+        return Err(invalid(&format!(
+            "txn request nested too deeply (at most {MAX_TXN_DEPTH} levels)"
+        )));
+    }
+    let ops = |ops: &[pb::RequestOp]| {
+        ops.iter()
+            .map(|op| request_op(op, depth, max))
+            .collect::<Result<Vec<_>, _>>()
+    };
     Ok(kv::TxnRequest {
         compare: t.compare.iter().map(compare).collect::<Result<_, _>>()?,
         success: ops(&t.success)?,

@@ -173,7 +173,7 @@ impl kv_server::Kv for Services {
         let session = session(req.metadata())?;
         let t = req.into_inner();
         too_large(&t)?;
-        api::txn_request(&t)?;
+        api::client_txn_request(&t)?;
         let answer = |r, h: &_| match r {
             kv::Response::Txn(r) => Some(api::txn_response(r, h)),
             _ => None,

@@ -88,11 +88,23 @@ impl KvMachine {
                 Ok((Some(Output::Kv(result)), revision(self)))
             }
             Decoded::InSession(s, r) => {
-                self.refuse_under_alarm(&r)?;
-                let remembered = self
+                // A retry first: the command ran already, a retry adds nothing, so it gets
+                // its first answer whatever alarm was raised since (refusing it would answer
+                // a write that took effect with an error). Only a new command meets the
+                // alarms, exactly as a write outside a session does.
+                let retry = self
                     .store
-                    .apply_in_session(s, &r)
+                    .session_retry(s, &r)
                     .map_err(|e| api::status(&e))?;
+                let remembered = match retry {
+                    Some(remembered) => remembered,
+                    None => {
+                        self.refuse_under_alarm(&r)?;
+                        self.store
+                            .apply_in_session(s, &r)
+                            .map_err(|e| api::status(&e))?
+                    }
+                };
                 // A retry answers with the revision of the first run, not today's.
                 let response = remembered.result.map_err(|e| api::status(&e))?;
                 Ok((Some(Output::Kv(response)), remembered.revision))

@@ -14,7 +14,14 @@
 //!   on disk beyond the live store is log, so this is what gives the space back.
 //!
 //! Hashing and serializing run on a blocking thread from a copy of the store (a clone
-//! shares every value), so neither stalls the raft loop.
+//! shares every value), so neither stalls the raft loop. Neither builds the serialized
+//! store in memory: Hash feeds it chunk by chunk to the CRC, and Snapshot produces its
+//! chunks as the client reads them (a few chunks ahead at most, see [`backup_chunks`]).
+//! A frozen copy still pins what the store held when it was taken (writes since then copy
+//! the paths they change), so at most [`MAX_COPIES`] Snapshot and Hash calls run at once
+//! on a member; one more is refused at once with etcd's "too many requests"
+//! (`ResourceExhausted`), which clients retry — a refusal, not a queue, so that a crowd of
+//! slow readers holds nothing at all.
 
 use crate::grpc::{timed_out, API_VERSION, REQUEST_TIMEOUT};
 use crate::machine::alarm_name;
@@ -23,21 +30,44 @@ use crate::node::{Frozen, Node};
 use crate::pb::etcdserverpb::{self as pb, maintenance_server};
 use sha2::Digest;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 /// Bytes of backup per Snapshot message.
 const SNAPSHOT_CHUNK: usize = 256 << 10;
 
+/// Most Snapshot and Hash calls served at once (see the module's doc).
+pub const MAX_COPIES: usize = 4;
+
+/// Backup chunks produced ahead of the client's reading, per Snapshot call.
+const CHUNKS_AHEAD: usize = 2;
+
 #[derive(Clone)]
 pub struct MaintenanceService {
     node: Node,
+    /// One permit per frozen copy being read (Snapshot, Hash and HashKV).
+    copies: Arc<Semaphore>,
 }
 
 impl MaintenanceService {
     pub fn new(node: Node) -> Self {
-        MaintenanceService { node }
+        MaintenanceService {
+            node,
+            copies: Arc::new(Semaphore::new(MAX_COPIES)),
+        }
+    }
+
+    /// A permit to read a frozen copy of the store, or etcd's "too many requests".
+    fn copy_permit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.copies.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "etcdserver: too many requests (at most {MAX_COPIES} Snapshot and Hash calls \
+                 at once on a member)"
+            ))
+        })
     }
 }
 
@@ -49,17 +79,49 @@ const BACKUP_MAGIC: &[u8; 8] = b"RKVBACK1";
 /// store), zeros up to a multiple of 512 bytes, then the SHA-256 of everything before it.
 /// The padding is for `etcdctl snapshot save`, which takes a stream as complete only if
 /// its length is a multiple of 512 plus the 32 bytes of the hash (etcd's database files
-/// are whole pages).
+/// are whole pages). In one buffer: for tests and tools; a member streams
+/// [`backup_chunks`].
 pub fn backup_bytes(f: &Frozen) -> Vec<u8> {
-    let data = members::encode_snapshot(&f.registry, &f.store.snapshot());
-    let mut out = Vec::with_capacity(data.len() + 512 + 32);
-    out.extend_from_slice(BACKUP_MAGIC);
-    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
-    out.extend_from_slice(&data);
-    out.resize(out.len().div_ceil(512) * 512, 0);
-    let hash = sha2::Sha256::digest(&out);
-    out.extend_from_slice(&hash);
-    out
+    let (_, chunks) = backup_chunks(f, SNAPSHOT_CHUNK);
+    chunks.flat_map(|c| c.to_vec()).collect()
+}
+
+/// The backup of [`backup_bytes`] in chunks of about `chunk` bytes, produced one at a time
+/// from the frozen copy (the store is never serialized whole), with its total length.
+pub fn backup_chunks(f: &Frozen, chunk: usize) -> (u64, impl Iterator<Item = bytes::Bytes>) {
+    let prefix = members::snapshot_prefix(&f.registry);
+    let data_len = prefix.len() as u64 + f.store.snapshot_len();
+    let unpadded = (BACKUP_MAGIC.len() + 8) as u64 + data_len;
+    let padded = unpadded.div_ceil(512) * 512;
+    let mut head = Vec::with_capacity(BACKUP_MAGIC.len() + 8 + prefix.len());
+    head.extend_from_slice(BACKUP_MAGIC);
+    head.extend_from_slice(&data_len.to_le_bytes());
+    head.extend_from_slice(&prefix);
+    let padding = vec![0u8; (padded - unpadded) as usize];
+    let mut hasher = Some(sha2::Sha256::new());
+    let body = std::iter::once(bytes::Bytes::from(head))
+        .chain(f.store.clone().snapshot_chunks(chunk))
+        .chain((!padding.is_empty()).then(|| bytes::Bytes::from(padding)));
+    // Every piece goes through the hash on its way out; the hash itself comes last.
+    let pieces = body
+        .map(Some)
+        .chain(std::iter::once(None))
+        .map(move |piece| match piece {
+            Some(b) => {
+                if let Some(h) = hasher.as_mut() {
+                    h.update(&b);
+                }
+                b
+            }
+            None => {
+                let h = hasher
+                    .take()
+                    .map(|h| h.finalize().to_vec())
+                    .unwrap_or_default();
+                bytes::Bytes::from(h)
+            }
+        });
+    (padded + 32, pieces)
 }
 
 /// The state machine's snapshot inside a backup, once its hash and layout are checked.
@@ -172,10 +234,18 @@ impl maintenance_server::Maintenance for MaintenanceService {
         &self,
         _: Request<pb::HashRequest>,
     ) -> Result<Response<pb::HashResponse>, Status> {
+        let permit = self.copy_permit()?;
         let f = self.node.freeze().await?;
         let revision = f.store.revision();
+        // The CRC of the state machine's snapshot, fed chunk by chunk.
         let hash = blocking(move || {
-            crc32c::crc32c(&members::encode_snapshot(&f.registry, &f.store.snapshot()))
+            let _permit = permit;
+            let prefix = members::snapshot_prefix(&f.registry);
+            f.store
+                .snapshot_chunks(SNAPSHOT_CHUNK)
+                .fold(crc32c::crc32c(&prefix), |crc, c| {
+                    crc32c::crc32c_append(crc, &c)
+                })
         })
         .await?;
         Ok(Response::new(pb::HashResponse {
@@ -189,11 +259,15 @@ impl maintenance_server::Maintenance for MaintenanceService {
         req: Request<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
         let rev = req.into_inner().revision;
+        let permit = self.copy_permit()?;
         let f = self.node.freeze().await?;
         let current = f.store.revision();
-        let h = blocking(move || f.store.hash_kv(rev))
-            .await?
-            .map_err(|e| crate::api::status(&e))?;
+        let h = blocking(move || {
+            let _permit = permit;
+            f.store.hash_kv(rev)
+        })
+        .await?
+        .map_err(|e| crate::api::status(&e))?;
         Ok(Response::new(pb::HashKvResponse {
             header: Some(self.node.header(current, self.node.view().term)),
             hash: h.hash,
@@ -208,28 +282,42 @@ impl maintenance_server::Maintenance for MaintenanceService {
         &self,
         _: Request<pb::SnapshotRequest>,
     ) -> Result<Response<SnapshotStream>, Status> {
+        let permit = self.copy_permit()?;
         let f = self.node.freeze().await?;
         let header = self.node.header(f.store.revision(), f.term);
         let (revision, applied) = (f.store.revision(), f.applied);
-        let backup = blocking(move || backup_bytes(&f)).await?;
-        tracing::info!(
-            revision,
-            applied,
-            bytes = backup.len(),
-            "sending a snapshot (backup)"
-        );
-        let total = backup.len();
-        let backup = bytes::Bytes::from(backup);
-        let chunks = (0..total.div_ceil(SNAPSHOT_CHUNK)).map(move |i| {
-            let end = ((i + 1) * SNAPSHOT_CHUNK).min(total);
-            Ok(pb::SnapshotResponse {
-                header: Some(header),
-                remaining_bytes: (total - end) as u64,
-                blob: backup.slice(i * SNAPSHOT_CHUNK..end),
-                version: API_VERSION.to_string(),
-            })
+        // Chunks are produced on a blocking thread as the client reads them: the queue holds
+        // `CHUNKS_AHEAD`, and the producer waits for room. It stops when the client goes
+        // (the queue closes); the permit goes with the producer.
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<Result<pb::SnapshotResponse, Status>>(CHUNKS_AHEAD);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            // Its length is a walk over the store: on this thread too.
+            let (total, chunks) = backup_chunks(&f, SNAPSHOT_CHUNK);
+            tracing::info!(
+                revision,
+                applied,
+                bytes = total,
+                "sending a snapshot (backup)"
+            );
+            let mut sent = 0u64;
+            for blob in chunks {
+                sent += blob.len() as u64;
+                let msg = pb::SnapshotResponse {
+                    header: Some(header),
+                    remaining_bytes: total - sent,
+                    blob,
+                    version: API_VERSION.to_string(),
+                };
+                if tx.blocking_send(Ok(msg)).is_err() {
+                    return;
+                }
+            }
         });
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     /// Hand leadership to another voter (etcdctl move-leader sends this to the leader), and

@@ -213,13 +213,19 @@ impl Registry {
 const SNAPSHOT_MAGIC: &[u8; 8] = b"RKVMEMB1";
 
 pub fn encode_snapshot(registry: &Registry, store: &[u8]) -> bytes::Bytes {
+    let mut b = snapshot_prefix(registry);
+    b.extend_from_slice(store);
+    b.into()
+}
+
+/// What comes before the store's bytes in [`encode_snapshot`] (for writing one in pieces).
+pub fn snapshot_prefix(registry: &Registry) -> Vec<u8> {
     let reg = registry.encode();
-    let mut b = Vec::with_capacity(12 + reg.len() + store.len());
+    let mut b = Vec::with_capacity(12 + reg.len());
     b.extend_from_slice(SNAPSHOT_MAGIC);
     b.extend_from_slice(&(reg.len() as u32).to_le_bytes());
     b.extend_from_slice(&reg);
-    b.extend_from_slice(store);
-    b.into()
+    b
 }
 
 /// The registry (if the snapshot has one) and the store's bytes.

@@ -201,6 +201,9 @@ enum Input {
     Leases(oneshot::Sender<Vec<i64>>),
     /// A copy of the store as of now.
     Freeze(oneshot::Sender<Frozen>),
+    /// Whether the store remembers this session number as its session's last command (so
+    /// that a write with it is a retry, answered from memory without adding anything).
+    IsRetry(kv::Session, oneshot::Sender<bool>),
     /// Snapshot and compact the log now; answers the index the snapshot will cover.
     SnapshotNow(oneshot::Sender<Index>),
     /// A peer says this member was removed from the cluster.
@@ -577,7 +580,28 @@ impl Node {
     }
 
     async fn write_timed(&self, w: Write) -> WriteResult {
-        self.check_quota(&w)?;
+        if self.over_quota(&w) {
+            // A retry of a session's applied command adds nothing and must get its first
+            // answer: whether it is one is the store's to say, on the loop. A new command
+            // (or a session number the store does not remember) is refused as any write over
+            // the quota. Between this answer and the apply, a remembered number can only stop
+            // being one if its lease ends (and then the write is refused at apply, the lease
+            // being gone) — or, with a new lease of the same id, runs as a new command: no
+            // worse than the race every write has with others proposed at the same time,
+            // which etcd's quota check has too (the NOSPACE alarm, once raised, refuses
+            // them all at apply).
+            let retry = match &w {
+                Write::InSession(s, _) => {
+                    let (reply, rx) = oneshot::channel();
+                    self.submit(Input::IsRetry(*s, reply))?;
+                    rx.await.map_err(|_| gone())?
+                }
+                _ => false,
+            };
+            if !retry {
+                return Err(self.refuse_over_quota());
+            }
+        }
         if self.leader().is_some_and(|l| l != self.id) {
             self.metrics.proposals_forwarded.inc();
         }
@@ -619,14 +643,16 @@ impl Node {
         Ok((resp, self.header(revision, answered.term)))
     }
 
-    /// etcd's quota check before proposing: a write that adds data and would take the
-    /// store past the quota raises NOSPACE (once: not if it is raised already) and is
-    /// refused. The alarm then refuses such writes on every member as they apply.
-    fn check_quota(&self, w: &Write) -> Result<(), Status> {
+    /// etcd's quota check before proposing: does this write add data and would it take
+    /// the store past the quota? (Then [`Node::refuse_over_quota`].)
+    fn over_quota(&self, w: &Write) -> bool {
         let cost = command::cost(w);
-        if cost == 0 || self.in_use.load(Ordering::Relaxed) + cost <= self.quota {
-            return Ok(());
-        }
+        cost != 0 && self.in_use.load(Ordering::Relaxed) + cost > self.quota
+    }
+
+    /// A write over the quota raises NOSPACE (once: not if it is raised already) and is
+    /// refused. The alarm then refuses such writes on every member as they apply.
+    fn refuse_over_quota(&self) -> Status {
         let raised = self
             .view
             .read()
@@ -647,7 +673,7 @@ impl Node {
             };
             let _ = self.submit(Input::Write(Write::Alarm(raise), Waiter::detached()));
         }
-        Err(api::no_space())
+        api::no_space()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -1187,6 +1213,11 @@ impl Loop {
                     applied: d.raft().applied(),
                     term: d.raft().term(),
                 });
+            }
+            Input::IsRetry(session, reply) => {
+                let store = &d.machine().store;
+                let last = store.session(session.lease).map(|m| m.seq);
+                let _ = reply.send(last == Some(session.seq));
             }
             Input::SnapshotNow(reply) => {
                 let _ = reply.send(d.snapshot_now());

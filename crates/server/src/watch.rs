@@ -7,7 +7,11 @@
 //! reading costs its queue and nothing else — its watchers fall off the fast path and are
 //! caught up from history once it reads again. Requests on the stream (create, cancel,
 //! progress) take the hub's lock briefly; a create or cancel that finds the queue full
-//! waits for the client to read, as its answer must not be dropped.
+//! waits for the client to read, as its answer must not be dropped. It waits on the
+//! stream's own notification, which the reader signals when it takes from a full queue (or
+//! goes away): no polling, so a client that stops reading costs no CPU and never contends
+//! for the hub's lock, which the raft loop takes on every apply. A stream holds at most
+//! `watch::Limits::watchers_per_stream` watchers (raftkv's bound; etcd has none).
 
 use crate::api;
 use crate::node::Node;
@@ -19,7 +23,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -105,6 +108,24 @@ impl ::watch::Sink for StreamSink {
     }
 }
 
+/// Run a request whose answer needs room in the stream's queue, waiting for the client to
+/// read if there is none: on `room`, which the stream's reader signals (see [`Outgoing`]).
+/// Returns how many times it tried (each try takes the hub's lock once).
+async fn until_room(
+    hub: &Mutex<::watch::Hub<StreamSink>>,
+    room: &Notify,
+    mut f: impl FnMut(&mut ::watch::Hub<StreamSink>) -> Result<(), ::watch::Full>,
+) -> u64 {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        if f(&mut hub.lock().unwrap()).is_ok() {
+            return tries;
+        }
+        room.notified().await;
+    }
+}
+
 fn event(e: ::watch::Event) -> mvccpb::Event {
     mvccpb::Event {
         r#type: match e.kind {
@@ -159,6 +180,8 @@ pub struct Outgoing {
     stream: ::watch::StreamId,
     /// Wakes the loop when this queue had been full: its watchers may be waiting for room.
     wake: Arc<Notify>,
+    /// Wakes this stream's request task when the queue had been full (see [`until_room`]).
+    room: Arc<Notify>,
 }
 
 impl tokio_stream::Stream for Outgoing {
@@ -182,8 +205,13 @@ impl tokio_stream::Stream for Outgoing {
         }
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(rs)) => {
+                // The queue was full: the hub, and a request waiting for room, may go on. (A
+                // waiter saw the queue full under the hub's lock, and only this reader makes
+                // room, so the read that does is one that finds it had been full; a wake-up
+                // before the waiter awaits is kept as a permit.)
                 if self.rx.len() + 1 >= STREAM_QUEUE {
                     self.wake.notify_one();
+                    self.room.notify_one();
                 }
                 self.ready.extend(rs);
                 Poll::Ready(self.ready.pop_front().map(Ok))
@@ -199,6 +227,9 @@ impl Drop for Outgoing {
         if let Ok(mut hub) = self.hub.lock() {
             hub.close(self.stream);
         }
+        // A request waiting for room finds the stream gone (the hub then answers it with
+        // nothing) instead of waiting forever.
+        self.room.notify_one();
     }
 }
 
@@ -225,12 +256,16 @@ impl watch_server::Watch for WatchService {
             term: self.watchers.term.clone(),
         };
         let stream = self.watchers.hub.lock().unwrap().open(sink);
+        let room = Arc::new(Notify::new());
         let stop = require_leader.then(|| {
             let (stop_tx, stop_rx) = oneshot::channel();
             tokio::spawn(self.clone().monitor_leader(stop_tx));
             stop_rx
         });
-        tokio::spawn(self.clone().requests(stream, req.into_inner()));
+        tokio::spawn(
+            self.clone()
+                .requests(stream, room.clone(), req.into_inner()),
+        );
         Ok(Response::new(Outgoing {
             rx,
             ready: VecDeque::new(),
@@ -239,6 +274,7 @@ impl watch_server::Watch for WatchService {
             hub: self.watchers.hub.clone(),
             stream,
             wake: self.watchers.wake.clone(),
+            room,
         }))
     }
 }
@@ -246,15 +282,21 @@ impl watch_server::Watch for WatchService {
 impl WatchService {
     /// Read the client's requests until it stops sending. A client that only half-closes
     /// keeps receiving (as etcd's streams do); the stream closes when the call ends.
-    async fn requests(self, stream: ::watch::StreamId, mut inbound: Streaming<pb::WatchRequest>) {
+    async fn requests(
+        self,
+        stream: ::watch::StreamId,
+        room: Arc<Notify>,
+        mut inbound: Streaming<pb::WatchRequest>,
+    ) {
+        let hub = &self.watchers.hub;
         while let Ok(Some(req)) = inbound.message().await {
             match req.request_union {
                 Some(RequestUnion::CreateRequest(c)) => {
                     let c = create_request(c);
-                    self.until_room(|hub| hub.create(stream, &c)).await;
+                    until_room(hub, &room, |hub| hub.create(stream, &c)).await;
                 }
                 Some(RequestUnion::CancelRequest(c)) => {
-                    self.until_room(|hub| hub.cancel(stream, c.watch_id)).await;
+                    until_room(hub, &room, |hub| hub.cancel(stream, c.watch_id)).await;
                 }
                 Some(RequestUnion::ProgressRequest(_)) => {
                     self.watchers.hub.lock().unwrap().request_progress(stream);
@@ -263,20 +305,6 @@ impl WatchService {
             }
             // The loop replays watches from the past and sends waiting progress.
             self.watchers.wake.notify_one();
-        }
-    }
-
-    /// Run a request whose answer needs room in the stream's queue, waiting for the client
-    /// to read if there is none.
-    async fn until_room(
-        &self,
-        mut f: impl FnMut(&mut ::watch::Hub<StreamSink>) -> Result<(), ::watch::Full>,
-    ) {
-        loop {
-            if f(&mut self.watchers.hub.lock().unwrap()).is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
@@ -300,5 +328,115 @@ impl WatchService {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio_stream::StreamExt;
+
+    fn create(key: &str) -> ::watch::CreateRequest {
+        create_request(pb::WatchCreateRequest {
+            key: bytes::Bytes::copy_from_slice(key.as_bytes()),
+            ..Default::default()
+        })
+    }
+
+    /// Defect 9: a create on a stream whose client stopped reading waits without spinning —
+    /// it tries once, sleeps until the client reads, then tries once more — instead of
+    /// taking the hub's lock every few milliseconds.
+    #[tokio::test]
+    async fn a_request_waiting_for_room_waits_without_polling() {
+        let hub = Arc::new(Mutex::new(::watch::Hub::new(1, ::watch::Limits::default())));
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let sink = StreamSink {
+            tx,
+            cluster_id: 1,
+            member_id: 1,
+            term: Arc::new(AtomicU64::new(1)),
+        };
+        let stream = hub.lock().unwrap().open(sink);
+        // The client never reads: the creates' answers fill its queue.
+        for i in 0..STREAM_QUEUE {
+            hub.lock()
+                .unwrap()
+                .create(stream, &create(&format!("k{i}")))
+                .unwrap();
+        }
+        let room = Arc::new(Notify::new());
+        let waiting = tokio::spawn({
+            let (hub, room) = (hub.clone(), room.clone());
+            async move {
+                let req = create("late");
+                until_room(&hub, &room, |h| h.create(stream, &req)).await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "a full queue took a create");
+        // The client reads one answer: the waiting create goes on, having tried twice.
+        let mut out = Outgoing {
+            rx,
+            ready: VecDeque::new(),
+            stop: None,
+            ended: false,
+            hub: hub.clone(),
+            stream,
+            wake: Arc::new(Notify::new()),
+            room,
+        };
+        assert!(out.next().await.is_some());
+        let tries = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the create was not woken when the client read")
+            .unwrap();
+        assert!(tries <= 3, "{tries} tries while the queue was full: a poll");
+        assert_eq!(hub.lock().unwrap().watchers(), STREAM_QUEUE + 1);
+    }
+
+    /// A stream whose client goes away wakes a request waiting for room, which then ends.
+    #[tokio::test]
+    async fn a_request_waiting_for_room_ends_with_its_stream() {
+        let hub = Arc::new(Mutex::new(::watch::Hub::new(1, ::watch::Limits::default())));
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let sink = StreamSink {
+            tx,
+            cluster_id: 1,
+            member_id: 1,
+            term: Arc::new(AtomicU64::new(1)),
+        };
+        let stream = hub.lock().unwrap().open(sink);
+        for i in 0..STREAM_QUEUE {
+            hub.lock()
+                .unwrap()
+                .create(stream, &create(&format!("k{i}")))
+                .unwrap();
+        }
+        let room = Arc::new(Notify::new());
+        let out = Outgoing {
+            rx,
+            ready: VecDeque::new(),
+            stop: None,
+            ended: false,
+            hub: hub.clone(),
+            stream,
+            wake: Arc::new(Notify::new()),
+            room: room.clone(),
+        };
+        let waiting = tokio::spawn({
+            let hub = hub.clone();
+            async move {
+                let req = create("late");
+                until_room(&hub, &room, |h| h.create(stream, &req)).await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(out);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the create waited on a stream that was gone")
+            .unwrap();
+        assert_eq!(hub.lock().unwrap().watchers(), 0);
     }
 }

@@ -19,6 +19,7 @@ pub fn limits() -> Limits {
         fragment_bytes: 120,
         revisions_per_response: 4,
         catch_up_writes: 16,
+        ..Limits::default()
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::index::{End, Index};
 use crate::{
     CreateRequest, Response, StreamId, WatchId, AUTO_WATCH_ID, COMPACTED, DUPLICATE_ID,
-    EMPTY_RANGE, INVALID_WATCH_ID,
+    EMPTY_RANGE, INVALID_WATCH_ID, TOO_MANY_WATCHERS,
 };
 use bytes::Bytes;
 use kv::{Event, EventKind, KeyRange, Revision, Store};
@@ -41,6 +41,11 @@ pub struct Limits {
     /// Most key writes one [`Hub::sync`] replays for unsynced watchers: the bound on how
     /// long catching up holds the member's apply loop.
     pub catch_up_writes: usize,
+    /// Most watchers one stream holds at once; a create beyond it is refused (created and
+    /// canceled at once, with [`TOO_MANY_WATCHERS`]). etcd has no such bound; without one
+    /// a single stream could hold any number of watchers (each with its range, up to a
+    /// request's size) in the member's memory.
+    pub watchers_per_stream: usize,
 }
 
 impl Default for Limits {
@@ -49,6 +54,7 @@ impl Default for Limits {
             fragment_bytes: 2 * 1024 * 1024,
             revisions_per_response: 1000,
             catch_up_writes: 16 * 1024,
+            watchers_per_stream: 10_000,
         }
     }
 }
@@ -132,6 +138,8 @@ struct Stream<S> {
     unsynced: usize,
     /// A progress request waits for its stream to be synced.
     progress_wanted: bool,
+    /// How many watchers the stream holds (bounded by `Limits::watchers_per_stream`).
+    watchers: usize,
 }
 
 pub struct Hub<S> {
@@ -207,6 +215,7 @@ impl<S: Sink> Hub<S> {
                 next_id: 0,
                 unsynced: 0,
                 progress_wanted: false,
+                watchers: 0,
             },
         );
         id
@@ -255,6 +264,9 @@ impl<S: Sink> Hub<S> {
         if req.start_revision < 0 {
             return refuse(st, COMPACTED);
         }
+        if st.watchers >= self.limits.watchers_per_stream {
+            return refuse(st, TOO_MANY_WATCHERS);
+        }
         let id = if req.watch_id == AUTO_WATCH_ID {
             while self.watchers.contains_key(&(stream, st.next_id)) {
                 st.next_id += 1;
@@ -299,6 +311,7 @@ impl<S: Sink> Hub<S> {
             self.unsynced.insert((stream, id));
         }
         self.watchers.insert((stream, id), w);
+        st.watchers += 1;
         Ok(())
     }
 
@@ -378,6 +391,9 @@ impl<S: Sink> Hub<S> {
         let Some(w) = self.watchers.remove(&wid) else {
             return;
         };
+        if let Some(st) = self.streams.get_mut(&wid.0) {
+            st.watchers -= 1;
+        }
         if w.compacted {
             return;
         }

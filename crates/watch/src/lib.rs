@@ -46,6 +46,9 @@ pub const INVALID_WATCH_ID: WatchId = -1;
 /// etcd's refusals of a create, word for word.
 pub const EMPTY_RANGE: &str = "mvcc: watcher range is empty";
 pub const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+/// The refusal of a create beyond [`Limits::watchers_per_stream`] (raftkv's own: etcd has
+/// no such bound).
+pub const TOO_MANY_WATCHERS: &str = "raftkv: too many watchers on this stream";
 pub const COMPACTED: &str = "etcdserver: mvcc: required revision has been compacted";
 
 /// `WatchCreateRequest`.

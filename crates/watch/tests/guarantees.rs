@@ -271,11 +271,13 @@ fn limits(seed: u64) -> Limits {
             fragment_bytes: 200,
             revisions_per_response: 3,
             catch_up_writes: 5,
+            ..Limits::default()
         },
         _ => Limits {
             fragment_bytes: 400,
             revisions_per_response: 1,
             catch_up_writes: 50,
+            ..Limits::default()
         },
     }
 }
