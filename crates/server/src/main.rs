@@ -10,6 +10,7 @@ use server::dashboard::supervisor;
 use server::election::ElectionService;
 use server::grpc::Services;
 use server::grpc_metrics::GrpcMetricsLayer;
+use server::guard::GuardLayer;
 use server::health;
 use server::lease::LeaseService;
 use server::lock::LockService;
@@ -732,7 +733,9 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         "peer",
     );
     // etcd serves /metrics, /health and /version on the client port beside gRPC: HTTP/1
-    // is accepted for them (gRPC clients speak HTTP/2 from the first byte).
+    // is accepted for them (gRPC clients speak HTTP/2 from the first byte). The guard
+    // (guard.rs) keeps HTTP/1 to those GET routes and gRPC to HTTP/2 with its content type,
+    // and refuses cross-origin requests: no web page can write to the store.
     let routes = tonic::service::Routes::new(KvServer::new(services.clone()))
         .add_service(MaintenanceServer::new(MaintenanceService::new(
             node.clone(),
@@ -747,6 +750,9 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         .merge(http_routes(&node, &dashboard));
     let client_router = tonic::transport::Server::builder()
         .accept_http1(true)
+        .layer(GuardLayer {
+            https: client_tls.acceptor.is_some(),
+        })
         .layer(GrpcMetricsLayer(metrics.clone()))
         .add_routes(routes.into());
     let client_server = async move {
@@ -759,7 +765,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         }
     };
     for listener in metrics_listeners {
-        let app = http_routes(&node, &dashboard);
+        let app = http_routes(&node, &dashboard).layer(GuardLayer { https: false });
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!("metrics listener: {e}");
