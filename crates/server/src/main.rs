@@ -507,7 +507,9 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
         })?;
     let dash_addr = dash_listener.local_addr().map_err(|e| e.to_string())?;
     let (sup, mut exits) = supervisor::Supervisor::start(exe, specs).await?;
-    let app = sup.router();
+    // The controls obey only the page opened from the URL printed below (its token).
+    let controls = Arc::new(server::dashboard::guard::Controls::new(dash_addr));
+    let app = sup.router(controls.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(dash_listener, app).await {
             eprintln!("raftkv: the dashboard stopped: {e}");
@@ -543,7 +545,7 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
         );
     }
     println!();
-    println!("Dashboard (watch it, break it): http://{dash_addr}/dashboard/");
+    println!("Dashboard (watch it, break it): {}", controls.url());
     println!();
     println!("Try it (etcd's own client, etcdctl 3.4+):");
     println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints}{tls_flags} put hello world");
