@@ -29,7 +29,7 @@
     }
     if (m) {
       t = t || m[1];
-      history.replaceState(null, "", location.pathname + location.search);
+      window.history.replaceState(null, "", location.pathname + location.search);
     }
     return t;
   })();
