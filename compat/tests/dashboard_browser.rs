@@ -82,6 +82,12 @@ async fn look_and_kill(b: &Client, url: &str) -> Result<(), String> {
         Ok(text(&b, "#connection").await? == "live")
     })
     .await?;
+    // The page keeps the controls' token (the URL's fragment) but takes it out of the
+    // address bar, so a copied link or a screenshot does not carry it.
+    let now = b.current_url().await.map_err(s)?;
+    if now.as_str().contains("token=") {
+        return Err(format!("the token stayed in the address bar: {now}"));
+    }
     wait(b, "three member cards", |b| async move {
         Ok(b.find_all(Locator::Css("[data-member]"))
             .await

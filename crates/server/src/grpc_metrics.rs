@@ -7,6 +7,11 @@
 //! dropped before its trailers (the client went away) counts as `Canceled`, as a Go server
 //! would report the cancelled context. Requests that are not gRPC (`/metrics`, `/health`)
 //! pass through uncounted.
+//!
+//! Labels name only the methods the client port serves ([`SERVICES`]); any other path is
+//! counted under one `unknown` service and method. Labels taken from the path as sent
+//! would let any client mint a new, permanent series per request (memory and `/metrics`
+//! without bound).
 
 use crate::metrics::Metrics;
 use http::{Request, Response};
@@ -36,17 +41,89 @@ pub struct GrpcMetrics<S> {
     metrics: Arc<Metrics>,
 }
 
+/// The gRPC services the client port serves, with their methods (as in `proto/`; a test
+/// checks the two agree).
+pub const SERVICES: &[(&str, &[&str])] = &[
+    (
+        "etcdserverpb.KV",
+        &["Range", "Put", "DeleteRange", "Txn", "Compact"],
+    ),
+    ("etcdserverpb.Watch", &["Watch"]),
+    (
+        "etcdserverpb.Lease",
+        &[
+            "LeaseGrant",
+            "LeaseRevoke",
+            "LeaseKeepAlive",
+            "LeaseTimeToLive",
+            "LeaseLeases",
+        ],
+    ),
+    (
+        "etcdserverpb.Maintenance",
+        &[
+            "Alarm",
+            "Status",
+            "Defragment",
+            "Hash",
+            "HashKV",
+            "Snapshot",
+            "MoveLeader",
+        ],
+    ),
+    (
+        "etcdserverpb.Cluster",
+        &[
+            "MemberAdd",
+            "MemberRemove",
+            "MemberUpdate",
+            "MemberList",
+            "MemberPromote",
+        ],
+    ),
+    ("raftkvpb.LeaseForward", &["Renew", "TimeToLive"]),
+    ("v3lockpb.Lock", &["Lock", "Unlock"]),
+    (
+        "v3electionpb.Election",
+        &["Campaign", "Proclaim", "Leader", "Observe", "Resign"],
+    ),
+];
+
+/// The label for every service or method the client port does not serve.
+pub const UNKNOWN: &str = "unknown";
+
+/// Whether `path` names one of [`SERVICES`] (whatever the method): a gRPC route, as
+/// opposed to the HTTP ones (`/metrics`, `/health`, …).
+pub fn is_grpc_service(path: &str) -> bool {
+    let service = path
+        .strip_prefix('/')
+        .and_then(|p| p.split_once('/'))
+        .map_or("", |(s, _)| s);
+    SERVICES.iter().any(|(s, _)| *s == service)
+}
+
+/// The service and method `path` names, if the client port serves them: `'static` labels,
+/// so counting a call allocates nothing.
+pub fn known_method(path: &str) -> Option<(&'static str, &'static str)> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    let (s, methods) = SERVICES.iter().find(|(s, _)| *s == service)?;
+    let m = methods.iter().find(|m| **m == method)?;
+    Some((s, m))
+}
+
 /// The labels of one call: type, service, method.
 #[derive(Clone)]
 struct Call {
-    labels: [String; 3],
+    labels: [&'static str; 3],
 }
 
 /// etcd's streaming methods; every other is unary.
-fn call_type(path: &str) -> &'static str {
-    match path {
-        "/etcdserverpb.Watch/Watch" | "/etcdserverpb.Lease/LeaseKeepAlive" => "bidi_stream",
-        "/etcdserverpb.Maintenance/Snapshot" | "/v3electionpb.Election/Observe" => "server_stream",
+fn call_type(service: &str, method: &str) -> &'static str {
+    match (service, method) {
+        ("etcdserverpb.Watch", "Watch") | ("etcdserverpb.Lease", "LeaseKeepAlive") => "bidi_stream",
+        ("etcdserverpb.Maintenance", "Snapshot") | ("v3electionpb.Election", "Observe") => {
+            "server_stream"
+        }
         _ => "unary",
     }
 }
@@ -60,19 +137,15 @@ impl Call {
         if !grpc {
             return None;
         }
-        let path = req.uri().path();
-        let (service, method) = path.trim_start_matches('/').split_once('/')?;
-        Some(Call {
-            labels: [
-                call_type(path).to_string(),
-                service.to_string(),
-                method.to_string(),
-            ],
-        })
+        let labels = match known_method(req.uri().path()) {
+            Some((service, method)) => [call_type(service, method), service, method],
+            None => ["unary", UNKNOWN, UNKNOWN],
+        };
+        Some(Call { labels })
     }
 
     fn handled(&self, m: &Metrics, code: &str) -> IntCounter {
-        let [t, s, me] = &self.labels;
+        let [t, s, me] = self.labels;
         m.grpc_handled.with_label_values(&[t, s, me, code])
     }
 }
@@ -119,8 +192,7 @@ where
         let call = Call::of(&req);
         let metrics = self.metrics.clone();
         if let Some(c) = &call {
-            let [t, s, m] = &c.labels;
-            metrics.grpc_started.with_label_values(&[t, s, m]).inc();
+            metrics.grpc_started.with_label_values(&c.labels).inc();
         }
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -180,5 +252,85 @@ impl<B: Body + Unpin> Body for Counted<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every rpc of the services the client port serves, as the .proto files declare them.
+    fn declared() -> Vec<(String, String)> {
+        let files = [
+            ("etcdserverpb", include_str!("../proto/rpc.proto")),
+            ("raftkvpb", include_str!("../proto/raftkv.proto")),
+            ("v3lockpb", include_str!("../proto/v3lock.proto")),
+            ("v3electionpb", include_str!("../proto/v3election.proto")),
+        ];
+        let mut out = Vec::new();
+        for (package, text) in files {
+            let mut service = None;
+            for line in text.lines().map(str::trim) {
+                if let Some(rest) = line.strip_prefix("service ") {
+                    service = rest.split_whitespace().next().map(str::to_string);
+                } else if let (Some(rest), Some(s)) = (line.strip_prefix("rpc "), &service) {
+                    let method = rest.split('(').next().unwrap_or("").trim();
+                    out.push((format!("{package}.{s}"), method.to_string()));
+                }
+            }
+        }
+        // The peer port's service is not the client port's.
+        out.retain(|(s, _)| s != "raftkvpb.Raft");
+        out
+    }
+
+    #[test]
+    fn the_known_methods_are_exactly_the_served_ones() {
+        let declared = declared();
+        assert!(declared.len() > 30, "{declared:?}");
+        for (s, m) in &declared {
+            assert_eq!(
+                known_method(&format!("/{s}/{m}")),
+                Some((s.as_str(), m.as_str()))
+            );
+        }
+        let listed: usize = SERVICES.iter().map(|(_, ms)| ms.len()).sum();
+        assert_eq!(
+            listed,
+            declared.len(),
+            "SERVICES lists a method no .proto has"
+        );
+    }
+
+    #[test]
+    fn invented_paths_get_the_unknown_labels() {
+        let req = |path: &str| {
+            Request::builder()
+                .uri(path)
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .body(())
+                .unwrap()
+        };
+        let labels = |path: &str| Call::of(&req(path)).unwrap().labels;
+        assert_eq!(
+            labels("/etcdserverpb.KV/Put"),
+            ["unary", "etcdserverpb.KV", "Put"]
+        );
+        assert_eq!(
+            labels("/etcdserverpb.Watch/Watch"),
+            ["bidi_stream", "etcdserverpb.Watch", "Watch"]
+        );
+        for bad in [
+            "/attacker.S123/m456",
+            "/etcdserverpb.KV/Nope",
+            "/etcdserverpb.KV",
+            "/",
+            "/raftkvpb.Raft/Stream",
+        ] {
+            assert_eq!(labels(bad), ["unary", UNKNOWN, UNKNOWN], "{bad}");
+        }
+        assert!(is_grpc_service("/etcdserverpb.KV/Anything"));
+        assert!(!is_grpc_service("/metrics"));
+        assert!(!is_grpc_service("/dashboard/state"));
     }
 }

@@ -15,6 +15,7 @@ pub mod dashboard;
 pub mod election;
 pub mod grpc;
 pub mod grpc_metrics;
+pub mod guard;
 pub mod health;
 pub mod insight;
 pub mod lease;

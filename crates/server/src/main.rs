@@ -10,6 +10,7 @@ use server::dashboard::supervisor;
 use server::election::ElectionService;
 use server::grpc::Services;
 use server::grpc_metrics::GrpcMetricsLayer;
+use server::guard::GuardLayer;
 use server::health;
 use server::lease::LeaseService;
 use server::lock::LockService;
@@ -506,7 +507,9 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
         })?;
     let dash_addr = dash_listener.local_addr().map_err(|e| e.to_string())?;
     let (sup, mut exits) = supervisor::Supervisor::start(exe, specs).await?;
-    let app = sup.router();
+    // The controls obey only the page opened from the URL printed below (its token).
+    let controls = Arc::new(server::dashboard::guard::Controls::new(dash_addr));
+    let app = sup.router(controls.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(dash_listener, app).await {
             eprintln!("raftkv: the dashboard stopped: {e}");
@@ -542,7 +545,7 @@ async fn cluster(a: ClusterArgs) -> Result<(), String> {
         );
     }
     println!();
-    println!("Dashboard (watch it, break it): http://{dash_addr}/dashboard/");
+    println!("Dashboard (watch it, break it): {}", controls.url());
     println!();
     println!("Try it (etcd's own client, etcdctl 3.4+):");
     println!("  ETCDCTL_API=3 etcdctl --endpoints={endpoints}{tls_flags} put hello world");
@@ -743,7 +746,9 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         "peer",
     );
     // etcd serves /metrics, /health and /version on the client port beside gRPC: HTTP/1
-    // is accepted for them (gRPC clients speak HTTP/2 from the first byte).
+    // is accepted for them (gRPC clients speak HTTP/2 from the first byte). The guard
+    // (guard.rs) keeps HTTP/1 to those GET routes and gRPC to HTTP/2 with its content type,
+    // and refuses cross-origin requests: no web page can write to the store.
     let routes = tonic::service::Routes::new(KvServer::new(services.clone()))
         .add_service(MaintenanceServer::new(MaintenanceService::new(
             node.clone(),
@@ -758,6 +763,9 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         .merge(http_routes(&node, &dashboard));
     let client_router = tonic::transport::Server::builder()
         .accept_http1(true)
+        .layer(GuardLayer {
+            https: client_tls.acceptor.is_some(),
+        })
         .layer(GrpcMetricsLayer(metrics.clone()))
         .add_routes(routes.into());
     let client_server = async move {
@@ -774,7 +782,7 @@ async fn serve(a: ServeArgs) -> Result<(), String> {
         }
     };
     for listener in metrics_listeners {
-        let app = http_routes(&node, &dashboard);
+        let app = http_routes(&node, &dashboard).layer(GuardLayer { https: false });
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!("metrics listener: {e}");

@@ -50,6 +50,8 @@ pub struct FlagNames {
     pub trusted_ca: &'static str,
     pub cert_auth: &'static str,
     pub listen: &'static str,
+    /// The side's listener also serves HTTP/1.1 (the client port's `/metrics`, `/health`).
+    pub http1: bool,
 }
 
 pub const CLIENT_FLAGS: FlagNames = FlagNames {
@@ -58,6 +60,7 @@ pub const CLIENT_FLAGS: FlagNames = FlagNames {
     trusted_ca: "trusted-ca-file",
     cert_auth: "client-cert-auth",
     listen: "listen-client-urls",
+    http1: true,
 };
 
 pub const PEER_FLAGS: FlagNames = FlagNames {
@@ -66,6 +69,7 @@ pub const PEER_FLAGS: FlagNames = FlagNames {
     trusted_ca: "peer-trusted-ca-file",
     cert_auth: "peer-client-cert-auth",
     listen: "listen-peer-urls",
+    http1: false,
 };
 
 /// etcdctl's names, which the `raftkv` client commands take.
@@ -75,6 +79,7 @@ pub const CLI_FLAGS: FlagNames = FlagNames {
     trusted_ca: "cacert",
     cert_auth: "",
     listen: "",
+    http1: false,
 };
 
 /// One side's files, as its flags give them.
@@ -196,6 +201,9 @@ impl Side {
             Some(p) => Some(roots(p, names.trusted_ca)?),
             None => None,
         };
+        if let Some(warning) = ignored_cert_auth(files, names, listen_https) {
+            tracing::warn!("{warning}");
+        }
         let acceptor = match (&ident, listen_https) {
             (None, true) => {
                 return Err(format!(
@@ -222,6 +230,22 @@ impl Side {
         };
         Ok(Side { acceptor, dialer })
     }
+}
+
+/// What to say when `…-cert-auth` is given for a plaintext listener: nothing can be checked
+/// there, and etcd 3.4 then serves it unauthenticated with a warning ("The scheme of client
+/// url http://… is HTTP while client cert auth (--client-cert-auth) is enabled. Ignored
+/// client cert auth for this url."). raftkv does the same, so etcd's flags start the same
+/// cluster, and says so rather than let the operator believe clients are checked.
+fn ignored_cert_auth(files: &Files, names: FlagNames, listen_https: bool) -> Option<String> {
+    (files.cert_auth && !listen_https).then(|| {
+        format!(
+            "--{} is http:// while client cert auth (--{}) is enabled: client cert auth is \
+             ignored for it, and it serves without authentication (as etcd does); use \
+             https:// URLs to require client certificates",
+            names.listen, names.cert_auth
+        )
+    })
 }
 
 fn server_config(
@@ -252,7 +276,14 @@ fn server_config(
             )
         })?;
     // gRPC is HTTP/2; clients that negotiate (Go's do) must be told so.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // gRPC is h2. The client port also serves /metrics, /health and /version to clients
+    // that speak only HTTP/1.1 (curl --http1.1, urllib3), as etcd does: they offer just
+    // `http/1.1` and a server offering only `h2` would fail their handshake. The guard
+    // (guard.rs) still keeps gRPC off HTTP/1.1. Peers speak only gRPC.
+    config.alpn_protocols = match names.http1 {
+        true => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        false => vec![b"h2".to_vec()],
+    };
     Ok(Acceptor(TlsAcceptor::from(Arc::new(config))))
 }
 
@@ -690,10 +721,16 @@ impl DevPki {
         };
         let ca_key = KeyPair::generate().map_err(err)?;
         let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
-        ca.distinguished_name.push(
-            DnType::CommonName,
-            format!("raftkv local CA {}", dir.display()),
-        );
+        // Every client that connects is sent this name: nothing of this machine in it (a
+        // path names users and directories), only a suffix from the CA's own public key to
+        // tell one run's CA from another's.
+        let suffix: String = {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(ca_key.public_key_der());
+            digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+        };
+        ca.distinguished_name
+            .push(DnType::CommonName, format!("raftkv cluster CA {suffix}"));
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca = ca.self_signed(&ca_key).map_err(err)?;
@@ -825,6 +862,49 @@ mod tests {
         .unwrap();
         assert_ne!(std::fs::read(more.ca()).unwrap(), ca);
         assert!(more.peer_cert("n2").is_file());
+    }
+
+    #[test]
+    fn the_throwaway_ca_names_no_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path(), &["n0".to_string()]).unwrap();
+        let path = dir.path().display().to_string();
+        for file in [pki.ca(), pki.server_cert("n0"), pki.client_cert()] {
+            let der = CertificateDer::from_pem_file(&file).unwrap();
+            let der: &[u8] = der.as_ref();
+            let has = |needle: &[u8]| der.windows(needle.len()).any(|w| w == needle);
+            assert!(has(b"raftkv cluster CA "), "{}", file.display());
+            assert!(!has(path.as_bytes()), "{} names {path}", file.display());
+            assert!(!has(b"/tmp"), "{} names a path", file.display());
+        }
+    }
+
+    #[test]
+    fn cert_auth_on_a_plaintext_listener_is_said_to_be_ignored_as_etcd_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = DevPki::ensure(dir.path(), &["a".to_string()]).unwrap();
+        let f = Files {
+            cert: None,
+            key: None,
+            trusted_ca: Some(pki.ca()),
+            cert_auth: true,
+        };
+        // etcd 3.4 starts and serves the http:// URL without authentication: so does raftkv.
+        assert!(Side::load(&f, CLIENT_FLAGS, false).is_ok());
+        let w = ignored_cert_auth(&f, CLIENT_FLAGS, false).expect("a warning");
+        assert!(w.contains("--listen-client-urls is http://"), "{w}");
+        assert!(
+            w.contains("(--client-cert-auth)") && w.contains("ignored"),
+            "{w}"
+        );
+        let w = ignored_cert_auth(&f, PEER_FLAGS, false).expect("a warning");
+        assert!(w.contains("--listen-peer-urls") && w.contains("--peer-client-cert-auth"));
+        assert_eq!(ignored_cert_auth(&f, CLIENT_FLAGS, true), None);
+        let no_auth = Files {
+            cert_auth: false,
+            ..f
+        };
+        assert_eq!(ignored_cert_auth(&no_auth, CLIENT_FLAGS, false), None);
     }
 
     #[test]

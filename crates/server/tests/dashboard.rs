@@ -10,7 +10,7 @@ mod common;
 
 use common::free_port;
 use serde_json::Value;
-use server::dashboard::http::{get, post};
+use server::dashboard::http::{get, post_with_token};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,7 +32,16 @@ impl Drop for Running {
     }
 }
 
-/// `raftkv cluster` on a free block of ports; its dashboard's base URL.
+/// The run's token, from the dashboard URL `raftkv cluster` printed.
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// POST to a control as the page does: with the token.
+async fn post(url: &str, path: &str) -> Result<Vec<u8>, String> {
+    let token = TOKEN.get().expect("the cluster printed its token");
+    post_with_token(url, path, token).await
+}
+
+/// `raftkv cluster` on a free block of ports; its dashboard's base URL (its token saved).
 fn start(dir: &std::path::Path) -> (Running, String, u16) {
     let base = loop {
         let b = free_port();
@@ -58,10 +67,12 @@ fn start(dir: &std::path::Path) -> (Running, String, u16) {
         .map_while(Result::ok)
         .find_map(|l| {
             let rest = l.strip_prefix("Dashboard")?;
-            let url = &rest[rest.find("http://")?..];
-            Some(url.trim().trim_end_matches("/dashboard/").to_string())
+            let url = rest[rest.find("http://")?..].trim();
+            let (base, token) = url.split_once("/dashboard/#token=")?;
+            let _ = TOKEN.set(token.to_string());
+            Some(base.to_string())
         })
-        .expect("raftkv cluster prints its dashboard's URL");
+        .expect("raftkv cluster prints its dashboard's URL, with the token");
     std::thread::spawn(move || lines.for_each(drop));
     (Running(child), url, base)
 }

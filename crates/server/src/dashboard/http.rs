@@ -13,15 +13,25 @@ const MAX_BODY: usize = 1 << 20;
 
 /// GET `path` from `base` (`http://host:port` or `https://host:port`): the body of a 200.
 pub async fn get(base: &str, path: &str) -> Result<Vec<u8>, String> {
-    call(http::Method::GET, base, path).await
+    call(http::Method::GET, base, path, None).await
 }
 
 /// POST an empty body to `path`: the body of a 200, or the status and body of anything else.
 pub async fn post(base: &str, path: &str) -> Result<Vec<u8>, String> {
-    call(http::Method::POST, base, path).await
+    call(http::Method::POST, base, path, None).await
 }
 
-async fn call(method: http::Method, base: &str, path: &str) -> Result<Vec<u8>, String> {
+/// POST to a dashboard control with the run's `token` (see `guard.rs`).
+pub async fn post_with_token(base: &str, path: &str, token: &str) -> Result<Vec<u8>, String> {
+    call(http::Method::POST, base, path, Some(token)).await
+}
+
+async fn call(
+    method: http::Method,
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<Vec<u8>, String> {
     let uri: http::Uri = base
         .parse()
         .map_err(|e| format!("{base:?} is not a URL: {e}"))?;
@@ -41,9 +51,9 @@ async fn call(method: http::Method, base: &str, path: &str) -> Result<Vec<u8>, S
             .connect_http1(host, tcp)
             .await
             .map_err(|e| format!("{base}: {e}"))?;
-        request(TokioIo::new(tls), method, &authority, path).await
+        request(TokioIo::new(tls), method, &authority, path, token).await
     } else {
-        request(TokioIo::new(tcp), method, &authority, path).await
+        request(TokioIo::new(tcp), method, &authority, path, token).await
     }
 }
 
@@ -52,6 +62,7 @@ async fn request<I>(
     method: http::Method,
     authority: &str,
     path: &str,
+    token: Option<&str>,
 ) -> Result<Vec<u8>, String>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -62,12 +73,14 @@ where
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, authority)
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
+        .header(http::header::HOST, authority);
+    if let Some(t) = token {
+        req = req.header(super::guard::TOKEN_HEADER, t);
+    }
+    let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let limited = http_body_util::Limited::new(resp.into_body(), MAX_BODY);

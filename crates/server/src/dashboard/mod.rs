@@ -10,9 +10,11 @@
 //!   snapshot, once, is `GET /dashboard/view` (for scripts and tests).
 //! - `raftkv cluster` serves it with controls (`supervisor.rs`): it owns the members'
 //!   processes, so it can kill, pause and restart them, cut their links, run a write load
-//!   and walk through scenarios. A member started with `--dashboard` serves it read-only.
+//!   and walk through scenarios, for whoever holds the run's token (`guard.rs`). A member
+//!   started with `--dashboard` serves it read-only.
 
 pub mod collect;
+pub mod guard;
 pub mod http;
 mod load;
 mod scenario;

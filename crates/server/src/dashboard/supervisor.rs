@@ -485,8 +485,8 @@ impl Supervisor {
         }
     }
 
-    /// The page, its feed and the controls.
-    pub fn router(self: &Arc<Self>) -> axum::Router {
+    /// The page, its feed and the controls, behind `controls`' checks (`guard.rs`).
+    pub fn router(self: &Arc<Self>, controls: Arc<super::guard::Controls>) -> axum::Router {
         let s = self.clone();
         let member = move |Path((name, action)): Path<(String, String)>| {
             let s = s.clone();
@@ -557,6 +557,10 @@ impl Supervisor {
                 "/",
                 axum::routing::get(|| async { axum::response::Redirect::temporary("/dashboard/") }),
             )
+            .layer(axum::middleware::from_fn_with_state(
+                controls,
+                super::guard::enforce,
+            ))
     }
 }
 

@@ -13,6 +13,27 @@
   const LOG_COLS = 60; // log strip width in entries; the server sends <= 60 per member
   const API = "/dashboard/api/";
 
+  // The controls obey only a page that holds this run's token: `raftkv cluster` prints
+  // it in the URL's fragment (never sent to a server). Kept for the tab's life, so a
+  // reload still works, and taken out of the address bar so it is not shared by a
+  // screenshot or a copied link.
+  const TOKEN_KEY = "raftkv-dashboard-token";
+  const TOKEN = (function () {
+    const m = /(?:^#|&)token=([0-9A-Za-z]+)/.exec(location.hash);
+    let t = "";
+    try {
+      if (m) sessionStorage.setItem(TOKEN_KEY, m[1]);
+      t = sessionStorage.getItem(TOKEN_KEY) || "";
+    } catch (e) {
+      // storage refused (private mode): keep the one from the URL, if any
+    }
+    if (m) {
+      t = t || m[1];
+      window.history.replaceState(null, "", location.pathname + location.search);
+    }
+    return t;
+  })();
+
   const $ = (id) => document.getElementById(id);
 
   // Everything that comes from the JSON and goes into innerHTML passes here.
@@ -107,7 +128,10 @@
     inFlight.add(path);
     if (btn) btn.classList.add("busy");
     try {
-      const resp = await fetch(API + path, { method: "POST" });
+      const resp = await fetch(API + path, {
+        method: "POST",
+        headers: { "X-Raftkv-Token": TOKEN },
+      });
       if (!resp.ok) {
         const text = (await resp.text()).trim();
         toast(label + " failed (" + resp.status + "): " + (text || resp.statusText));
