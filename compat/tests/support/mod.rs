@@ -45,6 +45,8 @@ pub struct Cluster {
     pub endpoints: Vec<String>,
     peer_urls: Vec<String>,
     procs: Vec<KillOnDrop>,
+    /// How each member was started (program, arguments), to start it again.
+    commands: Vec<(String, Vec<String>)>,
     pub dir: tempfile::TempDir,
     /// The port block, given back when the cluster is dropped.
     base: u16,
@@ -186,29 +188,26 @@ fn spawn(kind: Kind, members: u16, base: u16, t: Timing, flags: &[&str]) -> Clus
         .collect();
     let token = format!("watch-{}-{base}", kind.name());
     let mut procs = Vec::new();
+    let mut commands = Vec::new();
     for i in 0..members {
         let client = format!("http://127.0.0.1:{}", base + 10 * i);
-        let log = std::fs::File::create(dir.path().join(format!("{}.log", name(i)))).unwrap();
-        let child = Command::new(&program)
-            .args(extra)
-            .arg(format!("--name={}", name(i)))
-            .arg(format!("--data-dir={}", dir.path().join(name(i)).display()))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={}", peer(i)))
-            .arg(format!("--initial-advertise-peer-urls={}", peer(i)))
-            .arg(format!("--initial-cluster={}", initial.join(",")))
-            .arg(format!("--initial-cluster-token={token}"))
-            .arg("--initial-cluster-state=new")
-            .arg(format!("--heartbeat-interval={}", t.heartbeat_ms))
-            .arg(format!("--election-timeout={}", t.election_ms))
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {program}: {e} (see .ci/run for the packages)"));
-        procs.push(KillOnDrop(child));
+        let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        args.extend([
+            format!("--name={}", name(i)),
+            format!("--data-dir={}", dir.path().join(name(i)).display()),
+            format!("--listen-client-urls={client}"),
+            format!("--advertise-client-urls={client}"),
+            format!("--listen-peer-urls={}", peer(i)),
+            format!("--initial-advertise-peer-urls={}", peer(i)),
+            format!("--initial-cluster={}", initial.join(",")),
+            format!("--initial-cluster-token={token}"),
+            "--initial-cluster-state=new".to_string(),
+            format!("--heartbeat-interval={}", t.heartbeat_ms),
+            format!("--election-timeout={}", t.election_ms),
+        ]);
+        args.extend(flags.iter().map(|a| a.to_string()));
+        procs.push(run_member(&program, &args, &dir, &name(i)));
+        commands.push((program.clone(), args));
     }
     Cluster {
         kind,
@@ -217,12 +216,61 @@ fn spawn(kind: Kind, members: u16, base: u16, t: Timing, flags: &[&str]) -> Clus
             .collect(),
         peer_urls: (0..members).map(peer).collect(),
         procs,
+        commands,
         dir,
         base,
     }
 }
 
+/// Start one member, its log appended to `<name>.log` in the cluster's directory.
+fn run_member(program: &str, args: &[String], dir: &tempfile::TempDir, name: &str) -> KillOnDrop {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.path().join(format!("{name}.log")))
+        .unwrap();
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {program}: {e} (see .ci/run for the packages)"));
+    KillOnDrop(child)
+}
+
 impl Cluster {
+    /// Member `i`'s name (a, b, c…).
+    pub fn name(i: usize) -> String {
+        ((b'a' + i as u8) as char).to_string()
+    }
+
+    /// Member `i`'s peer URL.
+    pub fn peer_url(&self, i: usize) -> &str {
+        &self.peer_urls[i]
+    }
+
+    /// Start member `i` again with the flags it was founded with, but as a member joining
+    /// an existing cluster (`--initial-cluster-state existing`): etcd's way to start the
+    /// replacement of a dead member once `member add` has taken it. Its data directory
+    /// must be gone (see [`Cluster::wipe`]).
+    pub fn start_existing(&mut self, i: usize) {
+        let (program, mut args) = self.commands[i].clone();
+        for a in &mut args {
+            if a == "--initial-cluster-state=new" {
+                *a = "--initial-cluster-state=existing".into();
+            }
+        }
+        self.procs[i] = run_member(&program, &args, &self.dir, &Self::name(i));
+    }
+
+    /// Kill member `i` and delete its data directory: its machine is gone for good.
+    pub fn wipe(&mut self, i: usize) {
+        self.kill(i);
+        let data = self.dir.path().join(Self::name(i));
+        let _ = std::fs::remove_dir_all(data);
+    }
+
     /// Every member answers a linearizable read (no write: a write retried after a timeout
     /// could apply twice, and the two clusters' revisions must stay in step) and lists
     /// this cluster's peer URLs, and every process still runs.
