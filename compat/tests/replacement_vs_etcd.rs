@@ -31,8 +31,8 @@ fn etcdctl(endpoints: &str, args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -145,7 +145,11 @@ async fn replace_each(kind: Kind) -> Vec<String> {
     // No founder is left: one member more may fail.
     c.kill(0);
     let rest = format!("{},{}", c.endpoints[1], c.endpoints[2]);
-    let after = until_ok(&rest, &["put", "after", "one down"], Duration::from_secs(15));
+    let after = until_ok(
+        &rest,
+        &["put", "after", "one down"],
+        Duration::from_secs(15),
+    );
     story.push(format!("a write with one member down: {}", after.is_ok()));
     story
 }
