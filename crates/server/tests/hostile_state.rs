@@ -5,7 +5,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{free_port, kv, Proc};
+use common::{channel, kv, one_member, Proc};
 use server::pb::etcdserverpb::{
     self as pb, lease_client::LeaseClient, maintenance_client::MaintenanceClient,
     watch_client::WatchClient, watch_request::RequestUnion, CompactionRequest, HashKvRequest,
@@ -13,40 +13,7 @@ use server::pb::etcdserverpb::{
     WatchCreateRequest, WatchRequest,
 };
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic::Code;
-
-fn one_member(dir: &std::path::Path) -> Proc {
-    let client = format!("http://127.0.0.1:{}", free_port());
-    let peer = format!("http://127.0.0.1:{}", free_port());
-    let args: Vec<String> = vec![
-        "serve".into(),
-        "--name=n0".into(),
-        format!("--data-dir={}", dir.join("n0").display()),
-        format!("--listen-client-urls={client}"),
-        format!("--advertise-client-urls={client}"),
-        format!("--listen-peer-urls={peer}"),
-        format!("--initial-advertise-peer-urls={peer}"),
-        format!("--initial-cluster=n0={peer}"),
-        "--initial-cluster-token=test".into(),
-        "--heartbeat-interval=20".into(),
-        "--election-timeout=200".into(),
-    ];
-    let mut p = Proc {
-        name: "n0".into(),
-        client,
-        child: None,
-        args,
-    };
-    p.spawn();
-    p
-}
-
-fn channel(url: &str) -> Channel {
-    tonic::transport::Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .connect_lazy()
-}
 
 fn b(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
@@ -85,7 +52,7 @@ async fn serving(url: &str) {
 
 async fn start() -> (tempfile::TempDir, Proc, String) {
     let dir = tempfile::tempdir().unwrap();
-    let p = one_member(dir.path());
+    let p = one_member(dir.path(), &[]);
     let url = p.client.clone();
     serving(&url).await;
     (dir, p, url)

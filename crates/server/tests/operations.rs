@@ -22,12 +22,6 @@ use tonic::transport::Channel;
 const NOSPACE: i32 = 1;
 const CORRUPT: i32 = 2;
 
-fn channel(url: &str) -> Channel {
-    tonic::transport::Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .connect_lazy()
-}
-
 fn maintenance(url: &str) -> MaintenanceClient<Channel> {
     MaintenanceClient::new(channel(url))
 }

@@ -5,48 +5,13 @@
 mod common;
 
 use bytes::Bytes;
-use common::{free_port, kv, Proc};
+use common::{channel, kv, one_member};
 use server::pb::etcdserverpb::{
     alarm_request::AlarmAction, lease_client::LeaseClient, maintenance_client::MaintenanceClient,
     AlarmRequest, HashRequest, LeaseGrantRequest, PutRequest, SnapshotRequest,
 };
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic::Code;
-
-/// One member serving on its own, with extra flags.
-pub fn one_member(dir: &std::path::Path, extra: &[&str]) -> Proc {
-    let client = format!("http://127.0.0.1:{}", free_port());
-    let peer = format!("http://127.0.0.1:{}", free_port());
-    let mut args: Vec<String> = vec![
-        "serve".into(),
-        "--name=n0".into(),
-        format!("--data-dir={}", dir.join("n0").display()),
-        format!("--listen-client-urls={client}"),
-        format!("--advertise-client-urls={client}"),
-        format!("--listen-peer-urls={peer}"),
-        format!("--initial-advertise-peer-urls={peer}"),
-        format!("--initial-cluster=n0={peer}"),
-        "--initial-cluster-token=test".into(),
-        "--heartbeat-interval=20".into(),
-        "--election-timeout=200".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut p = Proc {
-        name: "n0".into(),
-        client,
-        child: None,
-        args,
-    };
-    p.spawn();
-    p
-}
-
-fn channel(url: &str) -> Channel {
-    tonic::transport::Endpoint::from_shared(url.to_string())
-        .unwrap()
-        .connect_lazy()
-}
 
 /// Wait until the member answers a write.
 pub async fn ready(url: &str) {

@@ -124,6 +124,41 @@ fn start_members(
         .collect()
 }
 
+/// A one-member cluster serving on its own, with extra flags.
+pub fn one_member(dir: &std::path::Path, extra: &[&str]) -> Proc {
+    let client = format!("http://127.0.0.1:{}", free_port());
+    let peer = format!("http://127.0.0.1:{}", free_port());
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--name=n0".into(),
+        format!("--data-dir={}", dir.join("n0").display()),
+        format!("--listen-client-urls={client}"),
+        format!("--advertise-client-urls={client}"),
+        format!("--listen-peer-urls={peer}"),
+        format!("--initial-advertise-peer-urls={peer}"),
+        format!("--initial-cluster=n0={peer}"),
+        "--initial-cluster-token=test".into(),
+        "--heartbeat-interval=20".into(),
+        "--election-timeout=200".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut p = Proc {
+        name: "n0".into(),
+        client,
+        child: None,
+        args,
+    };
+    p.spawn();
+    p
+}
+
+/// A channel to `url`, connected on first use.
+pub fn channel(url: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .connect_lazy()
+}
+
 pub async fn kv(url: &str) -> KvClient<Channel> {
     KvClient::new(
         tonic::transport::Endpoint::from_shared(url.to_string())
