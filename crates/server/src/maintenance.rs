@@ -18,10 +18,13 @@
 //! store in memory: Hash feeds it chunk by chunk to the CRC, and Snapshot produces its
 //! chunks as the client reads them (a few chunks ahead at most, see [`backup_chunks`]).
 //! A frozen copy still pins what the store held when it was taken (writes since then copy
-//! the paths they change), so at most [`MAX_COPIES`] Snapshot and Hash calls run at once
-//! on a member; one more is refused at once with etcd's "too many requests"
-//! (`ResourceExhausted`), which clients retry — a refusal, not a queue, so that a crowd of
-//! slow readers holds nothing at all.
+//! the paths they change), so at most [`MAX_SNAPSHOTS`] Snapshot calls and
+//! [`MAX_HASHES`] Hash and HashKV calls run at once on a member; one more is refused at
+//! once with etcd's "too many requests" (`ResourceExhausted`), which clients retry — a
+//! refusal, not a queue, so that a crowd of slow readers holds nothing at all. The two
+//! bounds are apart because a Snapshot lasts as long as its client takes to read it, while
+//! a hash ends by itself: clients that stop reading their backups must not stop the
+//! consistency check (which asks every member for HashKV) or anyone's Hash.
 
 use crate::grpc::{timed_out, API_VERSION, REQUEST_TIMEOUT};
 use crate::machine::alarm_name;
@@ -39,8 +42,10 @@ use tonic::{Request, Response, Status};
 /// Bytes of backup per Snapshot message.
 const SNAPSHOT_CHUNK: usize = 256 << 10;
 
-/// Most Snapshot and Hash calls served at once (see the module's doc).
-pub const MAX_COPIES: usize = 4;
+/// Most Snapshot calls served at once (see the module's doc).
+pub const MAX_SNAPSHOTS: usize = 4;
+/// Most Hash and HashKV calls served at once.
+pub const MAX_HASHES: usize = 4;
 
 /// Backup chunks produced ahead of the client's reading, per Snapshot call.
 const CHUNKS_AHEAD: usize = 2;
@@ -48,27 +53,38 @@ const CHUNKS_AHEAD: usize = 2;
 #[derive(Clone)]
 pub struct MaintenanceService {
     node: Node,
-    /// One permit per frozen copy being read (Snapshot, Hash and HashKV).
-    copies: Arc<Semaphore>,
+    /// One permit per backup being streamed.
+    snapshots: Arc<Semaphore>,
+    /// One permit per Hash or HashKV being computed.
+    hashes: Arc<Semaphore>,
 }
 
 impl MaintenanceService {
     pub fn new(node: Node) -> Self {
         MaintenanceService {
             node,
-            copies: Arc::new(Semaphore::new(MAX_COPIES)),
+            snapshots: Arc::new(Semaphore::new(MAX_SNAPSHOTS)),
+            hashes: Arc::new(Semaphore::new(MAX_HASHES)),
         }
     }
 
-    /// A permit to read a frozen copy of the store, or etcd's "too many requests".
-    fn copy_permit(&self) -> Result<OwnedSemaphorePermit, Status> {
-        self.copies.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "etcdserver: too many requests (at most {MAX_COPIES} Snapshot and Hash calls \
-                 at once on a member)"
-            ))
-        })
+    /// A permit to stream a backup, or etcd's "too many requests".
+    fn snapshot_permit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        permit(&self.snapshots, MAX_SNAPSHOTS, "Snapshot")
     }
+
+    /// A permit to hash a frozen copy, or etcd's "too many requests".
+    fn hash_permit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        permit(&self.hashes, MAX_HASHES, "Hash and HashKV")
+    }
+}
+
+fn permit(s: &Arc<Semaphore>, max: usize, what: &str) -> Result<OwnedSemaphorePermit, Status> {
+    s.clone().try_acquire_owned().map_err(|_| {
+        Status::resource_exhausted(format!(
+            "etcdserver: too many requests (at most {max} {what} calls at once on a member)"
+        ))
+    })
 }
 
 /// Backups start with this.
@@ -234,7 +250,7 @@ impl maintenance_server::Maintenance for MaintenanceService {
         &self,
         _: Request<pb::HashRequest>,
     ) -> Result<Response<pb::HashResponse>, Status> {
-        let permit = self.copy_permit()?;
+        let permit = self.hash_permit()?;
         let f = self.node.freeze().await?;
         let revision = f.store.revision();
         // The CRC of the state machine's snapshot, fed chunk by chunk.
@@ -259,7 +275,7 @@ impl maintenance_server::Maintenance for MaintenanceService {
         req: Request<pb::HashKvRequest>,
     ) -> Result<Response<pb::HashKvResponse>, Status> {
         let rev = req.into_inner().revision;
-        let permit = self.copy_permit()?;
+        let permit = self.hash_permit()?;
         let f = self.node.freeze().await?;
         let current = f.store.revision();
         let h = blocking(move || {
@@ -282,7 +298,7 @@ impl maintenance_server::Maintenance for MaintenanceService {
         &self,
         _: Request<pb::SnapshotRequest>,
     ) -> Result<Response<SnapshotStream>, Status> {
-        let permit = self.copy_permit()?;
+        let permit = self.snapshot_permit()?;
         let f = self.node.freeze().await?;
         let header = self.node.header(f.store.revision(), f.term);
         let (revision, applied) = (f.store.revision(), f.applied);
