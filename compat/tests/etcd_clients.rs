@@ -1,5 +1,7 @@
 //! raftkv through clients we did not write. `RAFTKV_BIN` names the raftkv binary to test.
 
+mod support;
+
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -142,9 +144,7 @@ async fn the_etcd_client_crate_works_unchanged() {
 
 /// etcdctl's exit status and its stdout and stderr together.
 fn etcdctl_result(endpoints: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoints}"))
+    let out = support::etcdctl_cmd(endpoints, 5)
         .args(args)
         .output()
         .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");
@@ -155,9 +155,7 @@ fn etcdctl_result(endpoints: &str, args: &[&str]) -> (bool, String) {
 
 fn etcdctl(endpoints: &str, args: &[&str], stdin: Option<&str>) -> String {
     use std::io::Write;
-    let mut child = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoints}"))
+    let mut child = support::etcdctl_cmd(endpoints, 5)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -34,7 +34,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{Cluster, KillOnDrop, Kind, Timing};
@@ -45,24 +45,6 @@ const TIMING: Timing = Timing::ETCD_DEFAULT;
 const WAIT: Duration = Duration::from_secs(15);
 /// A lease that never was, on either server.
 const MISSING: &str = "1234abcd";
-
-fn etcdctl_cmd(endpoint: &str) -> Command {
-    let mut c = Command::new("etcdctl");
-    c.env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .arg("--command-timeout=5s");
-    c
-}
-
-/// etcdctl's stderr without log lines (its client library's, JSON, and its own, each
-/// with a timestamp).
-fn messages(stderr: &str) -> String {
-    stderr
-        .lines()
-        .filter(|l| !l.starts_with('{') && !l.contains(" W | ") && !l.contains(" I | "))
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
 
 /// A command's outcome: stdout, messages on stderr, exit code (None: killed).
 type Outcome = (String, String, Option<i32>);
@@ -82,7 +64,7 @@ struct Running {
 impl Running {
     /// Start `etcdctl ARGS` against `endpoint` (a `kind` server), `stdin` its input.
     fn spawn(endpoint: &str, kind: Kind, args: &[&str], stdin: Option<&str>) -> Running {
-        let mut child = etcdctl_cmd(endpoint)
+        let mut child = support::etcdctl_cmd(endpoint, 5)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -168,7 +150,7 @@ impl Running {
             let _ = r.join();
         }
         let out = self.stdout();
-        let err = messages(&self.err.lock().unwrap());
+        let err = support::messages(&self.err.lock().unwrap());
         (out, err, code)
     }
 }

@@ -19,7 +19,7 @@ mod support;
 
 use etcd_client::{LockOptions, ProclaimOptions, ResignOptions};
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{Cluster, KillOnDrop, Kind};
@@ -29,23 +29,6 @@ const PORTS: (u16, u16) = (19_000, 20_000);
 const WAIT: Duration = Duration::from_secs(10);
 /// How long a waiting client is watched to show it keeps waiting.
 const BLOCKED: Duration = Duration::from_secs(1);
-
-fn etcdctl_cmd(endpoint: &str) -> Command {
-    let mut c = Command::new("etcdctl");
-    c.env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .arg("--command-timeout=5s");
-    c
-}
-
-/// etcdctl's stderr without log lines (its client library's, JSON, and its own).
-fn messages(stderr: &str) -> String {
-    stderr
-        .lines()
-        .filter(|l| !l.starts_with('{') && !l.contains(" W | ") && !l.contains(" I | "))
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
 
 /// A running etcdctl, its output read as it comes.
 struct Ctl {
@@ -57,7 +40,7 @@ struct Ctl {
 
 impl Ctl {
     fn spawn(endpoint: &str, args: &[&str]) -> Ctl {
-        let mut child = etcdctl_cmd(endpoint)
+        let mut child = support::etcdctl_cmd(endpoint, 5)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -127,7 +110,7 @@ impl Ctl {
         format!(
             "{}{}exit {code:?}\n",
             self.stdout(),
-            messages(&self.err.lock().unwrap())
+            support::messages(&self.err.lock().unwrap())
         )
     }
 }
@@ -146,7 +129,7 @@ fn etcdctl_script(endpoint: &str) -> Transcript {
     note("first lock, interrupted", first.interrupt());
     second.wait_lines(1);
     note("second lock, interrupted", second.interrupt());
-    let out = etcdctl_cmd(endpoint)
+    let out = support::etcdctl_cmd(endpoint, 5)
         .args(["lock", "job", "--", "sh", "-c", "echo \"$ETCD_LOCK_KEY\""])
         .output()
         .unwrap();
@@ -155,7 +138,7 @@ fn etcdctl_script(endpoint: &str) -> Transcript {
         format!(
             "{}{}exit {:?}\n",
             String::from_utf8_lossy(&out.stdout),
-            messages(&String::from_utf8_lossy(&out.stderr)),
+            support::messages(&String::from_utf8_lossy(&out.stderr)),
             out.status.code()
         ),
     );

@@ -27,10 +27,7 @@ use support::{Cluster, KillOnDrop, Kind, Timing};
 const PORTS: (u16, u16) = (9_000, 10_000);
 
 fn etcdctl(endpoints: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoints}"))
-        .arg("--command-timeout=5s")
+    let out = support::etcdctl_cmd(endpoints, 5)
         .args(args)
         .output()
         .expect("run etcdctl (see .ci/run)");

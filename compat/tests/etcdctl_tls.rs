@@ -36,12 +36,8 @@ impl TlsCluster {
     }
 
     fn etcdctl(&self, with_cert: bool) -> Command {
-        let mut c = Command::new("etcdctl");
-        c.env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.endpoints.join(",")))
-            .arg("--command-timeout=5s")
-            .arg("--cacert")
-            .arg(self.tls("ca.pem"));
+        let mut c = support::etcdctl_cmd(&self.endpoints.join(","), 5);
+        c.arg("--cacert").arg(self.tls("ca.pem"));
         if with_cert {
             c.arg("--cert")
                 .arg(self.tls("client.pem"))
@@ -162,9 +158,7 @@ fn etcdctl_endpoint_commands_reach_every_member_with_cluster() {
     assert!(alarms.status.success());
     assert_eq!(text(&alarms.stdout), "");
     let file = c.dir.path().join("backup.db");
-    let save = run(Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", c.endpoints[0]))
+    let save = run(support::etcdctl_cmd(&c.endpoints[0], 5)
         .arg("--cacert")
         .arg(c.tls("ca.pem"))
         .arg("--cert")

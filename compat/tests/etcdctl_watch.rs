@@ -20,7 +20,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::process::{ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{Cluster, KillOnDrop, Kind};
@@ -28,24 +28,6 @@ use support::{Cluster, KillOnDrop, Kind};
 /// This file's ports (the other compat tests use 12000–14000 and 20000 and up).
 const PORTS: (u16, u16) = (14_000, 16_000);
 const WAIT: Duration = Duration::from_secs(10);
-
-fn etcdctl_cmd(endpoint: &str) -> Command {
-    let mut c = Command::new("etcdctl");
-    c.env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .arg("--command-timeout=5s");
-    c
-}
-
-/// etcdctl's stderr without log lines (its client library's, JSON, and its own, each
-/// with a timestamp).
-fn messages(stderr: &str) -> String {
-    stderr
-        .lines()
-        .filter(|l| !l.starts_with('{') && !l.contains(" W | ") && !l.contains(" I | "))
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
 
 /// A running `etcdctl watch`, its output read as it comes.
 struct Watch {
@@ -58,7 +40,7 @@ struct Watch {
 
 impl Watch {
     fn spawn(endpoint: &str, args: &[&str]) -> Watch {
-        let mut child = etcdctl_cmd(endpoint)
+        let mut child = support::etcdctl_cmd(endpoint, 5)
             .arg("watch")
             .args(args)
             .stdin(Stdio::piped())
@@ -141,7 +123,7 @@ impl Watch {
         // The readers finish once the pipes close.
         std::thread::sleep(Duration::from_millis(50));
         let out = self.stdout();
-        let err = messages(&self.err.lock().unwrap());
+        let err = support::messages(&self.err.lock().unwrap());
         (out, err, code)
     }
 }
@@ -156,7 +138,7 @@ struct Script<'a> {
 impl Script<'_> {
     /// Run an etcdctl command that writes, `-w json`: its revision gets the next name.
     fn write(&mut self, args: &[&str], stdin: Option<&str>) -> i64 {
-        let mut child = etcdctl_cmd(self.endpoint)
+        let mut child = support::etcdctl_cmd(self.endpoint, 5)
             .args(args)
             .arg("-w")
             .arg("json")
@@ -191,10 +173,13 @@ impl Script<'_> {
     }
 
     fn other(&mut self, args: &[&str]) -> (String, String, Option<i32>) {
-        let out = etcdctl_cmd(self.endpoint).args(args).output().unwrap();
+        let out = support::etcdctl_cmd(self.endpoint, 5)
+            .args(args)
+            .output()
+            .unwrap();
         (
             String::from_utf8_lossy(&out.stdout).into_owned(),
-            messages(&String::from_utf8_lossy(&out.stderr)),
+            support::messages(&String::from_utf8_lossy(&out.stderr)),
             out.status.code(),
         )
     }
@@ -213,7 +198,7 @@ impl Script<'_> {
     fn in_place(&mut self, key: &str, watchers: &[&Watch]) -> Vec<usize> {
         let deadline = Instant::now() + WAIT;
         'again: loop {
-            etcdctl_cmd(self.endpoint)
+            support::etcdctl_cmd(self.endpoint, 5)
                 .args(["put", key, "is-it-there"])
                 .output()
                 .unwrap();
@@ -229,7 +214,7 @@ impl Script<'_> {
             }
             assert!(Instant::now() < deadline, "watchers not in place");
         }
-        etcdctl_cmd(self.endpoint)
+        support::etcdctl_cmd(self.endpoint, 5)
             .args(["put", key, "in-place"])
             .output()
             .unwrap();

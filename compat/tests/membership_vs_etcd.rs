@@ -12,6 +12,8 @@
 //! Needs `etcd` (Debian package etcd-server) and `etcdctl` (etcd-client); `.ci/run` installs
 //! both. `RAFTKV_BIN` names the raftkv binary.
 
+mod support;
+
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,10 +82,7 @@ fn start(program: &str, extra: &[&str]) -> Server {
 }
 
 fn etcdctl(endpoint: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoint}"))
-        .arg("--command-timeout=3s")
+    let out = support::etcdctl_cmd(endpoint, 3)
         .args(args)
         .output()
         .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");

@@ -14,7 +14,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,10 +23,7 @@ const PORTS: (u16, u16) = (22_000, 23_000);
 
 /// etcdctl's exit status and output (stdout, then stderr).
 fn etcdctl(endpoints: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={endpoints}"))
-        .arg("--command-timeout=3s")
+    let out = support::etcdctl_cmd(endpoints, 3)
         .args(args)
         .output()
         .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");

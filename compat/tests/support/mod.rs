@@ -1,6 +1,6 @@
-//! What the watch tests share: clusters of real processes — Debian's etcd 3.4 or raftkv,
+//! What the compat tests share: clusters of real processes — Debian's etcd 3.4 or raftkv,
 //! started with the same etcd flags — on loopback ports below the ephemeral range, killed
-//! when the test ends, passed or failed.
+//! when the test ends, passed or failed; and the etcdctl they are driven with.
 
 #![allow(dead_code)] // each test file uses part of this
 
@@ -11,6 +11,26 @@ use std::time::{Duration, Instant};
 /// The raftkv binary under test.
 pub fn raftkv_bin() -> String {
     std::env::var("RAFTKV_BIN").expect("set RAFTKV_BIN to the raftkv binary (see .ci/run)")
+}
+
+/// Debian's etcdctl (package etcd-client; `.ci/run` installs it), speaking the v3 API to
+/// `endpoints` (comma-separated `host:port`), giving up on a request after `timeout_secs`.
+pub fn etcdctl_cmd(endpoints: &str, timeout_secs: u32) -> Command {
+    let mut c = Command::new("etcdctl");
+    c.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoints}"))
+        .arg(format!("--command-timeout={timeout_secs}s"));
+    c
+}
+
+/// etcdctl's stderr without log lines (its client library's, JSON, and its own, each with
+/// a timestamp): what it says to its user.
+pub fn messages(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with('{') && !l.contains(" W | ") && !l.contains(" I | "))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// A process started by a test, killed when the test ends, passed or failed.
