@@ -2,7 +2,7 @@
 //!
 //! Watches are served by the member the client talks to, from its applied state. The hub
 //! lives beside the raft loop: the loop hands it each new revision as it applies (see
-//! `node.rs`), and this file connects it to gRPC. Each stream gets a bounded queue (etcd's
+//! `node/`), and this file connects it to gRPC. Each stream gets a bounded queue (etcd's
 //! 128 responses); the hub never sends more than the queue holds, so a client that stops
 //! reading costs its queue and nothing else — its watchers fall off the fast path and are
 //! caught up from history once it reads again. Requests on the stream (create, cancel,
