@@ -125,7 +125,14 @@ fn normalize(s: &Server, names: &HashMap<String, &str>, text: &str) -> String {
                 l = l.replace(id.as_str(), name);
             }
             // etcdctl pads ids to 16 hex digits with spaces; ids are random, so is the padding.
-            let l = l.split_whitespace().collect::<Vec<_>>().join(" ");
+            let mut l = l.split_whitespace().collect::<Vec<_>>().join(" ");
+            // A table's rules are as wide as its widest id: an id with a leading zero digit
+            // (one in 16) makes them a dash shorter. One dash per column.
+            if !l.is_empty() && l.chars().all(|c| c == '+' || c == '-') {
+                while l.contains("--") {
+                    l = l.replace("--", "-");
+                }
+            }
             // `member add` prints the cluster in id order too: sort its items.
             match l.strip_prefix("ETCD_INITIAL_CLUSTER=\"") {
                 Some(rest) => {
