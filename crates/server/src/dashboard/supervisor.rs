@@ -1,6 +1,6 @@
 //! `raftkv cluster`'s side of the dashboard: it owns the members' processes, so the page
 //! can kill (-9), pause (SIGSTOP), resume and restart them, cut and heal the network
-//! between them, run a write load, and walk through the scenarios of `scenario.rs`.
+//! between them, run a write load, and walk through the scenarios of `scenario/`.
 //!
 //! The network switch needs no root: every member runs with `--supervised`, reading
 //! `cut from=… to=…` lines on its stdin (a pipe only this process holds), and drops the
