@@ -142,17 +142,6 @@ async fn the_etcd_client_crate_works_unchanged() {
     assert_eq!(members.members().len(), 3);
 }
 
-/// etcdctl's exit status and its stdout and stderr together.
-fn etcdctl_result(endpoints: &str, args: &[&str]) -> (bool, String) {
-    let out = support::etcdctl_cmd(endpoints, 5)
-        .args(args)
-        .output()
-        .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
-
 fn etcdctl(endpoints: &str, args: &[&str], stdin: Option<&str>) -> String {
     use std::io::Write;
     let mut child = support::etcdctl_cmd(endpoints, 5)
@@ -291,7 +280,7 @@ async fn etcdctl_replaces_a_failed_member_as_etcds_documentation_does() {
     // fails as unavailable, and the operator tries again.
     let deadline = Instant::now() + Duration::from_secs(10);
     let removed = loop {
-        let (ok, out) = etcdctl_result(&e, &["member", "remove", &n2]);
+        let (ok, out) = support::etcdctl_result(&e, 5, &["member", "remove", &n2]);
         if ok {
             break out;
         }
@@ -368,7 +357,7 @@ async fn etcdctl_replaces_a_failed_member_as_etcds_documentation_does() {
     // Promoted once it has caught up (etcd refuses until then).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (ok, out) = etcdctl_result(&e, &["member", "promote", &id]);
+        let (ok, out) = support::etcdctl_result(&e, 5, &["member", "promote", &id]);
         if ok {
             assert!(
                 words(&out).contains(&format!("Member {id} promoted")),

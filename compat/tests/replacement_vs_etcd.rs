@@ -19,18 +19,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{Cluster, Kind};
 
-const PORTS: (u16, u16) = (22_000, 23_000);
-
-/// etcdctl's exit status and output (stdout, then stderr).
+/// etcdctl with a 3 s timeout: whether it succeeded, and stdout then stderr.
 fn etcdctl(endpoints: &str, args: &[&str]) -> (bool, String) {
-    let out = support::etcdctl_cmd(endpoints, 3)
-        .args(args)
-        .output()
-        .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    support::etcdctl_result(endpoints, 3, args)
 }
+
+const PORTS: (u16, u16) = (22_000, 23_000);
 
 /// Run an etcdctl command until it succeeds (a member change is refused while the cluster
 /// has just lost its leader, or has not yet heard from a newcomer); its output.

@@ -23,6 +23,17 @@ pub fn etcdctl_cmd(endpoints: &str, timeout_secs: u32) -> Command {
     c
 }
 
+/// Run etcdctl (see [`etcdctl_cmd`]): whether it succeeded, and its stdout then stderr.
+pub fn etcdctl_result(endpoints: &str, timeout_secs: u32, args: &[&str]) -> (bool, String) {
+    let out = etcdctl_cmd(endpoints, timeout_secs)
+        .args(args)
+        .output()
+        .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
 /// etcdctl's stderr without log lines (its client library's, JSON, and its own, each with
 /// a timestamp): what it says to its user.
 pub fn messages(stderr: &str) -> String {
