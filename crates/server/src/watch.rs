@@ -344,11 +344,14 @@ mod tests {
         })
     }
 
-    /// Defect 9: a create on a stream whose client stopped reading waits without spinning —
-    /// it tries once, sleeps until the client reads, then tries once more — instead of
-    /// taking the hub's lock every few milliseconds.
-    #[tokio::test]
-    async fn a_request_waiting_for_room_waits_without_polling() {
+    /// A hub with one stream whose client never reads: the answers to its creates have
+    /// filled its queue.
+    #[allow(clippy::type_complexity)]
+    fn full_stream() -> (
+        Arc<Mutex<::watch::Hub<StreamSink>>>,
+        ::watch::StreamId,
+        mpsc::Receiver<Vec<pb::WatchResponse>>,
+    ) {
         let hub = Arc::new(Mutex::new(::watch::Hub::new(1, ::watch::Limits::default())));
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let sink = StreamSink {
@@ -358,13 +361,21 @@ mod tests {
             term: Arc::new(AtomicU64::new(1)),
         };
         let stream = hub.lock().unwrap().open(sink);
-        // The client never reads: the creates' answers fill its queue.
         for i in 0..STREAM_QUEUE {
             hub.lock()
                 .unwrap()
                 .create(stream, &create(&format!("k{i}")))
                 .unwrap();
         }
+        (hub, stream, rx)
+    }
+
+    /// Defect 9: a create on a stream whose client stopped reading waits without spinning —
+    /// it tries once, sleeps until the client reads, then tries once more — instead of
+    /// taking the hub's lock every few milliseconds.
+    #[tokio::test]
+    async fn a_request_waiting_for_room_waits_without_polling() {
+        let (hub, stream, rx) = full_stream();
         let room = Arc::new(Notify::new());
         let waiting = tokio::spawn({
             let (hub, room) = (hub.clone(), room.clone());
@@ -398,21 +409,7 @@ mod tests {
     /// A stream whose client goes away wakes a request waiting for room, which then ends.
     #[tokio::test]
     async fn a_request_waiting_for_room_ends_with_its_stream() {
-        let hub = Arc::new(Mutex::new(::watch::Hub::new(1, ::watch::Limits::default())));
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let sink = StreamSink {
-            tx,
-            cluster_id: 1,
-            member_id: 1,
-            term: Arc::new(AtomicU64::new(1)),
-        };
-        let stream = hub.lock().unwrap().open(sink);
-        for i in 0..STREAM_QUEUE {
-            hub.lock()
-                .unwrap()
-                .create(stream, &create(&format!("k{i}")))
-                .unwrap();
-        }
+        let (hub, stream, rx) = full_stream();
         let room = Arc::new(Notify::new());
         let out = Outgoing {
             rx,
