@@ -31,6 +31,7 @@ pub enum Change {
 }
 
 impl Change {
+    /// The node the change is about.
     pub fn id(&self) -> NodeId {
         match *self {
             Change::AddVoter(id)
@@ -41,13 +42,18 @@ impl Change {
     }
 }
 
+/// How a configuration change moves the cluster from C_old to C_new: directly, when the
+/// two cannot disagree on a majority, or through the joint configuration C_old,new.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Transition {
     /// Apply at once; at most one voter may be added or removed.
     Simple,
     /// Enter the joint configuration C_old,new. With `auto_leave` the leader proposes the
     /// move to C_new itself as soon as C_old,new commits; otherwise it waits for a `Leave`.
-    Joint { auto_leave: bool },
+    Joint {
+        /// Leave C_old,new without being asked, as soon as it commits.
+        auto_leave: bool,
+    },
     /// Leave the joint configuration for C_new; takes no changes.
     Leave,
 }
@@ -55,7 +61,10 @@ pub enum Transition {
 /// A configuration change as proposed: a transition and the changes it makes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ConfChange {
+    /// Whether the change applies directly, enters a joint configuration or leaves one.
     pub transition: Transition,
+    /// The membership changes, applied in order to the voters and learners in force; each
+    /// node may appear once. Empty for [`Transition::Leave`].
     pub changes: Vec<Change>,
     /// The application's own bytes, carried in the entry untouched and ignored by the core
     /// (the server puts the new member's peer URLs and the request id here).
@@ -63,6 +72,8 @@ pub struct ConfChange {
 }
 
 impl ConfChange {
+    /// One change applied directly, without a joint phase. [`apply`] refuses it if it adds or
+    /// removes more than one voter (demoting a voter to learner counts as removing it).
     pub fn simple(change: Change) -> Self {
         ConfChange {
             transition: Transition::Simple,
@@ -70,6 +81,8 @@ impl ConfChange {
             context: bytes::Bytes::new(),
         }
     }
+    /// Any number of changes, made safely through C_old,new: until it is left, elections and
+    /// commitment need a majority of the old voters *and* of the new ones.
     pub fn joint(changes: Vec<Change>, auto_leave: bool) -> Self {
         ConfChange {
             transition: Transition::Joint { auto_leave },
@@ -77,6 +90,8 @@ impl ConfChange {
             context: bytes::Bytes::new(),
         }
     }
+    /// Move from the joint configuration in force to C_new; only needed when the joint
+    /// change was proposed without `auto_leave`.
     pub fn leave_joint() -> Self {
         ConfChange {
             transition: Transition::Leave,
@@ -230,7 +245,10 @@ fn symmetric_difference(a: &[NodeId], b: &[NodeId]) -> usize {
 /// establishes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfEntry {
+    /// The change as the application proposed it, context included.
     pub change: ConfChange,
+    /// The configuration in force once this entry is in a node's log: [`apply`] of the
+    /// change to the configuration before it, computed once by the leader.
     pub membership: Membership,
 }
 

@@ -14,6 +14,10 @@ pub enum ReadMode {
     LeaseBased,
 }
 
+/// Everything a node is told when it starts: who it is, the bootstrap voters, its timing in
+/// ticks, which protocol extensions it runs and the bounds on its queues. Start from
+/// [`Config::new`] and change fields as needed; [`crate::Raft::new`] checks the result
+/// with [`Config::validate`].
 #[derive(Clone, Debug)]
 pub struct Config {
     /// This node's id.
@@ -35,6 +39,7 @@ pub struct Config {
     /// CheckQuorum: a leader that has not heard from a quorum within an election timeout
     /// steps down, and followers that hear a leader ignore vote requests for that long.
     pub check_quorum: bool,
+    /// How [`crate::Raft::read_index`] confirms that this node still leads.
     pub read_mode: ReadMode,
     /// Lease reads end this many ticks before the lease nominally does, for clock drift.
     pub lease_margin_tick: u64,
@@ -85,6 +90,10 @@ impl Config {
         }
     }
 
+    /// Refuses a configuration that the protocol cannot run safely or at all: id 0,
+    /// duplicate voters, a node missing from its own bootstrap voters, an election timeout
+    /// not above the heartbeat interval, lease reads without CheckQuorum, a zero bound, and
+    /// the like; the error says which.
     pub fn validate(&self) -> Result<()> {
         let bad = |why: &str| Err(Error::InvalidConfig(why.to_string()));
         if self.id == 0 {

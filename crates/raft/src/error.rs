@@ -3,16 +3,27 @@
 use crate::types::NodeId;
 use std::fmt;
 
+/// Why the core refused a call or a peer's message. A refusal is an answer, not a fault:
+/// the node goes on, and the caller may retry (on another node, or later) or give up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Error {
     /// Only the leader accepts proposals and transfers; `leader` is the hint, if known.
-    NotLeader { leader: Option<NodeId> },
+    NotLeader {
+        /// The leader of this node's current term, if it knows one: where to retry.
+        leader: Option<NodeId>,
+    },
     /// No leader is known, so a forwarded request has nowhere to go.
     NoLeader,
     /// The leader is handing over leadership and refuses new proposals meanwhile.
-    TransferInProgress { to: NodeId },
+    TransferInProgress {
+        /// The voter that is to become leader.
+        to: NodeId,
+    },
     /// Accepting the proposal would exceed the bound on uncommitted bytes.
-    ProposalDropped { reason: &'static str },
+    ProposalDropped {
+        /// Which bound was hit, for logs.
+        reason: &'static str,
+    },
     /// Too many reads are waiting for confirmation.
     ReadQueueFull,
     /// The node named is not a member of the cluster.
@@ -52,4 +63,5 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// The result of a fallible call into the core.
 pub type Result<T> = std::result::Result<T, Error>;

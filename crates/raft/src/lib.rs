@@ -1,3 +1,5 @@
+#![warn(missing_docs)]
+
 //! # raft — a sans-IO Raft consensus core
 //!
 //! This crate implements Raft as the extended paper (Ongaro & Ousterhout) describes it,
@@ -64,6 +66,9 @@ pub use types::{
 };
 
 impl Raft {
+    /// Whether this node leads in its current term: the only node that accepts
+    /// [`Raft::propose`] and confirms reads. Another node may already lead in a higher
+    /// term that this one has not heard of yet.
     pub fn is_leader(&self) -> bool {
         self.role() == Role::Leader
     }

@@ -15,6 +15,10 @@ use crate::types::NodeId;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// A cluster configuration: the voters, the learners and, while a joint configuration is in
+/// force, the outgoing voters. Every node takes the latest one in its log as its own, even
+/// uncommitted (§6).
+///
 /// Shared and immutable once built (clones are a reference count: every configuration
 /// entry, snapshot chunk and Ready carries one), and one word wide, so that messages and
 /// snapshot metadata that hold one stay small.
@@ -107,6 +111,8 @@ impl Membership {
     pub fn outgoing(&self) -> &[NodeId] {
         &self.0.outgoing
     }
+    /// The learners: members that receive the log but neither vote nor count toward any
+    /// quorum, so that a new node can catch up before it is promoted.
     pub fn learners(&self) -> &[NodeId] {
         &self.0.learners
     }
@@ -118,6 +124,7 @@ impl Membership {
     pub fn auto_leave(&self) -> bool {
         self.0.auto_leave
     }
+    /// C_old,new is in force: decisions need a majority of `outgoing` and of `voters`.
     pub fn is_joint(&self) -> bool {
         !self.0.outgoing.is_empty()
     }
@@ -125,6 +132,8 @@ impl Membership {
     pub fn is_voter(&self, id: NodeId) -> bool {
         has(&self.0.voters, id) || has(&self.0.outgoing, id)
     }
+    /// Replicated to without voting, now or once the joint configuration is left (an
+    /// outgoing voter in `learners_next` still votes in C_old until then).
     pub fn is_learner(&self, id: NodeId) -> bool {
         has(&self.0.learners, id) || has(&self.0.learners_next, id)
     }

@@ -5,6 +5,10 @@
 use crate::types::Index;
 use std::collections::VecDeque;
 
+/// How the leader is replicating to one follower: the follower's position unknown, known,
+/// or behind the leader's snapshot. A rejected append, an unreachable follower or appends
+/// unacknowledged for a heartbeat interval fall back to `Probe`; an acknowledged append
+/// moves to `Replicate`; a follower that needs compacted entries moves to `Snapshot`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProgressState {
     /// The follower's position is unknown: at most one `Append` in flight.

@@ -28,8 +28,15 @@ pub enum Proposal {
 /// the log entries that follow it.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreState {
+    /// The last hard state persisted: term, vote and commit index. Restoring term and vote
+    /// is what keeps a restarted node from voting twice in one term.
     pub hard_state: HardState,
+    /// The latest durable snapshot; the application has already restored its state machine
+    /// from it. Without one the log starts at index 1 and the configuration is
+    /// [`Config::voters`].
     pub snapshot: Option<Snapshot>,
+    /// The durable entries after the snapshot point, consecutive from its index + 1, with
+    /// terms that never decrease and never exceed `hard_state.term`.
     pub entries: Vec<Entry>,
 }
 
@@ -155,12 +162,15 @@ impl Raft {
         Ok(raft)
     }
 
+    /// This node's id ([`Config::id`]).
     pub fn id(&self) -> NodeId {
         self.id
     }
+    /// The current term: the highest this node has seen. Only grows.
     pub fn term(&self) -> Term {
         self.term
     }
+    /// The role this node plays in its current term.
     pub fn role(&self) -> Role {
         self.role
     }
@@ -168,12 +178,17 @@ impl Raft {
     pub fn leader(&self) -> Option<NodeId> {
         self.leader
     }
+    /// The highest index this node knows to be committed: stored on a quorum and never
+    /// to be overwritten. Only grows.
     pub fn commit_index(&self) -> Index {
         self.log.committed
     }
+    /// The index of the last entry in this node's log, durable or not (the snapshot's index
+    /// if the log is empty after it).
     pub fn last_index(&self) -> Index {
         self.log.last_index()
     }
+    /// The highest index the application reported applied ([`Raft::advance_applied`]).
     pub fn applied(&self) -> Index {
         self.log.applied
     }
@@ -181,6 +196,7 @@ impl Raft {
     pub fn persisted_index(&self) -> Index {
         self.log.persisted
     }
+    /// The term, vote and commit index as they stand now, durable or not yet.
     pub fn hard_state(&self) -> HardState {
         HardState {
             term: self.term,
@@ -188,6 +204,7 @@ impl Raft {
             commit: self.log.committed,
         }
     }
+    /// The role, known leader and term as they stand now.
     pub fn soft_state(&self) -> SoftState {
         SoftState {
             role: self.role,

@@ -18,7 +18,10 @@ use std::collections::VecDeque;
 /// A read that may now be served: once `index` is applied, read the state machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadState {
+    /// The context the application passed to [`Raft::read_index`].
     pub ctx: ReadCtx,
+    /// The read index: the leader's commit index when the read arrived. Serving the read
+    /// from a state that has applied at least this far makes it linearizable.
     pub index: Index,
 }
 

@@ -24,18 +24,35 @@ use crate::types::{Entry, EntryKind, HardState, Index, Role, Snapshot, SoftState
 /// 5. serve each of `read_states` once its index is applied.
 #[derive(Debug, Default)]
 pub struct Ready {
+    /// The role, leader or term changed since the last `Ready`: the new values. Nothing to
+    /// persist; for the application to notice leader changes.
     pub soft_state: Option<SoftState>,
     /// A snapshot received from the leader; it replaces the state machine.
     pub snapshot: Option<Snapshot>,
+    /// The term, vote or commit index changed since the last `Ready`: persist the new value
+    /// before sending `persisted_messages`.
     pub hard_state: Option<HardState>,
+    /// New log entries to make durable, consecutive; the first may replace stored entries
+    /// from its index on (a follower overwriting a deposed leader's uncommitted suffix).
     pub entries: Vec<Entry>,
+    /// Messages that may leave at once, before this batch is durable, since they promise
+    /// nothing about this node's disk: a leader's appends, heartbeats and snapshot chunks,
+    /// PreVote traffic, forwarded proposals and reads, and the like.
     pub messages: Vec<Message>,
+    /// Messages that may leave only once this batch (and every earlier one) is durable:
+    /// vote requests and votes, which promise a persisted term and vote, and replies to
+    /// appends and heartbeats, which promise persisted entries and term.
     pub persisted_messages: Vec<Message>,
+    /// Entries now known committed and durable locally, in index order, for the
+    /// application to apply; at most [`crate::Config::max_apply_bytes`] of them per batch
+    /// (an entry larger than that comes alone); the rest come in later batches.
     pub committed_entries: Vec<Entry>,
     /// The configuration in force once `snapshot` and `committed_entries` are applied, if
     /// they change it. A node that finds itself outside it (`!contains(id)`) was removed
     /// from the cluster and may shut down.
     pub membership: Option<Membership>,
+    /// Linearizable reads now confirmed: each may be served once the state machine has
+    /// applied its index.
     pub read_states: Vec<ReadState>,
     /// The hard state's term or vote changed (not only its commit index).
     term_or_vote_changed: bool,
@@ -66,6 +83,7 @@ impl Ready {
         entry.or(self.snapshot.as_ref().map(|s| s.meta.index))
     }
 
+    /// Nothing to do at all: no state change, nothing to persist, send, apply or serve.
     pub fn is_empty(&self) -> bool {
         self.soft_state.is_none()
             && !self.must_persist()
