@@ -39,19 +39,31 @@ struct InFlight {
     messages: Vec<Message>,
 }
 
-/// What a member reports about itself.
+/// What a member reports about itself: a consistent picture taken between two events.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {
+    /// The member's id.
     pub id: NodeId,
+    /// Its role in its current term.
     pub role: Role,
+    /// The leader it knows of in that term, if any.
     pub leader: Option<NodeId>,
+    /// Its current term.
     pub term: Term,
+    /// The highest index it knows committed.
     pub commit: Index,
+    /// The highest index its state machine has applied (`applied <= commit`).
     pub applied: Index,
+    /// The last index in its log, durable or not; `last_index - commit` entries are not
+    /// yet known to be committed.
     pub last_index: Index,
+    /// The index its latest snapshot covers; the log holds entries only after it.
     pub snapshot_index: Index,
+    /// Writes proposed here whose clients still wait for their entry to apply.
     pub pending_writes: usize,
+    /// Linearizable reads waiting for confirmation or for their index to apply.
     pub pending_reads: usize,
+    /// Peers' messages the core refused (strangers, broken rules) since it started.
     pub refused_messages: u64,
 }
 
@@ -132,6 +144,7 @@ where
         d
     }
 
+    /// The raft core, to inspect (role, indexes, membership).
     pub fn raft(&self) -> &Raft {
         &self.raft
     }
@@ -139,6 +152,7 @@ where
     pub fn raft_mut(&mut self) -> &mut Raft {
         &mut self.raft
     }
+    /// The state machine as applied so far (up to `raft().applied()`).
     pub fn machine(&self) -> &M {
         &self.machine
     }
@@ -146,15 +160,21 @@ where
     pub fn machine_mut(&mut self) -> &mut M {
         &mut self.machine
     }
+    /// The storage the driver submits writes to.
     pub fn storage(&self) -> &S {
         &self.storage
     }
+    /// The storage, for the owner to collect finished work (completed writes, snapshots,
+    /// restored state machines) that it then reports with [`Driver::on_persisted`],
+    /// [`Driver::on_snapshot`] or [`Driver::on_restored`].
     pub fn storage_mut(&mut self) -> &mut S {
         &mut self.storage
     }
+    /// The transport messages leave through.
     pub fn transport(&self) -> &T {
         &self.transport
     }
+    /// The transport, for the owner to update it (its links to peers, what it has heard).
     pub fn transport_mut(&mut self) -> &mut T {
         &mut self.transport
     }
@@ -167,6 +187,7 @@ where
         self.in_flight.len()
     }
 
+    /// This member's role, term, indexes and queue lengths, for monitoring and tests.
     pub fn status(&self) -> Status {
         let r = &self.raft;
         Status {

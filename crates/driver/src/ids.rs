@@ -14,8 +14,11 @@ use raft::{NodeId, ReadCtx};
 /// Who proposed a command, in which life, and which of its requests it was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestId {
+    /// The member that proposed the command, and so holds the waiting client.
     pub member: NodeId,
+    /// That member's boot nonce: which of its lives proposed it.
     pub boot: u64,
+    /// The request's number within that life, from 1.
     pub seq: u64,
 }
 
@@ -42,10 +45,13 @@ impl Ids {
         }
     }
 
+    /// The boot nonce this life's ids carry.
     pub fn boot(&self) -> u64 {
         self.boot
     }
 
+    /// A request id this member never handed out before: not in this life, and not in an
+    /// earlier one, since each life has its own boot nonce.
     pub fn next_request(&mut self) -> RequestId {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -56,6 +62,9 @@ impl Ids {
         }
     }
 
+    /// A context for [`raft::Raft::read_index`], from a range that depends on the boot
+    /// nonce, so that a late ReadIndex answer meant for an earlier life matches no read of
+    /// this one.
     pub fn next_read(&mut self) -> ReadCtx {
         let ctx = self.next_read;
         self.next_read = self.next_read.wrapping_add(1);

@@ -1,3 +1,5 @@
+#![warn(missing_docs)]
+
 //! # driver — the Ready contract, implemented once
 //!
 //! The raft core (`crates/raft`) decides; it does no IO. Something must carry out its
@@ -36,8 +38,9 @@ use raft::{Entry, HardState, Index, Message, Snapshot, SnapshotMeta, Term};
 pub trait StateMachine {
     /// What a write's client is told once its entry is applied.
     type Output;
-    /// A read, and its answer.
+    /// A read request: what the application wants to look up.
     type Query;
+    /// What a read's client is told: the query's result against the state applied so far.
     type Answer;
     /// A frozen copy of the state for a background snapshot; serialized off the loop.
     type Frozen: Send + 'static;
@@ -59,8 +62,14 @@ pub trait StateMachine {
 /// entries, which replace any stored entries from their first index on.
 #[derive(Debug, Default)]
 pub struct Write {
+    /// A snapshot from the leader, written first: stored entries it covers are dropped (all
+    /// of them if the stored entry at its index has another term).
     pub snapshot: Option<Snapshot>,
+    /// The new term, vote and commit index, if any changed; the term and vote are what keep
+    /// a restarted member from voting twice in one term.
     pub hard_state: Option<HardState>,
+    /// Log entries, consecutive; they replace any stored entries from `entries[0].index` on
+    /// (a follower overwriting an uncommitted suffix it got from a deposed leader).
     pub entries: Vec<Entry>,
     /// The term of the entry just before `entries` (for checkers; 0 if none).
     pub prev_term: Term,
@@ -80,6 +89,9 @@ impl Write {
 /// Writes complete in the order they were submitted; the owner reports each completion with
 /// [`Driver::on_persisted`].
 pub trait Storage<M: StateMachine> {
+    /// Submit `write`. It must be durable (fsynced, unless `write.lazy`) before the owner
+    /// reports it complete with [`Driver::on_persisted`], and writes complete in the order
+    /// submitted. Should not block the loop.
     fn persist(&mut self, write: Write);
     /// Serialize `frozen` into a snapshot for `meta` and make it durable, off the loop; the
     /// owner reports it with [`Driver::on_snapshot`].
@@ -94,6 +106,8 @@ pub trait Storage<M: StateMachine> {
 
 /// How raft messages leave. Never blocks; a transport that cannot deliver drops.
 pub trait Transport {
+    /// Hand `msgs` to the network, each to its `to`. The driver never waits for delivery:
+    /// a message lost, duplicated or reordered costs time (raft resends), never safety.
     fn send(&mut self, msgs: Vec<Message>);
 }
 
@@ -118,6 +132,8 @@ pub enum Refusal {
 /// A client waiting for an answer. Implemented by a oneshot sender in the server and by a
 /// history recorder in the simulator.
 pub trait Reply<T> {
+    /// Deliver the outcome. Called at most once per request: a reply whose client gave up
+    /// ([`Reply::is_closed`]) may be dropped without it.
     fn send(self, result: Outcome<T>);
     /// The client gave up (its request timed out); the driver may forget it.
     fn is_closed(&self) -> bool {
@@ -131,6 +147,7 @@ pub type Outcome<T> = Result<Answered<T>, Refusal>;
 /// An answer with the facts a response header needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answered<T> {
+    /// The write's output or the read's answer.
     pub value: T,
     /// The member's term when it answered.
     pub term: Term,
