@@ -18,7 +18,8 @@
 //! - a [`Transport`] (fire and forget; raft retransmits),
 //! - [`Reply`] handles for the clients waiting on writes and reads,
 //!
-//! and time moves only when its owner calls [`Driver::tick`].
+//! and time moves only when its owner calls [`Driver::tick`]. A transport that moves bytes
+//! can encode raft's messages with [`wire`].
 //!
 //! Failures are fail-stop: a write the disk refused, a snapshot that cannot be restored or
 //! an entry that cannot be applied stops the driver at once ([`Driver::failure`]); every
@@ -26,6 +27,7 @@
 
 mod driver;
 mod ids;
+pub mod wire;
 
 pub use driver::{Driver, DriverConfig, Status};
 pub use ids::{Ids, RequestId};
