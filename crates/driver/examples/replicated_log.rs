@@ -11,10 +11,9 @@
 //! entries are applied, and their clients answered, in log order.
 
 use bytes::Bytes;
+use driver::{wire, Transport, Write};
 use driver::{Driver, DriverConfig, Ids, Outcome, Reply, RequestId, StateMachine, Storage};
-use driver::{Transport, Write};
-use raft::{Body, Config, ConflictHint, Entry, EntryKind, Membership, Message, NodeId, Raft};
-use raft::{Role, Snapshot, SnapshotMeta};
+use raft::{Config, Entry, EntryKind, Message, NodeId, Raft, Role, Snapshot, SnapshotMeta};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, RandomState};
 use std::io::{Read, Write as _};
@@ -107,7 +106,7 @@ impl Storage<Strings> for Disk {
     }
 }
 
-// --- Transport: frames over TCP. -----------------------------------------------------------
+// --- Transport: raft messages over TCP, encoded by `driver::wire`. ------------------------
 
 /// Where each node listens now: it binds port 0 and publishes the port it got, so that two
 /// runs never collide; a restarted node publishes its new address.
@@ -156,14 +155,14 @@ impl Tcp {
     }
 }
 
-/// Writes each message as a frame, its length (u32) then its bytes, and connects again
-/// after an error (on loopback a connection is made or refused at once).
+/// Writes each message as a frame, its length (u32) then its bytes, and connects again after
+/// an error (on loopback a connection is made or refused at once).
 fn write_to(peer: NodeId, net: Directory, queue: Receiver<Message>) {
     let mut conn: Option<TcpStream> = None;
     for m in queue {
         let addr = net.lock().unwrap().get(&peer).copied();
         conn = conn.or_else(|| TcpStream::connect(addr?).ok());
-        let body = encode(&m);
+        let body = wire::encode(&m);
         let frame = [&(body.len() as u32).to_le_bytes()[..], &body].concat();
         if conn.as_mut().is_some_and(|c| c.write_all(&frame).is_err()) {
             conn = None; // the peer went away: this message is lost, the next reconnects
@@ -177,7 +176,8 @@ fn read_from(mut s: TcpStream, inbox: Sender<Message>) {
     let mut len = [0u8; 4];
     while s.read_exact(&mut len).is_ok() {
         let mut body = vec![0; u32::from_le_bytes(len).min(64 << 20) as usize]; // bounded
-        let m = s.read_exact(&mut body).ok().and_then(|()| decode(&body));
+        let read = s.read_exact(&mut body);
+        let m = read.ok().and_then(|()| wire::decode(&body).ok());
         if m.is_none_or(|m| inbox.send(m).is_err()) {
             return;
         }
@@ -297,7 +297,7 @@ fn leader(c: &mut Cluster) -> Option<NodeId> {
     nodes.find(|s| s.role == Role::Leader).map(|s| s.id)
 }
 
-// --- One binary format for commands, snapshots and messages. -------------------------------
+// --- Commands and snapshots as bytes. -----------------------------------------------------
 
 /// A count of numbers, the numbers, then byte strings each after its length: all u64,
 /// little-endian.
@@ -329,80 +329,16 @@ fn unframe(mut buf: &[u8]) -> Option<(Vec<u64>, Vec<Bytes>)> {
     Some((nums, blobs))
 }
 
-/// In declaration order, so that `kind as u64` indexes it.
-const KINDS: [EntryKind; 3] = [EntryKind::Normal, EntryKind::Noop, EntryKind::ConfChange];
-
-/// A message as numbers (sender, receiver, term, which body, its fields; an optional one is
-/// 0 for none, else its value + 1) and byte strings (entries' data, a snapshot's
-/// configuration and chunk, forwarded commands).
-#[rustfmt::skip] // a table, one line per kind of message, reads best unwrapped
-fn encode(m: &Message) -> Vec<u8> {
-    let (mut n, mut members) = (vec![m.from, m.to, m.term], Vec::new());
-    let mut b: Vec<&[u8]> = Vec::new();
-    let (opt, flag) = (|o: Option<u64>| o.map_or(0, |v| v + 1), |f: &bool| *f as u64);
-    match &m.body {
-        Body::Append { prev_index, prev_term, entries, commit } => {
-            n.extend([0, *prev_index, *prev_term, *commit]);
-            entries.iter().for_each(|e| n.extend([e.term, e.index, e.kind as u64]));
-            b.extend(entries.iter().map(|e| &e.data[..]));
-        }
-        Body::AppendResponse { reject, index, hint } => n.extend([1, flag(reject), *index,
-            opt(hint.map(|h| h.first_index)), opt(hint.and_then(|h| h.term))]),
-        Body::Heartbeat { commit, seq } => n.extend([2, *commit, *seq]),
-        Body::HeartbeatResponse { seq } => n.extend([3, *seq]),
-        Body::Vote { pre_vote, transfer, last_index, last_term } => n.extend([4, flag(pre_vote), flag(transfer), *last_index, *last_term]),
-        Body::VoteResponse { pre_vote, granted } => n.extend([5, flag(pre_vote), flag(granted)]),
-        Body::TimeoutNow => n.push(6),
-        Body::InstallSnapshot { meta, offset, total, data } => {
-            meta.membership.encode_into(&mut members);
-            n.extend([7, meta.index, meta.term, *offset, *total]);
-            b.extend([&members[..], data]);
-        }
-        Body::SnapshotResponse { index, received, reject } => n.extend([8, *index, *received, flag(reject)]),
-        Body::ReadIndex { ctx } => n.extend([9, *ctx]),
-        Body::ReadIndexResponse { ctx, index } => n.extend([10, *ctx, *index]),
-        Body::Propose { data } => { n.push(11); b.extend(data.iter().map(|d| &d[..])); }
-        Body::Commit { commit } => n.extend([12, *commit]),
-    }
-    frame(&n, &b)
-}
-
-/// The inverse of `encode`; `None` for anything `encode` does not write.
-#[rustfmt::skip]
-fn decode(buf: &[u8]) -> Option<Message> {
-    let (n, blobs) = unframe(buf)?;
-    let mut b = blobs.into_iter();
-    let [from, to, term, ..] = n[..] else { return None };
-    let body = match n[3..] {
-        [0, prev_index, prev_term, commit, ref rest @ ..] if rest.len() % 3 == 0 => {
-            let entry = |c: &[u64], data| Some(Entry { term: c[0], index: c[1], kind: *KINDS.get(c[2] as usize)?, data });
-            let entries = rest.chunks(3).map(|c| entry(c, b.next()?)).collect::<Option<_>>()?;
-            Body::Append { prev_index, prev_term, entries, commit }
-        }
-        [1, reject, index, first, term] => Body::AppendResponse { reject: reject == 1, index,
-            hint: (first > 0).then(|| ConflictHint { term: term.checked_sub(1), first_index: first - 1 }) },
-        [2, commit, seq] => Body::Heartbeat { commit, seq },
-        [3, seq] => Body::HeartbeatResponse { seq },
-        [4, pre, tr, last_index, last_term] => Body::Vote { pre_vote: pre == 1, transfer: tr == 1, last_index, last_term },
-        [5, pre, granted] => Body::VoteResponse { pre_vote: pre == 1, granted: granted == 1 },
-        [6] => Body::TimeoutNow,
-        [7, index, snap_term, offset, total] => {
-            let meta = SnapshotMeta { index, term: snap_term, membership: Membership::decode(&b.next()?).ok()? };
-            Body::InstallSnapshot { meta, offset, total, data: b.next()? }
-        }
-        [8, index, received, reject] => Body::SnapshotResponse { index, received, reject: reject == 1 },
-        [9, ctx] => Body::ReadIndex { ctx },
-        [10, ctx, index] => Body::ReadIndexResponse { ctx, index },
-        [11] => Body::Propose { data: b.by_ref().collect() },
-        [12, commit] => Body::Commit { commit },
-        _ => return None,
-    };
-    b.next().is_none().then_some(Message { from, to, term, body })
-}
-
 // --- The scenario. ------------------------------------------------------------------------
 
-fn main() -> Res {
+fn main() {
+    if let Err(why) = scenario() {
+        eprintln!("replicated_log FAILED: {why}");
+        std::process::exit(1);
+    }
+}
+
+fn scenario() -> Res {
     let (began, scratch, mut c) = (Instant::now(), tempfile::tempdir()?, Cluster::default());
     for id in VOTERS {
         c.start(id, scratch.path())?;
