@@ -12,30 +12,18 @@ mod support;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{ports, retry_async, LocalCluster};
 
-/// This file's ports (the other compat tests use 9000–10000 and 10000 and up).
-const PORTS: (u16, u16) = (7_000, 8_000);
 /// chromedriver's port, inside the cluster's block (the members use base..base+22).
 const DRIVER_OFFSET: u16 = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_the_cluster_and_a_kill_at_a_click_elects_another_leader() {
-    let base = support::port_block(PORTS.0, PORTS.1, 3);
-    let dir = tempfile::tempdir().unwrap();
-    let mut cluster = Interrupt(
-        Command::new(support::raftkv_bin())
-            .args(["cluster", "--base-port", &base.to_string()])
-            .args(["--dashboard-port", "0", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("raftkv cluster starts"),
-    );
-    let url = dashboard_url(&mut cluster.0);
-    let driver_port = base + DRIVER_OFFSET;
+    let (cluster, stdout) = LocalCluster::start_reading(ports::DASHBOARD, &[]);
+    let url = dashboard_url(stdout);
+    let driver_port = cluster.base + DRIVER_OFFSET;
     let _driver = support::KillOnDrop(
         Command::new("chromedriver")
             .arg(format!("--port={driver_port}"))
@@ -53,27 +41,7 @@ async fn the_page_shows_the_cluster_and_a_kill_at_a_click_elects_another_leader(
     }
     browser.close().await.ok();
     drop(cluster);
-    support::release_block(base);
     outcome.unwrap();
-}
-
-/// `raftkv cluster`, stopped with SIGINT (as Ctrl-C stops it) so that it stops its members:
-/// a SIGKILL would leave them running.
-struct Interrupt(std::process::Child);
-
-impl Drop for Interrupt {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 async fn look_and_kill(b: &Client, url: &str) -> Result<(), String> {
@@ -220,26 +188,23 @@ where
     F: Fn(Client) -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>, String>>,
 {
-    let deadline = Instant::now() + PATIENCE;
     let mut last = String::new();
-    loop {
+    let found = retry_async(PATIENCE, Duration::from_millis(100), async || {
         match f(b.clone()).await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last = e,
+            Ok(Some(v)) => Ok(v),
+            Ok(None) => Err(()),
+            Err(e) => {
+                last = e;
+                Err(())
+            }
         }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "waited {PATIENCE:?} for {what}; last error: {last:?}"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    found.map_err(|()| format!("waited {PATIENCE:?} for {what}; last error: {last:?}"))
 }
 
 /// The URL `raftkv cluster` prints for its dashboard.
-fn dashboard_url(child: &mut std::process::Child) -> String {
-    let out = child.stdout.take().unwrap();
+fn dashboard_url(out: ChildStdout) -> String {
     let mut lines = BufReader::new(out).lines();
     let mut seen = Vec::new();
     for line in lines.by_ref() {
@@ -271,21 +236,18 @@ async fn connect(port: u16) -> Client {
             }
         }))
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        // chromedriver speaks plain HTTP on loopback: no TLS stack needed.
-        let http = hyper_util::client::legacy::connect::HttpConnector::new();
-        match ClientBuilder::new(http)
-            .capabilities(caps.clone())
-            .connect(&format!("http://127.0.0.1:{port}"))
-            .await
-        {
-            Ok(c) => return c,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("no WebDriver session from chromedriver on {port}: {e}"),
-        }
-    }
+    retry_async(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        async || {
+            // chromedriver speaks plain HTTP on loopback: no TLS stack needed.
+            let http = hyper_util::client::legacy::connect::HttpConnector::new();
+            ClientBuilder::new(http)
+                .capabilities(caps.clone())
+                .connect(&format!("http://127.0.0.1:{port}"))
+                .await
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("no WebDriver session from chromedriver on {port}: {e}"))
 }

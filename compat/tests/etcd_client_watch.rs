@@ -11,10 +11,9 @@ use etcd_client::{
     WatchResponse, WatchStream,
 };
 use std::time::Duration;
-use support::Kind;
+use support::{ports, Kind};
 
-/// This file's ports (the other compat tests use 12000–16000 and 20000 and up).
-const PORTS: (u16, u16) = (16_000, 18_000);
+const PORTS: (u16, u16) = ports::ETCD_CLIENT_WATCH;
 
 /// The stream's next response, within five seconds.
 async fn next(s: &mut WatchStream) -> WatchResponse {
@@ -59,7 +58,7 @@ fn s(x: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_cancel_and_progress_through_the_etcd_client_crate() {
-    let c = support::start(Kind::Raftkv, 3, PORTS.0, PORTS.1).await;
+    let c = support::start(Kind::Raftkv, 3, PORTS).await;
     let mut client = c.client(1).await;
     // A prefix with prev_kv: created first, with the current revision; ids from 0.
     let now = client.put("other", "x", None).await.unwrap();
@@ -256,7 +255,7 @@ async fn watch_cancel_and_progress_through_the_etcd_client_crate() {
 /// watch from far back, it comes after every event up to its revision.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progress_comes_after_the_history_a_watcher_catches_up() {
-    let c = support::start(Kind::Raftkv, 3, PORTS.0, PORTS.1).await;
+    let c = support::start(Kind::Raftkv, 3, PORTS).await;
     let client = c.client(0).await;
     let first = client
         .clone()
@@ -347,7 +346,7 @@ async fn progress_comes_after_the_history_a_watcher_catches_up() {
 /// with etcd's "no leader" once the member has had none for a while; a new one is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_require_leader_watch_ends_without_a_leader() {
-    let mut c = support::start(Kind::Raftkv, 3, PORTS.0, PORTS.1).await;
+    let mut c = support::start(Kind::Raftkv, 3, PORTS).await;
     let opts = || Some(ConnectOptions::new().with_require_leader(true));
     let mut client = Client::connect([&c.endpoints[0]], opts()).await.unwrap();
     let mut w = client.watch("k", None).await.unwrap();
@@ -402,7 +401,7 @@ async fn a_require_leader_watch_ends_without_a_leader() {
 /// write's event does not come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_from_now_starts_after_the_write_just_answered() {
-    let c = support::start(Kind::Raftkv, 3, PORTS.0, PORTS.1).await;
+    let c = support::start(Kind::Raftkv, 3, PORTS).await;
     for member in 0..3 {
         let mut client = c.client(member).await;
         let mut w = client.watch("warm-up", None).await.unwrap();

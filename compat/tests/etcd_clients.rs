@@ -3,84 +3,24 @@
 mod support;
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+use support::{ports, retry, spawn_logged, words, LocalCluster};
 
-struct LocalCluster {
-    parent: Child,
-    endpoints: Vec<String>,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for LocalCluster {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child; it stops its members and exits.
-        unsafe { libc::kill(self.parent.id() as libc::pid_t, libc::SIGINT) };
-        let _ = self.parent.wait();
-    }
-}
-
-/// A base port with `base + 10 * i + p` free for three members' client and peer ports. Below
-/// the kernel's ephemeral range (32768 and up), so no outgoing connection can hold them;
-/// starting at a point derived from the process id.
-fn free_base_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    // Tests of this file run in parallel: each call starts at a different block.
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let start = (std::process::id() % 100) * 100 + NEXT.fetch_add(1_000, Ordering::Relaxed);
-    let mut b = 20_000 + (start % 11_000) as u16;
-    loop {
-        let free = (0..3).all(|i| {
-            (0..2).all(|p| std::net::TcpListener::bind(("127.0.0.1", b + 10 * i + p)).is_ok())
-        });
-        if free {
-            return b;
-        }
-        b = if b >= 31_000 { 20_000 } else { b + 100 };
-    }
-}
-
+/// `raftkv cluster` on this file's ports, once a write goes through.
 async fn start() -> LocalCluster {
-    let bin =
-        std::env::var("RAFTKV_BIN").expect("set RAFTKV_BIN to the raftkv binary (see .ci/run)");
-    let dir = tempfile::tempdir().unwrap();
-    let base = free_base_port();
-    let parent = Command::new(bin)
-        .args([
-            "cluster",
-            "--dashboard-port",
-            "0",
-            "--base-port",
-            &base.to_string(),
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start raftkv cluster");
-    let endpoints = (0..3)
-        .map(|i| format!("127.0.0.1:{}", base + 10 * i))
-        .collect();
-    let c = LocalCluster {
-        parent,
-        endpoints,
-        dir,
-    };
-    // Ready when a write goes through.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut client) = Client::connect(&c.endpoints, None).await {
-            if client.put("ready", "yes", None).await.is_ok() {
-                return c;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the cluster did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let c = LocalCluster::start(ports::ETCD_CLIENTS, &[]);
+    support::retry_async(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        async || {
+            let mut client = Client::connect(&c.endpoints, None).await?;
+            client.put("ready", "yes", None).await
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the cluster did not become ready: {e}"));
+    c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,29 +82,9 @@ async fn the_etcd_client_crate_works_unchanged() {
     assert_eq!(members.members().len(), 3);
 }
 
-fn etcdctl(endpoints: &str, args: &[&str], stdin: Option<&str>) -> String {
-    use std::io::Write;
-    let mut child = support::etcdctl_cmd(endpoints, 5)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.unwrap_or("").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+/// etcdctl, which must succeed: its stdout.
+fn etcdctl(endpoints: &str, args: &[&str]) -> String {
+    support::etcdctl_ok(endpoints, 5, args, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,20 +94,20 @@ async fn etcdctl_works_unchanged() {
     tokio::task::spawn_blocking({
         move || {
             let e = e.as_str();
-            assert_eq!(etcdctl(e, &["put", "greeting", "hello"], None).trim(), "OK");
+            assert_eq!(etcdctl(e, &["put", "greeting", "hello"]).trim(), "OK");
             assert_eq!(
-                etcdctl(e, &["get", "greeting", "--print-value-only"], None).trim(),
+                etcdctl(e, &["get", "greeting", "--print-value-only"]).trim(),
                 "hello"
             );
             let txn =
                 "value(\"greeting\") = \"hello\"\n\nput greeting bye\n\nput greeting never\n\n";
-            assert!(etcdctl(e, &["txn"], Some(txn)).starts_with("SUCCESS"));
+            assert!(support::etcdctl_ok(e, 5, &["txn"], txn).starts_with("SUCCESS"));
             assert_eq!(
-                etcdctl(e, &["get", "greeting", "--print-value-only"], None).trim(),
+                etcdctl(e, &["get", "greeting", "--print-value-only"]).trim(),
                 "bye"
             );
-            assert_eq!(etcdctl(e, &["del", "greeting"], None).trim(), "1");
-            let status = etcdctl(e, &["endpoint", "status", "-w", "table"], None);
+            assert_eq!(etcdctl(e, &["del", "greeting"]).trim(), "1");
+            let status = etcdctl(e, &["endpoint", "status", "-w", "table"]);
             assert_eq!(status.matches("| 127.0.0.1:").count(), 3, "{status}");
             assert_eq!(
                 status.matches("true").count(),
@@ -200,14 +120,15 @@ async fn etcdctl_works_unchanged() {
                 e.split(',')
                     .all(|endpoint| members.contains(&format!("http://{endpoint}")))
             };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            let members = loop {
-                let members = etcdctl(e, &["member", "list"], None);
-                if listed(&members) || Instant::now() > deadline {
-                    break members;
+            let members = retry(Duration::from_secs(10), Duration::from_millis(100), || {
+                let members = etcdctl(e, &["member", "list"]);
+                if listed(&members) {
+                    Ok(members)
+                } else {
+                    Err(members)
                 }
-                std::thread::sleep(Duration::from_millis(100));
-            };
+            })
+            .unwrap_or_else(|members| members);
             assert_eq!(members.lines().count(), 3, "{members}");
             assert!(listed(&members), "{members}");
             // move-leader: etcdctl finds the leader among the endpoints and asks it to hand
@@ -219,33 +140,18 @@ async fn etcdctl_works_unchanged() {
                 .map(|l| l.split(',').next().unwrap().trim().to_string())
                 .find(|id| *id != leader_id)
                 .unwrap();
-            let moved = etcdctl(e, &["move-leader", &follower], None);
+            let moved = etcdctl(e, &["move-leader", &follower]);
             assert_eq!(
                 moved.trim(),
                 format!("Leadership transferred from {leader_id} to {follower}")
             );
-            let status = etcdctl(e, &["endpoint", "status", "-w", "table"], None);
+            let status = etcdctl(e, &["endpoint", "status", "-w", "table"]);
             let now = status.lines().find(|l| l.contains("true")).unwrap();
             assert!(now.contains(&follower), "{status}");
         }
     })
     .await
     .unwrap();
-}
-
-/// A process started by a test, killed when the test ends, passed or failed.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Runs of whitespace made one: etcdctl pads ids to 16 hex digits with spaces.
-fn words(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// etcd's "Replacing a failed etcd member", with Debian's etcdctl against raftkv: the dead
@@ -255,8 +161,7 @@ fn words(s: &str) -> String {
 async fn etcdctl_replaces_a_failed_member_as_etcds_documentation_does() {
     let c = start().await;
     let e = c.endpoints.join(",");
-    let bin = std::env::var("RAFTKV_BIN").unwrap();
-    etcdctl(&e, &["put", "before", "1"], None);
+    etcdctl(&e, &["put", "before", "1"]);
     // n2's machine is gone for good.
     let n2_data = c.dir.path().join("n2");
     let killed = Command::new("pkill")
@@ -269,27 +174,19 @@ async fn etcdctl_replaces_a_failed_member_as_etcds_documentation_does() {
     // From now on the operator talks to the members alive (etcdctl does not retry a
     // member change on another endpoint when the one it picked is down).
     let e = c.endpoints[..2].join(",");
-    let list = etcdctl(&e, &["member", "list"], None);
-    let n2 = list
-        .lines()
-        .find(|l| l.contains(", n2,"))
-        .and_then(|l| l.split(',').next())
-        .unwrap_or_else(|| panic!("{list}"))
-        .to_string();
+    let list = etcdctl(&e, &["member", "list"]);
+    let n2 = support::member_id(&list, "n2").unwrap_or_else(|| panic!("{list}"));
     // If n2 led, the others take an election timeout to notice: until then a member change
     // fails as unavailable, and the operator tries again.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let removed = loop {
+    let removed = retry(Duration::from_secs(10), Duration::from_millis(200), || {
         let (ok, out) = support::etcdctl_result(&e, 5, &["member", "remove", &n2]);
         if ok {
-            break out;
+            return Ok(out);
         }
-        assert!(
-            out.contains("Unavailable") && Instant::now() < deadline,
-            "{out}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+        assert!(out.contains("Unavailable"), "{out}");
+        Err(out)
+    })
+    .unwrap_or_else(|out| panic!("{out}"));
     assert!(
         words(&removed).contains(&format!("Member {n2} removed")),
         "{removed}"
@@ -322,14 +219,8 @@ async fn etcdctl_replaces_a_failed_member_as_etcds_documentation_does() {
             &format!("--peer-urls={peer}"),
             "--learner",
         ],
-        None,
     );
-    let id = added
-        .split_whitespace()
-        .skip_while(|w| *w != "Member")
-        .nth(1)
-        .unwrap_or_else(|| panic!("{added}"))
-        .to_string();
+    let id = support::word_after(&added, "Member ");
     // ETCD_NAME="n3" and the rest, as `export` lines.
     let env: Vec<(String, String)> = added
         .lines()
@@ -340,52 +231,45 @@ async fn etcdctl_replaces_a_failed_member_as_etcds_documentation_does() {
     assert_eq!(env.len(), 4, "{added}");
     assert!(env.contains(&("ETCD_INITIAL_CLUSTER_STATE".into(), "existing".into())));
     let data = c.dir.path().join("n3");
-    let log = std::fs::File::create(c.dir.path().join("n3.log")).unwrap();
-    let _newcomer = KillOnDrop(
-        Command::new(&bin)
+    let _newcomer = spawn_logged(
+        Command::new(support::raftkv_bin())
             .arg("serve")
             .envs(env)
             .arg(format!("--data-dir={}", data.display()))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+            .arg(format!("--listen-peer-urls={peer}")),
+        &c.dir.path().join("n3.log"),
     );
     // Promoted once it has caught up (etcd refuses until then).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let promoted = retry(Duration::from_secs(30), Duration::from_millis(200), || {
         let (ok, out) = support::etcdctl_result(&e, 5, &["member", "promote", &id]);
         if ok {
-            assert!(
-                words(&out).contains(&format!("Member {id} promoted")),
-                "{out}"
-            );
-            break;
+            return Ok(out);
         }
-        assert!(
-            out.contains("in sync with leader") && Instant::now() < deadline,
-            "{out}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        assert!(out.contains("in sync with leader"), "{out}");
+        Err(out)
+    })
+    .unwrap_or_else(|out| panic!("{out}"));
+    assert!(
+        words(&promoted).contains(&format!("Member {id} promoted")),
+        "{promoted}"
+    );
     let at_newcomer = client.trim_start_matches("http://");
     assert_eq!(
-        etcdctl(at_newcomer, &["get", "before", "--print-value-only"], None).trim(),
+        etcdctl(at_newcomer, &["get", "before", "--print-value-only"]).trim(),
         "1"
     );
-    etcdctl(&e, &["put", "after", "2"], None);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let list = loop {
-        let list = etcdctl(&e, &["member", "list"], None);
+    etcdctl(&e, &["put", "after", "2"]);
+    let list = retry(Duration::from_secs(10), Duration::from_millis(100), || {
+        let list = etcdctl(&e, &["member", "list"]);
         if list.contains(&format!("started, n3, {peer}, {client}, false")) {
-            break list;
+            Ok(list)
+        } else {
+            Err(list)
         }
-        assert!(Instant::now() < deadline, "{list}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    })
+    .unwrap_or_else(|list| panic!("{list}"));
     assert_eq!(list.lines().count(), 3, "{list}");
     assert!(!list.contains(", n2,"), "{list}");
 }

@@ -33,127 +33,16 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use support::{Cluster, KillOnDrop, Kind, Timing};
+use std::time::Duration;
+use support::{
+    hide_header_ids, number_after, ports, rename_words, replace_after, retry, sort_line_runs,
+    sort_lists, Cluster, Kind, Output, Running, Timing,
+};
 
-/// This file's ports (the other compat tests use 12000–18000, 19000–20000 and 20000 and up).
-const PORTS: (u16, u16) = (18_000, 19_000);
 const TIMING: Timing = Timing::ETCD_DEFAULT;
 const WAIT: Duration = Duration::from_secs(15);
 /// A lease that never was, on either server.
 const MISSING: &str = "1234abcd";
-
-/// A command's outcome: stdout, messages on stderr, exit code (None: killed).
-type Outcome = (String, String, Option<i32>);
-
-/// A running etcdctl (`watch`, `lease keep-alive`), its output read as it comes.
-struct Running {
-    child: KillOnDrop,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-    /// The threads reading stdout and stderr, done once the pipes close.
-    readers: Vec<std::thread::JoinHandle<()>>,
-    what: String,
-    /// What it is and which server it talks to, for a failure message.
-    on: String,
-}
-
-impl Running {
-    /// Start `etcdctl ARGS` against `endpoint` (a `kind` server), `stdin` its input.
-    fn spawn(endpoint: &str, kind: Kind, args: &[&str], stdin: Option<&str>) -> Running {
-        let mut child = support::etcdctl_cmd(endpoint, 5)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");
-        // All of it at once, then the end of input (etcdctl reads a transaction to the end).
-        let mut input = child.stdin.take().unwrap();
-        input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-        drop(input);
-        let mut readers = Vec::new();
-        let mut read = |mut r: Box<dyn Read + Send>| {
-            let buf = Arc::new(Mutex::new(String::new()));
-            let b = buf.clone();
-            readers.push(std::thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = r.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    b.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&chunk[..n]));
-                }
-            }));
-            buf
-        };
-        let out = read(Box::new(child.stdout.take().unwrap()));
-        let err = read(Box::new(child.stderr.take().unwrap()));
-        Running {
-            child: KillOnDrop(child),
-            out,
-            err,
-            readers,
-            what: format!("etcdctl {}", args.join(" ")),
-            on: format!("etcdctl {} (against {})", args.join(" "), kind.name()),
-        }
-    }
-
-    fn stdout(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-
-    /// Wait until `n` lines of the output satisfy `f`.
-    fn wait_lines(&self, n: usize, what: &str, f: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let out = self.stdout();
-            if out.lines().filter(|l| f(l)).count() >= n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: {n} lines {what} did not come; it printed:\n{out}\nstderr:\n{}",
-                self.on,
-                self.err.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Stop it, or (`ends`) wait for it to end by itself.
-    fn finish(mut self, ends: bool) -> Outcome {
-        let deadline = Instant::now() + WAIT;
-        let code = loop {
-            if let Some(s) = self.child.0.try_wait().unwrap() {
-                break s.code();
-            }
-            if !ends {
-                break None;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not end; it printed:\n{}",
-                self.on,
-                self.stdout()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let _ = self.child.0.kill();
-        let _ = self.child.0.wait();
-        for r in self.readers.drain(..) {
-            let _ = r.join();
-        }
-        let out = self.stdout();
-        let err = support::messages(&self.err.lock().unwrap());
-        (out, err, code)
-    }
-}
 
 /// One server's run of the script: what it ran and printed, and the leases it granted.
 struct Script<'a> {
@@ -161,15 +50,15 @@ struct Script<'a> {
     kind: Kind,
     /// Granted lease ids, hex as etcdctl prints them, in the order granted.
     leases: Vec<String>,
-    log: Vec<(String, Outcome)>,
+    log: Vec<(String, Output)>,
 }
 
 impl Script<'_> {
     /// Run `etcdctl ARGS` (with `stdin`), without recording it.
-    fn quiet(&self, args: &[&str], stdin: Option<&str>) -> Outcome {
+    fn quiet(&self, args: &[&str], stdin: Option<&str>) -> Output {
         // (etcdctl gives up after its command timeout, but not always against a server
         // that is gone: `finish` says so rather than wait for ever.)
-        Running::spawn(self.endpoint, self.kind, args, stdin).finish(true)
+        Running::spawn(self.endpoint, args, Some(stdin.unwrap_or(""))).finish(true)
     }
 
     /// Run `etcdctl ARGS` and record it; its stdout. A lease it grants gets the next name.
@@ -179,8 +68,8 @@ impl Script<'_> {
 
     fn run_with(&mut self, args: &[&str], stdin: Option<&str>) -> String {
         let r = self.quiet(args, stdin);
-        let out = r.0.clone();
-        if args.contains(&"grant") && r.2 == Some(0) {
+        let out = r.stdout.clone();
+        if args.contains(&"grant") && r.ok() {
             let id = granted(&out)
                 .unwrap_or_else(|| panic!("{}: no lease id in {out:?}", self.kind.name()));
             self.leases.push(id);
@@ -193,7 +82,7 @@ impl Script<'_> {
         out
     }
 
-    fn record(&mut self, what: &str, r: Outcome) {
+    fn record(&mut self, what: &str, r: Output) {
         self.log.push((what.to_string(), r));
     }
 
@@ -204,26 +93,29 @@ impl Script<'_> {
 
     /// The store's revision.
     fn revision(&self) -> i64 {
-        let (out, err, _) = self.quiet(&["get", "-w", "json", "revision?"], None);
-        number_after(&out, "\"revision\":")
-            .unwrap_or_else(|| panic!("{}: {out}{err}", self.kind.name()))
+        let r = self.quiet(&["get", "-w", "json", "revision?"], None);
+        number_after(&r.stdout, "\"revision\":")
+            .unwrap_or_else(|| panic!("{}: {}{}", self.kind.name(), r.stdout, r.stderr))
     }
 
     /// Wait until `lease timetolive ID` says the lease is gone.
     fn until_expired(&self, id: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (out, err, _) = self.quiet(&["lease", "timetolive", id], None);
-            if out.contains("already expired") {
-                return;
+        retry(WAIT, Duration::from_millis(100), || {
+            let r = self.quiet(&["lease", "timetolive", id], None);
+            if r.stdout.contains("already expired") {
+                Ok(())
+            } else {
+                Err(r)
             }
-            assert!(
-                Instant::now() < deadline,
-                "{}: lease {id} did not expire within {WAIT:?}: {out}{err}",
-                self.kind.name()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        })
+        .unwrap_or_else(|r| {
+            panic!(
+                "{}: lease {id} did not expire within {WAIT:?}: {}{}",
+                self.kind.name(),
+                r.stdout,
+                r.stderr
+            )
+        });
     }
 }
 
@@ -235,43 +127,8 @@ fn granted(out: &str) -> Option<String> {
     number_after(out, "\"ID\":").map(|id| format!("{id:016x}"))
 }
 
-/// The number after the first `label` in `text`.
-fn number_after(text: &str, label: &str) -> Option<i64> {
-    let at = text.find(label)? + label.len();
-    let rest = text[at..].trim_start();
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit() && c != '-')
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
-/// Every number after one of `labels` replaced by `map` of it.
-fn replace_after(text: &str, labels: &[&str], map: &mut dyn FnMut(&str) -> String) -> String {
-    let mut out = text.to_string();
-    for label in labels {
-        let mut result = String::new();
-        let mut rest = out.as_str();
-        while let Some(at) = rest.find(label) {
-            let after = at + label.len();
-            result.push_str(&rest[..after]);
-            rest = &rest[after..];
-            let end = rest
-                .char_indices()
-                .find(|&(i, c)| !(c.is_ascii_digit() || c == '-' && i == 0))
-                .map_or(rest.len(), |(i, _)| i);
-            if end > 0 {
-                result.push_str(&map(&rest[..end]));
-                rest = &rest[end..];
-            }
-        }
-        result.push_str(rest);
-        out = result;
-    }
-    out
-}
-
-/// Every maximal run of letters and digits that is a granted lease's id (hex, or decimal)
-/// replaced by its name.
+/// Every granted lease's id (a whole word, hex or decimal) replaced by its name: `L1` for
+/// the first granted, and so on.
 fn name_leases(text: &str, leases: &[String]) -> String {
     let names: Vec<(String, String, String)> = leases
         .iter()
@@ -281,62 +138,12 @@ fn name_leases(text: &str, leases: &[String]) -> String {
             (hex.clone(), dec, format!("L{}", i + 1))
         })
         .collect();
-    let mut out = String::new();
-    let mut word = String::new();
-    let flush = |word: &mut String, out: &mut String| {
-        let named = names
+    rename_words(text, |word| {
+        names
             .iter()
             .find(|(hex, dec, _)| word == hex || word == dec)
-            .map(|(_, _, n)| n.as_str());
-        out.push_str(named.unwrap_or(word));
-        word.clear();
-    };
-    for c in text.chars() {
-        if c.is_ascii_alphanumeric() {
-            word.push(c);
-        } else {
-            flush(&mut word, &mut out);
-            out.push(c);
-        }
-    }
-    flush(&mut word, &mut out);
-    out
-}
-
-/// The list after each `label`, up to `close`: its items (split by `sep`) sorted.
-fn sort_lists(text: &str, label: &str, sep: &str, close: char) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(at) = rest.find(label) {
-        let after = at + label.len();
-        out.push_str(&rest[..after]);
-        rest = &rest[after..];
-        let end = rest.find(close).unwrap_or(rest.len());
-        let mut items: Vec<&str> = rest[..end].split(sep).collect();
-        items.sort_unstable();
-        out.push_str(&items.join(sep));
-        rest = &rest[end..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Runs of lines each starting with `prefix`, sorted.
-fn sort_line_runs(text: &str, prefix: &str) -> String {
-    let mut out: Vec<&str> = Vec::new();
-    let mut run: Vec<&str> = Vec::new();
-    for l in text.split_inclusive('\n') {
-        if l.starts_with(prefix) {
-            run.push(l);
-            continue;
-        }
-        run.sort_unstable();
-        out.append(&mut run);
-        out.push(l);
-    }
-    run.sort_unstable();
-    out.append(&mut run);
-    out.concat()
+            .map(|(_, _, n)| n.clone())
+    })
 }
 
 /// One command as compared: what ran, its normalized output, the remaining TTLs taken out
@@ -348,22 +155,10 @@ struct Seen {
     remaining: Vec<i64>,
 }
 
-fn normalize(what: &str, (out, err, code): &Outcome, leases: &[String]) -> Seen {
+fn normalize(what: &str, r: &Output, leases: &[String]) -> Seen {
     let what = name_leases(what, leases);
-    let text = format!("{out}--- stderr:\n{err}--- exit: {code:?}");
-    let text = name_leases(&text, leases);
-    let text = replace_after(
-        &text,
-        &[
-            "\"cluster_id\":",
-            "\"member_id\":",
-            "\"raft_term\":",
-            "\"ClusterID\" : ",
-            "\"MemberID\" : ",
-            "\"RaftTerm\" : ",
-        ],
-        &mut |n| if n == "0" { n.into() } else { "<id>".into() },
-    );
+    let text = name_leases(&r.shown(), leases);
+    let text = hide_header_ids(&text, true);
     let mut remaining = Vec::new();
     let text = if what.contains(" timetolive ") {
         replace_after(&text, &["remaining(", "\"ttl\":", "\"TTL\" : "], &mut |n| {
@@ -486,7 +281,7 @@ fn transcript(c: &Cluster) -> Vec<Seen> {
     // A keep-alive run: a renewal every third of the TTL, until the lease is revoked.
     s.run(&["lease", "grant", "6"]);
     let lk = s.lease(4);
-    let k = Running::spawn(e, c.kind, &["lease", "keep-alive", &lk], None);
+    let k = Running::spawn(e, &["lease", "keep-alive", &lk], Some(""));
     k.wait_lines(2, "keepalived", |l| l.contains("keepalived"));
     s.run(&["lease", "revoke", &lk]);
     k.wait_lines(1, "expired or revoked", |l| {
@@ -495,7 +290,7 @@ fn transcript(c: &Cluster) -> Vec<Seen> {
     let what = k.what.clone();
     let r = k.finish(true);
     s.record(&what, r);
-    let k = Running::spawn(e, c.kind, &["lease", "keep-alive", MISSING], None);
+    let k = Running::spawn(e, &["lease", "keep-alive", MISSING], Some(""));
     let what = k.what.clone();
     let r = k.finish(true);
     s.record(&what, r);
@@ -515,7 +310,7 @@ fn transcript(c: &Cluster) -> Vec<Seen> {
     // from history it may print in one response or several).
     let from = (s.revision() + 1).to_string();
     let watch = ["watch", "-w", "json", "--prefix", "x/", "--rev", &from];
-    let w = Running::spawn(e, c.kind, &watch, None);
+    let w = Running::spawn(e, &watch, Some(""));
     s.run(&["put", "x/0", "marker"]);
     w.wait_lines(1, "with the marker", |l| l.contains("bWFya2Vy"));
     s.run(&["lease", "grant", "3"]);
@@ -534,7 +329,7 @@ fn transcript(c: &Cluster) -> Vec<Seen> {
     w.wait_lines(1, "with x/end", |l| l.contains("eC9lbmQ="));
     let what = w.what.clone();
     let r = w.finish(false);
-    one_delete_response(&r.0, c.kind);
+    one_delete_response(&r.stdout, c.kind);
     s.record(&what, r);
     for id in &low {
         s.until_expired(id);
@@ -640,30 +435,8 @@ fn differences(want: &[Seen], got: &[Seen]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_lease_prints_as_against_etcd() {
-    let (etcd, raftkv) = tokio::join!(
-        support::start_timed(Kind::Etcd, 1, PORTS.0, PORTS.1, TIMING),
-        support::start_timed(Kind::Raftkv, 1, PORTS.0, PORTS.1, TIMING)
-    );
-    let (etcd, raftkv) = (Arc::new(etcd), Arc::new(raftkv));
-    let (want, got) = {
-        let (e, r) = (etcd.clone(), raftkv.clone());
-        let (w, g) = tokio::join!(
-            tokio::task::spawn_blocking(move || transcript(&e)),
-            tokio::task::spawn_blocking(move || transcript(&r))
-        );
-        // A script that failed: its server's log may say why.
-        let failed = |c: &Cluster, e: tokio::task::JoinError| -> ! {
-            panic!(
-                "against {}: {e:?}\nmembers that exited: {:?}\n{}",
-                c.kind.name(),
-                c.exited(),
-                c.logs()
-            )
-        };
-        let w = w.unwrap_or_else(|e| failed(&etcd, e));
-        let g = g.unwrap_or_else(|e| failed(&raftkv, e));
-        (w, g)
-    };
+    let (etcd, raftkv) = support::start_both(1, ports::LEASE, TIMING).await;
+    let (want, got) = support::script_on_both(etcd, raftkv, transcript).await;
     if std::env::var_os("SHOW_LEASE_TRANSCRIPT").is_some() {
         for (w, g) in want.iter().zip(&got) {
             println!("== {}\n{}\n  remaining {:?}", w.what, w.out, w.remaining);
@@ -689,7 +462,12 @@ fn normalizing_keeps_differences() {
         "7c5eaee5158d91b2".to_string(),
     ];
     let seen = |what: &str, out: &str| {
-        normalize(what, &(out.to_string(), String::new(), Some(0)), &leases)
+        let r = Output {
+            stdout: out.to_string(),
+            stderr: String::new(),
+            code: Some(0),
+        };
+        normalize(what, &r, &leases)
     };
     let a = seen(
         "etcdctl lease timetolive --keys 0e60a2348113a805",

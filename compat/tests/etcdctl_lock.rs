@@ -18,157 +18,53 @@
 mod support;
 
 use etcd_client::{LockOptions, ProclaimOptions, ResignOptions};
-use std::io::Read;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use support::{Cluster, KillOnDrop, Kind};
+use std::time::Duration;
+use support::{ports, Cluster, Names, Running, Timing, Transcript};
 
-/// This file's ports (the other compat tests use 12000–19000 and 20000 and up).
-const PORTS: (u16, u16) = (19_000, 20_000);
 const WAIT: Duration = Duration::from_secs(10);
 /// How long a waiting client is watched to show it keeps waiting.
 const BLOCKED: Duration = Duration::from_secs(1);
 
-/// A running etcdctl, its output read as it comes.
-struct Ctl {
-    child: KillOnDrop,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-    what: String,
+/// A running etcdctl against `endpoint`, with nothing to read on its stdin.
+fn spawn(endpoint: &str, args: &[&str]) -> Running {
+    Running::spawn(endpoint, args, Some(""))
 }
-
-impl Ctl {
-    fn spawn(endpoint: &str, args: &[&str]) -> Ctl {
-        let mut child = support::etcdctl_cmd(endpoint, 5)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");
-        let read = |mut r: Box<dyn Read + Send>| {
-            let buf = Arc::new(Mutex::new(String::new()));
-            let b = buf.clone();
-            std::thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = r.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    b.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&chunk[..n]));
-                }
-            });
-            buf
-        };
-        let out = read(Box::new(child.stdout.take().unwrap()));
-        let err = read(Box::new(child.stderr.take().unwrap()));
-        Ctl {
-            child: KillOnDrop(child),
-            out,
-            err,
-            what: format!("etcdctl {}", args.join(" ")),
-        }
-    }
-
-    fn stdout(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-
-    /// Wait until it has printed `n` lines.
-    fn wait_lines(&self, n: usize) {
-        let deadline = Instant::now() + WAIT;
-        while self.stdout().lines().count() < n {
-            assert!(
-                Instant::now() < deadline,
-                "{}: {n} lines did not come; it printed:\n{}\nstderr:\n{}",
-                self.what,
-                self.stdout(),
-                self.err.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Interrupt it as Ctrl-C does (it unlocks or resigns, then exits); its stdout, its
-    /// messages and its exit code.
-    fn interrupt(mut self) -> String {
-        // SAFETY: signalling a child process we started has no memory effects.
-        unsafe { libc::kill(self.child.0.id() as libc::pid_t, libc::SIGINT) };
-        let deadline = Instant::now() + WAIT;
-        let code = loop {
-            if let Some(s) = self.child.0.try_wait().unwrap() {
-                break s.code();
-            }
-            assert!(Instant::now() < deadline, "{} did not end", self.what);
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        // The readers finish once the pipes close.
-        std::thread::sleep(Duration::from_millis(50));
-        format!(
-            "{}{}exit {code:?}\n",
-            self.stdout(),
-            support::messages(&self.err.lock().unwrap())
-        )
-    }
-}
-
-/// What the script saw, step by step: (step, what it printed or answered).
-type Transcript = Vec<(String, String)>;
 
 fn etcdctl_script(endpoint: &str) -> Transcript {
     let mut log = Transcript::new();
     let mut note = |what: &str, out: String| log.push((what.to_string(), out));
-    let first = Ctl::spawn(endpoint, &["lock", "job"]);
-    first.wait_lines(1);
-    let second = Ctl::spawn(endpoint, &["lock", "job"]);
+    let lines = |r: &Running, n| r.wait_lines(n, "of output", |_| true);
+    let first = spawn(endpoint, &["lock", "job"]);
+    lines(&first, 1);
+    let second = spawn(endpoint, &["lock", "job"]);
     std::thread::sleep(BLOCKED);
     note("second lock, while the first holds", second.stdout());
-    note("first lock, interrupted", first.interrupt());
-    second.wait_lines(1);
-    note("second lock, interrupted", second.interrupt());
-    let out = support::etcdctl_cmd(endpoint, 5)
-        .args(["lock", "job", "--", "sh", "-c", "echo \"$ETCD_LOCK_KEY\""])
-        .output()
-        .unwrap();
-    note(
-        "lock running a command",
-        format!(
-            "{}{}exit {:?}\n",
-            String::from_utf8_lossy(&out.stdout),
-            support::messages(&String::from_utf8_lossy(&out.stderr)),
-            out.status.code()
-        ),
-    );
+    note("first lock, interrupted", first.interrupt().shown());
+    lines(&second, 1);
+    note("second lock, interrupted", second.interrupt().shown());
+    let exec = ["lock", "job", "--", "sh", "-c", "echo \"$ETCD_LOCK_KEY\""];
+    let out = support::etcdctl_run(endpoint, 5, &exec, "");
+    note("lock running a command", out.shown());
 
-    let observer = Ctl::spawn(endpoint, &["elect", "-l", "vote"]);
+    let observer = spawn(endpoint, &["elect", "-l", "vote"]);
     std::thread::sleep(BLOCKED);
-    let one = Ctl::spawn(endpoint, &["elect", "vote", "one"]);
-    one.wait_lines(2);
-    observer.wait_lines(2);
-    let two = Ctl::spawn(endpoint, &["elect", "vote", "two"]);
+    let one = spawn(endpoint, &["elect", "vote", "one"]);
+    lines(&one, 2);
+    lines(&observer, 2);
+    let two = spawn(endpoint, &["elect", "vote", "two"]);
     std::thread::sleep(BLOCKED);
     note("second campaigner, while the first leads", two.stdout());
-    note("first campaigner, interrupted", one.interrupt());
-    two.wait_lines(2);
-    observer.wait_lines(4);
-    note("second campaigner, interrupted", two.interrupt());
-    note("observer, interrupted", observer.interrupt());
+    note("first campaigner, interrupted", one.interrupt().shown());
+    lines(&two, 2);
+    lines(&observer, 4);
+    note("second campaigner, interrupted", two.interrupt().shown());
+    note("observer, interrupted", observer.interrupt().shown());
     log
 }
 
-/// A client error as compared: the gRPC code and message (the metadata differs).
-fn error(e: etcd_client::Error) -> String {
-    match e {
-        etcd_client::Error::GRpcStatus(s) => format!("error {:?}: {}\n", s.code(), s.message()),
-        other => format!("error {other}\n"),
-    }
-}
-
+/// An answer as compared: `f` of it, or the error's code and message.
 fn show<T>(r: Result<T, etcd_client::Error>, f: impl FnOnce(T) -> String) -> String {
-    r.map_or_else(error, f)
+    r.map_or_else(|e| format!("{}\n", support::grpc_error(&e)), f)
 }
 
 async fn client_script(c: &Cluster) -> Transcript {
@@ -271,14 +167,7 @@ async fn client_script(c: &Cluster) -> Transcript {
 /// Lease ids (16 hex digits or fewer after a `/`, or decimal in answers) are random: name
 /// them in order of appearance.
 fn normalize(t: Transcript) -> Transcript {
-    let mut names: Vec<String> = Vec::new();
-    let mut name = |id: &str| {
-        let i = names.iter().position(|n| n == id).unwrap_or_else(|| {
-            names.push(id.to_string());
-            names.len() - 1
-        });
-        format!("lease{}", i + 1)
-    };
+    let mut names = Names::new("lease");
     t.into_iter()
         .map(|(what, out)| {
             let mut s = String::new();
@@ -290,7 +179,7 @@ fn normalize(t: Transcript) -> Transcript {
                     .find(|c: char| !c.is_ascii_hexdigit())
                     .unwrap_or(rest.len());
                 if hex > 0 {
-                    s.push_str(&name(&rest[..hex]));
+                    s.push_str(&names.name(&rest[..hex]));
                 }
                 rest = &rest[hex..];
             }
@@ -300,57 +189,24 @@ fn normalize(t: Transcript) -> Transcript {
         .collect()
 }
 
-fn compare(want: &Transcript, got: &Transcript) {
-    let mut diffs = Vec::new();
-    for ((what, w), (_, g)) in want.iter().zip(got) {
-        if w != g {
-            diffs.push(format!("{what}\n--- etcd:\n{w}\n--- raftkv:\n{g}\n"));
-        }
-    }
-    assert!(
-        diffs.is_empty(),
-        "raftkv differs from etcd:\n{}",
-        diffs.join("\n")
-    );
-    assert_eq!(want.len(), got.len());
-}
-
-fn print(t: &Transcript) {
-    if std::env::var_os("SHOW_LOCK_TRANSCRIPT").is_some() {
-        for (what, out) in t {
-            println!("== {what}\n{out}");
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_lock_and_elect_work_as_against_etcd() {
-    let (etcd, raftkv) = tokio::join!(
-        support::start(Kind::Etcd, 1, PORTS.0, PORTS.1),
-        support::start(Kind::Raftkv, 1, PORTS.0, PORTS.1)
-    );
-    let (e, r) = (etcd.endpoints[0].clone(), raftkv.endpoints[0].clone());
-    let (want, got) = tokio::join!(
-        tokio::task::spawn_blocking(move || normalize(etcdctl_script(&e))),
-        tokio::task::spawn_blocking(move || normalize(etcdctl_script(&r)))
-    );
-    let (want, got) = (want.unwrap(), got.unwrap());
-    print(&want);
+    let (etcd, raftkv) = support::start_both(1, ports::LOCK, Timing::QUICK).await;
+    let script = |c: &Cluster| normalize(etcdctl_script(&c.endpoints[0]));
+    let (want, got) = support::script_on_both(etcd, raftkv, script).await;
+    support::show_transcript("SHOW_LOCK_TRANSCRIPT", &want);
     // Not vacuous: the second of each waited for the first, then got its turn.
     assert_eq!(want[0].1, "", "etcd's second lock did not wait");
     assert!(want[2].1.starts_with("job/lease2\n"), "{}", want[2].1);
-    compare(&want, &got);
+    support::assert_same(&want, &got);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_etcd_client_crates_lock_and_election_calls_answer_as_etcds() {
-    let (etcd, raftkv) = tokio::join!(
-        support::start(Kind::Etcd, 1, PORTS.0, PORTS.1),
-        support::start(Kind::Raftkv, 1, PORTS.0, PORTS.1)
-    );
+    let (etcd, raftkv) = support::start_both(1, ports::LOCK, Timing::QUICK).await;
     let (want, got) = tokio::join!(client_script(&etcd), client_script(&raftkv));
     let (want, got) = (normalize(want), normalize(got));
-    print(&want);
+    support::show_transcript("SHOW_LOCK_TRANSCRIPT", &want);
     assert_eq!(want[1].1, "true\n", "etcd's second lock did not wait");
-    compare(&want, &got);
+    support::assert_same(&want, &got);
 }

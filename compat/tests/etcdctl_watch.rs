@@ -19,152 +19,40 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::process::{ChildStdin, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use support::{Cluster, KillOnDrop, Kind};
+use std::time::Duration;
+use support::{etcdctl_run, hide_header_ids, number_after, ports, replace_after, Names, Output};
+use support::{Cluster, Running, Timing};
 
-/// This file's ports (the other compat tests use 12000–14000 and 20000 and up).
-const PORTS: (u16, u16) = (14_000, 16_000);
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A running `etcdctl watch`, its output read as it comes.
-struct Watch {
-    child: KillOnDrop,
-    stdin: Option<ChildStdin>,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-    what: String,
+/// A running `etcdctl watch ARGS` against `endpoint`, its stdin open for `watch -i`.
+fn watch(endpoint: &str, args: &[&str]) -> Running {
+    let all: Vec<&str> = ["watch"].iter().chain(args).copied().collect();
+    Running::spawn(endpoint, &all, None)
 }
 
-impl Watch {
-    fn spawn(endpoint: &str, args: &[&str]) -> Watch {
-        let mut child = support::etcdctl_cmd(endpoint, 5)
-            .arg("watch")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");
-        let read = |mut r: Box<dyn Read + Send>| {
-            let buf = Arc::new(Mutex::new(String::new()));
-            let b = buf.clone();
-            std::thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = r.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    b.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&chunk[..n]));
-                }
-            });
-            buf
-        };
-        let out = read(Box::new(child.stdout.take().unwrap()));
-        let err = read(Box::new(child.stderr.take().unwrap()));
-        Watch {
-            stdin: child.stdin.take(),
-            child: KillOnDrop(child),
-            out,
-            err,
-            what: format!("etcdctl watch {}", args.join(" ")),
-        }
-    }
-
-    fn stdout(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-
-    /// Wait until the output holds `n` copies of `s` (a whole line).
-    fn wait_lines(&self, s: &str, n: usize) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let out = self.stdout();
-            if out.lines().filter(|l| *l == s).count() >= n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: {n} lines {s:?} did not come; it printed:\n{out}\nstderr:\n{}",
-                self.what,
-                self.err.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn type_line(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().unwrap();
-        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// Stop it (or let it end, for one that ends by itself): its stdout, its messages on
-    /// stderr, and its exit code (None: still running, killed).
-    fn finish(mut self, ends: bool) -> (String, String, Option<i32>) {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + WAIT;
-        let code = loop {
-            if let Some(s) = self.child.0.try_wait().unwrap() {
-                break s.code();
-            }
-            if !ends {
-                break None;
-            }
-            assert!(Instant::now() < deadline, "{} did not end", self.what);
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let _ = self.child.0.kill();
-        let _ = self.child.0.wait();
-        // The readers finish once the pipes close.
-        std::thread::sleep(Duration::from_millis(50));
-        let out = self.stdout();
-        let err = support::messages(&self.err.lock().unwrap());
-        (out, err, code)
-    }
+/// Wait until `n` lines of `w`'s output start with `prefix`.
+fn wait_prefixed(w: &Running, prefix: &str, n: usize) {
+    w.wait_lines(n, &format!("starting {prefix:?}"), |l| {
+        l.starts_with(prefix)
+    });
 }
 
 /// One server's run of the script: its outputs, raw, and its revisions' names.
 struct Script<'a> {
     endpoint: &'a str,
-    names: Vec<(i64, String)>,
+    /// The revisions the script's writes made, `r1`, `r2`, … in order.
+    names: Names,
     log: Vec<(String, String)>,
 }
 
 impl Script<'_> {
     /// Run an etcdctl command that writes, `-w json`: its revision gets the next name.
     fn write(&mut self, args: &[&str], stdin: Option<&str>) -> i64 {
-        let mut child = support::etcdctl_cmd(self.endpoint, 5)
-            .args(args)
-            .arg("-w")
-            .arg("json")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.unwrap_or("").as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "etcdctl {args:?}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let json: Vec<&str> = args.iter().chain(&["-w", "json"]).copied().collect();
+        let text = support::etcdctl_ok(self.endpoint, 5, &json, stdin.unwrap_or(""));
         let rev = number_after(&text, "\"revision\":").unwrap_or_else(|| panic!("{text}"));
-        if !self.names.iter().any(|(r, _)| *r == rev) {
-            let name = format!("r{}", self.names.len() + 1);
-            self.names.push((rev, name));
-        }
+        self.names.name(&rev.to_string());
         rev
     }
 
@@ -172,56 +60,35 @@ impl Script<'_> {
         self.write(&["put", key, value], None)
     }
 
-    fn other(&mut self, args: &[&str]) -> (String, String, Option<i32>) {
-        let out = support::etcdctl_cmd(self.endpoint, 5)
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            support::messages(&String::from_utf8_lossy(&out.stderr)),
-            out.status.code(),
-        )
-    }
-
-    fn record(&mut self, what: &str, (out, err, code): (String, String, Option<i32>)) {
-        self.log.push((
-            what.to_string(),
-            format!("{out}--- stderr:\n{err}--- exit: {code:?}"),
-        ));
+    fn record(&mut self, what: &str, r: Output) {
+        self.log.push((what.to_string(), r.shown()));
     }
 
     /// Make sure watchers without `--rev` are in place: write `key` until each shows it,
     /// then a last write to know where their output for the script starts, then delete
     /// the key (so that its version is the same on both servers). Returns where each
     /// watcher's output for the script starts.
-    fn in_place(&mut self, key: &str, watchers: &[&Watch]) -> Vec<usize> {
-        let deadline = Instant::now() + WAIT;
-        'again: loop {
-            support::etcdctl_cmd(self.endpoint, 5)
-                .args(["put", key, "is-it-there"])
-                .output()
-                .unwrap();
-            let until = Instant::now() + Duration::from_millis(500);
-            while Instant::now() < until {
-                if watchers
-                    .iter()
-                    .all(|w| w.stdout().lines().any(|l| l == "is-it-there"))
-                {
-                    break 'again;
-                }
-                std::thread::sleep(Duration::from_millis(5));
+    fn in_place(&mut self, key: &str, watchers: &[&Running]) -> Vec<usize> {
+        let there = support::retry(WAIT, Duration::ZERO, || {
+            etcdctl_run(self.endpoint, 5, &["put", key, "is-it-there"], "");
+            let shown =
+                support::wait_until(Duration::from_millis(500), Duration::from_millis(5), || {
+                    watchers
+                        .iter()
+                        .all(|w| w.stdout().lines().any(|l| l == "is-it-there"))
+                });
+            if shown {
+                Ok(())
+            } else {
+                Err(())
             }
-            assert!(Instant::now() < deadline, "watchers not in place");
-        }
-        support::etcdctl_cmd(self.endpoint, 5)
-            .args(["put", key, "in-place"])
-            .output()
-            .unwrap();
+        });
+        assert!(there.is_ok(), "watchers not in place");
+        etcdctl_run(self.endpoint, 5, &["put", key, "in-place"], "");
         let cut = watchers
             .iter()
             .map(|w| {
-                w.wait_lines("in-place", 1);
+                w.wait_line("in-place", 1);
                 let out = w.stdout();
                 let at = out.find("\nin-place\n").unwrap();
                 at + "\nin-place\n".len()
@@ -232,65 +99,16 @@ impl Script<'_> {
     }
 }
 
-/// The number after the first `label` in `text`.
-fn number_after(text: &str, label: &str) -> Option<i64> {
-    let at = text.find(label)? + label.len();
-    let rest = text[at..].trim_start();
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
-}
-
-/// Every number after one of `labels` replaced by `map` of it.
-fn replace_after(text: &str, labels: &[&str], map: &dyn Fn(&str) -> String) -> String {
-    let mut out = text.to_string();
-    for label in labels {
-        let mut result = String::new();
-        let mut rest = out.as_str();
-        while let Some(at) = rest.find(label) {
-            let after = at + label.len();
-            result.push_str(&rest[..after]);
-            rest = &rest[after..];
-            let spaces = rest.len() - rest.trim_start_matches(' ').len();
-            result.push_str(&rest[..spaces]);
-            rest = &rest[spaces..];
-            let end = rest
-                .find(|c: char| !c.is_ascii_digit())
-                .unwrap_or(rest.len());
-            if end > 0 {
-                result.push_str(&map(&rest[..end]));
-                rest = &rest[end..];
-            }
+/// Header ids hidden; every revision named by the write that made it (0 and negative
+/// numbers are kept).
+fn normalize(text: &str, names: &Names) -> String {
+    let ids = hide_header_ids(text, false);
+    let mut name = |r: &str| {
+        let n: i64 = r.parse().unwrap();
+        if n <= 0 {
+            return r.to_string();
         }
-        result.push_str(rest);
-        out = result;
-    }
-    out
-}
-
-fn normalize(text: &str, names: &[(i64, String)]) -> String {
-    let ids = replace_after(
-        text,
-        &[
-            "\"cluster_id\":",
-            "\"member_id\":",
-            "\"raft_term\":",
-            "\"ClusterID\" :",
-            "\"MemberID\" :",
-            "\"RaftTerm\" :",
-        ],
-        &|_| "<id>".into(),
-    );
-    let name = |r: &str| {
-        let r: i64 = r.parse().unwrap();
-        if r == 0 {
-            return "0".to_string();
-        }
-        names
-            .iter()
-            .find(|(x, _)| *x == r)
-            .map_or(format!("<unnamed {r}>"), |(_, n)| n.clone())
+        names.get(r).unwrap_or(format!("<unnamed {r}>"))
     };
     replace_after(
         &ids,
@@ -309,7 +127,7 @@ fn normalize(text: &str, names: &[(i64, String)]) -> String {
             "|rev ",
             "--rev ",
         ],
-        &name,
+        &mut name,
     )
 }
 
@@ -318,16 +136,16 @@ fn transcript(c: &Cluster) -> Vec<(String, String)> {
     let e = c.endpoints[0].as_str();
     let mut s = Script {
         endpoint: e,
-        names: Vec::new(),
+        names: Names::new("r"),
         log: Vec::new(),
     };
     s.put("other", "before");
 
     // Watchers from now on.
-    let plain = Watch::spawn(e, &["foo"]);
-    let prev = Watch::spawn(e, &["--prev-kv", "foo"]);
-    let range = Watch::spawn(e, &["foo", "fop"]);
-    let prefix = Watch::spawn(e, &["--prefix", "p/"]);
+    let plain = watch(e, &["foo"]);
+    let prev = watch(e, &["--prev-kv", "foo"]);
+    let range = watch(e, &["foo", "fop"]);
+    let prefix = watch(e, &["--prefix", "p/"]);
     let cut_foo = s.in_place("foo", &[&plain, &prev, &range]);
     let cut_p = s.in_place("p/", &[&prefix]);
     let first = s.put("foo", "1");
@@ -350,10 +168,11 @@ fn transcript(c: &Cluster) -> Vec<(String, String)> {
         (range, cut_foo[2], 1),
         (prefix, cut_p[0], 1),
     ] {
-        w.wait_lines("end", n);
+        w.wait_line("end", n);
         let what = w.what.clone();
-        let (out, err, code) = w.finish(false);
-        s.record(&what, (out[cut..].to_string(), err, code));
+        let mut r = w.finish(false);
+        r.stdout = r.stdout[cut..].to_string();
+        s.record(&what, r);
     }
 
     // From history: every event since `first`, in each output format.
@@ -370,26 +189,18 @@ fn transcript(c: &Cluster) -> Vec<(String, String)> {
         vec!["--rev", &rev, "foo", "--", "sh", "-c", exec],
     ];
     for args in &history {
-        let w = Watch::spawn(e, args);
+        let w = watch(e, args);
         let last = if args.contains(&"p/") { "p/end" } else { "end" };
         if args.contains(&"json") {
             // One line per response; wait for the last key's.
-            let deadline = Instant::now() + WAIT;
             let b64 = if last == "end" { "ZW5k" } else { "cC9lbmQ=" };
-            while !w.stdout().contains(b64) {
-                assert!(Instant::now() < deadline, "{}: {}", w.what, w.stdout());
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            w.wait_for(b64, |out| out.contains(b64));
         } else if args.contains(&"fields") {
-            w.wait_lines("\"Value\" : \"end\"", 1);
+            w.wait_line("\"Value\" : \"end\"", 1);
         } else if args.contains(&"--") {
-            let deadline = Instant::now() + WAIT;
-            while !w.stdout().contains("|\"end\"|") {
-                assert!(Instant::now() < deadline, "{}: {}", w.what, w.stdout());
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            w.wait_for("|\"end\"|", |out| out.contains("|\"end\"|"));
         } else {
-            w.wait_lines(if last == "p/end" { "p/end" } else { "end" }, 1);
+            w.wait_line(if last == "p/end" { "p/end" } else { "end" }, 1);
         }
         let what = w.what.clone();
         let r = w.finish(false);
@@ -398,31 +209,31 @@ fn transcript(c: &Cluster) -> Vec<(String, String)> {
 
     // Compacted: canceled, and etcdctl says so and exits.
     let compact_to = s.put("foo", "compact-me");
-    let (out, err, code) = s.other(&["compact", &compact_to.to_string()]);
-    s.record("etcdctl compact", (out, err, code));
-    let w = Watch::spawn(e, &["--rev", &rev, "foo"]);
+    let r = etcdctl_run(e, 5, &["compact", &compact_to.to_string()], "");
+    s.record("etcdctl compact", r);
+    let w = watch(e, &["--rev", &rev, "foo"]);
     let what = w.what.clone();
     let r = w.finish(true);
     s.record(&what, r);
-    let w = Watch::spawn(e, &["--rev", &rev, "-w", "json", "foo"]);
+    let w = watch(e, &["--rev", &rev, "-w", "json", "foo"]);
     let what = w.what.clone();
     let r = w.finish(true);
     s.record(&what, r);
     // From the compaction's own revision: served.
-    let w = Watch::spawn(e, &["--rev", &compact_to.to_string(), "--prev-kv", "foo"]);
-    w.wait_lines("compact-me", 1);
+    let w = watch(e, &["--rev", &compact_to.to_string(), "--prev-kv", "foo"]);
+    w.wait_line("compact-me", 1);
     let what = w.what.clone();
     let r = w.finish(false);
     s.record(&what, r);
 
     // Interactive: watchers on one stream, each known to be in place by `progress`.
-    let mut i = Watch::spawn(e, &["-i"]);
+    let mut i = watch(e, &["-i"]);
     i.type_line("watch bar");
     i.type_line("progress");
-    i.wait_lines_prefix("progress notify:", 1);
+    wait_prefixed(&i, "progress notify:", 1);
     i.type_line("watch --prefix --prev-kv q/");
     i.type_line("progress");
-    i.wait_lines_prefix("progress notify:", 3);
+    wait_prefixed(&i, "progress notify:", 3);
     i.type_line("nonsense");
     i.type_line("watch");
     let from = s.put("bar", "1");
@@ -431,72 +242,26 @@ fn transcript(c: &Cluster) -> Vec<(String, String)> {
     s.write(&["del", "q/1"], None);
     s.put("bar", "2");
     s.put("q/end", "end");
-    i.wait_lines("end", 1);
+    i.wait_line("end", 1);
     i.type_line(&format!("watch --rev {from} bar"));
-    i.wait_lines("2", 2);
+    i.wait_line("2", 2);
     i.type_line("progress");
-    i.wait_lines_prefix("progress notify:", 6);
+    wait_prefixed(&i, "progress notify:", 6);
     let what = i.what.clone();
     let r = i.finish(true);
     s.record(&what, r);
 
-    let names = s.names.clone();
+    let names = s.names;
     s.log
         .into_iter()
         .map(|(what, out)| (normalize(&what, &names), normalize(&out, &names)))
         .collect()
 }
 
-impl Watch {
-    /// Wait until `n` lines start with `prefix`.
-    fn wait_lines_prefix(&self, prefix: &str, n: usize) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let out = self.stdout();
-            if out.lines().filter(|l| l.starts_with(prefix)).count() >= n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: {n} lines starting {prefix:?} did not come; it printed:\n{out}\nstderr:\n{}",
-                self.what,
-                self.err.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_watch_prints_as_against_etcd() {
-    let (etcd, raftkv) = tokio::join!(
-        support::start(Kind::Etcd, 1, PORTS.0, PORTS.1),
-        support::start(Kind::Raftkv, 1, PORTS.0, PORTS.1)
-    );
-    let (etcd, raftkv) = (Arc::new(etcd), Arc::new(raftkv));
-    let (want, got) = {
-        let (e, r) = (etcd.clone(), raftkv.clone());
-        let (w, g) = tokio::join!(
-            tokio::task::spawn_blocking(move || transcript(&e)),
-            tokio::task::spawn_blocking(move || transcript(&r))
-        );
-        (w.unwrap(), g.unwrap())
-    };
-    if std::env::var_os("SHOW_WATCH_TRANSCRIPT").is_some() {
-        for (what, out) in &want {
-            println!("== {what}\n{out}");
-        }
-    }
-    let mut diffs = Vec::new();
-    for ((what, w), (_, g)) in want.iter().zip(&got) {
-        if w != g {
-            diffs.push(format!("{what}\n--- etcd:\n{w}\n--- raftkv:\n{g}\n"));
-        }
-    }
-    assert!(
-        diffs.is_empty(),
-        "raftkv differs from etcd:\n{}",
-        diffs.join("\n")
-    );
-    assert_eq!(want.len(), got.len());
+    let (etcd, raftkv) = support::start_both(1, ports::ETCDCTL_WATCH, Timing::QUICK).await;
+    let (want, got) = support::script_on_both(etcd, raftkv, transcript).await;
+    support::show_transcript("SHOW_WATCH_TRANSCRIPT", &want);
+    support::assert_same(&want, &got);
 }

@@ -15,87 +15,33 @@
 mod support;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use support::{error_lines, one_dash_per_column, ports, sort_lists, word_after, words, Cluster};
+use support::{Timing, Transcript};
 
+/// A one-member cluster named `a`, with etcd's default timing, as the script sees it.
 struct Server {
-    child: Child,
     endpoint: String,
     client_port: u16,
     peer_port: u16,
-    _dir: tempfile::TempDir,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Two free ports below the ephemeral range, distinct per call.
-fn ports() -> (u16, u16) {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    loop {
-        let n = NEXT.fetch_add(2, Ordering::Relaxed);
-        let p = 21_000 + ((std::process::id() % 500) * 20 + n) % 10_000;
-        let (a, b) = (p as u16, p as u16 + 1);
-        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if free(a) && free(b) {
-            return (a, b);
+impl Server {
+    fn of(c: &Cluster) -> Server {
+        let port = |url: &str| url.rsplit(':').next().unwrap().parse().unwrap();
+        Server {
+            endpoint: c.endpoints[0].clone(),
+            client_port: port(&c.endpoints[0]),
+            peer_port: port(c.peer_url(0)),
         }
     }
 }
 
-fn start(program: &str, extra: &[&str]) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let (client_port, peer_port) = ports();
-    let client = format!("http://127.0.0.1:{client_port}");
-    let peer = format!("http://127.0.0.1:{peer_port}");
-    let child = Command::new(program)
-        .args(extra)
-        .arg("--name=a")
-        .arg(format!("--data-dir={}", dir.path().join("a").display()))
-        .arg(format!("--listen-client-urls={client}"))
-        .arg(format!("--advertise-client-urls={client}"))
-        .arg(format!("--listen-peer-urls={peer}"))
-        .arg(format!("--initial-advertise-peer-urls={peer}"))
-        .arg(format!("--initial-cluster=a={peer}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {program}: {e} (see .ci/run for the packages)"));
-    let s = Server {
-        child,
-        endpoint: format!("127.0.0.1:{client_port}"),
-        client_port,
-        peer_port,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while etcdctl(&s.endpoint, &["put", "ready", "yes"]).0 != 0 {
-        assert!(Instant::now() < deadline, "{program} did not become ready");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    s
-}
-
+/// etcdctl with a 3 s timeout: its exit code, and its stdout then its `Error:` lines
+/// (its retry warnings, JSON log lines, differ in timestamps).
 fn etcdctl(endpoint: &str, args: &[&str]) -> (i32, String) {
-    let out = support::etcdctl_cmd(endpoint, 3)
-        .args(args)
-        .output()
-        .expect("etcdctl is installed (Debian package etcd-client; see .ci/run)");
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    // etcdctl's own retry warnings (JSON log lines) differ in timestamps; keep its "Error:"
-    // lines only.
-    for line in String::from_utf8_lossy(&out.stderr).lines() {
-        if line.starts_with("Error:") {
-            text.push_str(line);
-            text.push('\n');
-        }
-    }
-    (out.status.code().unwrap_or(-1), text)
+    let r = support::etcdctl_run(endpoint, 3, args, "");
+    (r.code.unwrap_or(-1), r.stdout + &error_lines(&r.stderr))
 }
 
 /// Ids (hex, as etcdctl prints them) and this server's ports replaced by names, runs of
@@ -125,44 +71,20 @@ fn normalize(s: &Server, names: &HashMap<String, &str>, text: &str) -> String {
                 l = l.replace(id.as_str(), name);
             }
             // etcdctl pads ids to 16 hex digits with spaces; ids are random, so is the padding.
-            let mut l = l.split_whitespace().collect::<Vec<_>>().join(" ");
             // A table's rules are as wide as its widest id: an id with a leading zero digit
             // (one in 16) makes them a dash shorter. One dash per column.
-            if !l.is_empty() && l.chars().all(|c| c == '+' || c == '-') {
-                while l.contains("--") {
-                    l = l.replace("--", "-");
-                }
-            }
+            let l = one_dash_per_column(&words(&l));
             // `member add` prints the cluster in id order too: sort its items.
-            match l.strip_prefix("ETCD_INITIAL_CLUSTER=\"") {
-                Some(rest) => {
-                    let mut items: Vec<&str> = rest.trim_end_matches('"').split(',').collect();
-                    items.sort();
-                    format!("ETCD_INITIAL_CLUSTER=\"{}\"", items.join(","))
-                }
-                None => l,
-            }
+            sort_lists(&l, "ETCD_INITIAL_CLUSTER=\"", ",", '"')
         })
         .collect();
     out.sort();
     out.join("\n")
 }
 
-/// The hex word after `marker` in `text`.
-fn word_after(text: &str, marker: &str) -> String {
-    let at = text
-        .find(marker)
-        .unwrap_or_else(|| panic!("{marker:?} in {text:?}"));
-    text[at + marker.len()..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .trim_end_matches(',')
-        .to_string()
-}
-
 /// Run the script against one server; the normalized transcript.
-fn transcript(s: &Server) -> Vec<(String, i32, String)> {
+fn transcript(c: &Cluster) -> Transcript {
+    let s = &Server::of(c);
     let mut names: HashMap<String, &str> = HashMap::new();
     let e = s.endpoint.as_str();
     let (_, list) = etcdctl(e, &["member", "list"]);
@@ -234,37 +156,21 @@ fn transcript(s: &Server) -> Vec<(String, i32, String)> {
     run(&names, v(&["member", "list"]));
     log.into_iter()
         .map(|(args, code, out)| {
-            let mut shown = args;
+            let mut shown = format!("etcdctl {args}");
             for (id, name) in &names {
                 shown = shown.replace(id.as_str(), name);
             }
-            (shown, code, normalize(s, &names, &out))
+            (
+                shown,
+                format!("exit {code}\n{}", normalize(s, &names, &out)),
+            )
         })
         .collect()
 }
 
-#[test]
-fn etcdctl_membership_commands_answer_as_etcd_does() {
-    let raftkv_bin =
-        std::env::var("RAFTKV_BIN").expect("set RAFTKV_BIN to the raftkv binary (see .ci/run)");
-    let etcd = start("etcd", &[]);
-    let want = transcript(&etcd);
-    drop(etcd);
-    let raftkv = start(&raftkv_bin, &["serve"]);
-    let got = transcript(&raftkv);
-    let mut diffs = Vec::new();
-    for (w, g) in want.iter().zip(&got) {
-        if w != g {
-            diffs.push(format!(
-                "etcdctl {}\n  etcd   ({}): {:?}\n  raftkv ({}): {:?}",
-                w.0, w.1, w.2, g.1, g.2
-            ));
-        }
-    }
-    assert!(
-        diffs.is_empty(),
-        "raftkv differs from etcd:\n{}",
-        diffs.join("\n")
-    );
-    assert_eq!(want.len(), got.len());
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_membership_commands_answer_as_etcd_does() {
+    let (etcd, raftkv) = support::start_both(1, ports::MEMBERSHIP, Timing::ETCD_DEFAULT).await;
+    let (want, got) = support::script_on_both(etcd, raftkv, transcript).await;
+    support::assert_same(&want, &got);
 }

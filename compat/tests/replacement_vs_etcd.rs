@@ -16,30 +16,23 @@ mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use support::{Cluster, Kind};
+use std::time::Duration;
+use support::{ports, retry, retry_async, wait_until_async, Cluster, Kind};
 
 /// etcdctl with a 3 s timeout: whether it succeeded, and stdout then stderr.
 fn etcdctl(endpoints: &str, args: &[&str]) -> (bool, String) {
     support::etcdctl_result(endpoints, 3, args)
 }
 
-const PORTS: (u16, u16) = (22_000, 23_000);
-
 /// Run an etcdctl command until it succeeds (a member change is refused while the cluster
 /// has just lost its leader, or has not yet heard from a newcomer); its output.
 fn until_ok(endpoints: &str, args: &[&str], within: Duration) -> Result<String, String> {
-    let deadline = Instant::now() + within;
-    loop {
-        let (ok, out) = etcdctl(endpoints, args);
-        if ok {
-            return Ok(out);
+    retry(within, Duration::from_millis(200), || {
+        match etcdctl(endpoints, args) {
+            (true, out) => Ok(out),
+            (false, out) => Err(out),
         }
-        if Instant::now() > deadline {
-            return Err(out);
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    })
 }
 
 /// A write load: one etcdctl put after another, each to the next member in turn (a member
@@ -73,7 +66,7 @@ fn start_load(endpoints: Vec<String>) -> Load {
 
 /// Replace every member in turn; what an operator would note of each step.
 async fn replace_each(kind: Kind) -> Vec<String> {
-    let mut c = support::start(kind, 3, PORTS.0, PORTS.1).await;
+    let mut c = support::start(kind, 3, ports::REPLACEMENT).await;
     let all = c.endpoints.join(",");
     until_ok(&all, &["put", "before", "yes"], Duration::from_secs(10)).unwrap();
     let load = start_load(c.endpoints.clone());
@@ -88,12 +81,8 @@ async fn replace_each(kind: Kind) -> Vec<String> {
             .collect();
         let others = others.join(",");
         let list = until_ok(&others, &["member", "list"], Duration::from_secs(10)).unwrap();
-        let id = list
-            .lines()
-            .find(|l| l.contains(&format!(", {name}, ")))
-            .and_then(|l| l.split(',').next())
-            .unwrap_or_else(|| panic!("{} lists no {name}: {list}", kind.name()))
-            .to_string();
+        let id = support::member_id(&list, &name)
+            .unwrap_or_else(|| panic!("{} lists no {name}: {list}", kind.name()));
         let removed = until_ok(&others, &["member", "remove", &id], Duration::from_secs(15));
         story.push(format!("{name} removed: {}", removed.is_ok()));
         let add = ["member", "add", &name, &format!("--peer-urls={peer}")];
@@ -103,32 +92,34 @@ async fn replace_each(kind: Kind) -> Vec<String> {
         c.start_existing(victim);
         // Joined: it serves what was written before it was added (a linearizable read on
         // the newcomer itself), and every member is listed as started under its name.
-        let deadline = Instant::now() + Duration::from_secs(40);
         let at = c.endpoints[victim].clone();
-        let joined = loop {
-            let (ok, value) = etcdctl(&at, &["get", "before", "--print-value-only"]);
-            let (_, list) = etcdctl(&at, &["member", "list"]);
-            let started = ["a", "b", "c"]
-                .iter()
-                .all(|n| list.contains(&format!("started, {n}, ")));
-            if ok && value.trim() == "yes" && started {
-                break true;
-            }
-            if Instant::now() > deadline {
-                eprintln!("{} {name} did not join:\n{list}\n{}", kind.name(), c.logs());
-                break false;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
-        story.push(format!("{name} joined and serves: {joined}"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while load.acked.load(Ordering::SeqCst) < acked_before + 5 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let joined = retry_async(
+            Duration::from_secs(40),
+            Duration::from_millis(200),
+            async || {
+                let (ok, value) = etcdctl(&at, &["get", "before", "--print-value-only"]);
+                let (_, list) = etcdctl(&at, &["member", "list"]);
+                let started = ["a", "b", "c"]
+                    .iter()
+                    .all(|n| list.contains(&format!("started, {n}, ")));
+                if ok && value.trim() == "yes" && started {
+                    Ok(())
+                } else {
+                    Err(list)
+                }
+            },
+        )
+        .await;
+        if let Err(list) = &joined {
+            eprintln!("{} {name} did not join:\n{list}\n{}", kind.name(), c.logs());
         }
-        story.push(format!(
-            "writes went on: {}",
+        let joined = joined.is_ok();
+        story.push(format!("{name} joined and serves: {joined}"));
+        let went_on = wait_until_async(Duration::from_secs(20), Duration::from_millis(100), || {
             load.acked.load(Ordering::SeqCst) >= acked_before + 5
-        ));
+        })
+        .await;
+        story.push(format!("writes went on: {went_on}"));
     }
     load.stop.store(true, Ordering::SeqCst);
     load.thread.join().unwrap();

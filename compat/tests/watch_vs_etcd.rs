@@ -125,8 +125,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{Cluster, Kind, Timing};
 
-/// This file's ports (the other compat tests use 14000 and up).
-const PORTS: (u16, u16) = (12_000, 14_000);
+const PORTS: (u16, u16) = support::ports::WATCH_VS_ETCD;
 const MEMBERS: u16 = 3;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Whether the sequence compares the headers of the answers inside a transaction (it does
@@ -885,7 +884,7 @@ async fn call<T>(f: impl std::future::Future<Output = Result<T, Error>>) -> Resu
 
 impl Side {
     async fn new(kind: Kind, members: u16) -> Side {
-        let cluster = support::start(kind, members, PORTS.0, PORTS.1).await;
+        let cluster = support::start(kind, members, PORTS).await;
         let mut clients = Vec::new();
         for i in 0..members as usize {
             clients.push(cluster.client(i).await);
@@ -2459,7 +2458,7 @@ async fn leases_answer_as_etcds_do() {
 /// etcd's new store is at revision 1, and its first write makes revision 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_store_is_at_revision_1() {
-    let c = support::start(Kind::Raftkv, 1, PORTS.0, PORTS.1).await;
+    let c = support::start(Kind::Raftkv, 1, PORTS).await;
     let mut client = c.client(0).await;
     let empty = client.get("k", None).await.unwrap();
     let put = client.put("k", "v", None).await.unwrap();
