@@ -123,7 +123,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{Cluster, Kind, Timing};
+use support::{grpc_error, Cluster, Kind, Timing};
 
 const PORTS: (u16, u16) = support::ports::WATCH_VS_ETCD;
 const MEMBERS: u16 = 3;
@@ -645,13 +645,6 @@ fn same_answer(a: &str, b: &str) -> bool {
     ta == tb && na.len() == nb.len() && na.iter().zip(&nb).all(|(x, y)| (x - y).abs() <= 1)
 }
 
-fn error(e: &Error) -> String {
-    match e {
-        Error::GRpcStatus(s) => format!("error {:?} {:?}", s.code(), s.message()),
-        other => format!("error {other}"),
-    }
-}
-
 fn fix_txn(t: &mut etcd_client::proto::PbTxnResponse, off: i64) {
     fix_header(&mut t.header, off);
     for r in &mut t.responses {
@@ -877,20 +870,29 @@ struct Side {
 async fn call<T>(f: impl std::future::Future<Output = Result<T, Error>>) -> Result<T, String> {
     match tokio::time::timeout(CALL_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(error(&e)),
+        Ok(Err(e)) => Err(grpc_error(&e)),
         Err(_) => Err("timed out".into()),
     }
 }
 
+/// An etcd side and a raftkv side, `members` members each, and etcd's revision now: both
+/// fresh, raftkv's revision numbering measured against etcd's (see the file's header).
+async fn sides(members: u16) -> (Side, Side, i64) {
+    let (e, r) = support::start_both(members, PORTS, Timing::QUICK).await;
+    let (mut etcd, mut raftkv) = tokio::join!(Side::new(e), Side::new(r));
+    let (e0, r0) = tokio::join!(etcd.revision(), raftkv.revision());
+    raftkv.off = e0 - r0;
+    (etcd, raftkv, e0)
+}
+
 impl Side {
-    async fn new(kind: Kind, members: u16) -> Side {
-        let cluster = support::start(kind, members, PORTS).await;
+    async fn new(cluster: Cluster) -> Side {
         let mut clients = Vec::new();
-        for i in 0..members as usize {
+        for i in 0..cluster.endpoints.len() {
             clients.push(cluster.client(i).await);
         }
         Side {
-            kind,
+            kind: cluster.kind,
             off: 0,
             clients,
             streams: Vec::new(),
@@ -1198,7 +1200,7 @@ impl Side {
                                 return;
                             }
                             Err(e) => {
-                                l.end = Some(error(&e));
+                                l.end = Some(grpc_error(&e));
                                 return;
                             }
                         }
@@ -1396,16 +1398,7 @@ impl Side {
 
 /// A gauge from etcd's metrics (served on its client URL).
 fn metric(endpoint: &str, name: &str) -> Result<i64, String> {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(endpoint).map_err(|e| format!("{endpoint}: {e}"))?;
-    c.set_read_timeout(Some(CALL_TIMEOUT)).unwrap();
-    write!(
-        c,
-        "GET /metrics HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut body = String::new();
-    c.read_to_string(&mut body).map_err(|e| e.to_string())?;
+    let (_, body) = support::http_get(endpoint, "/metrics", CALL_TIMEOUT)?;
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
         .map(|v| v as i64)
@@ -1521,6 +1514,18 @@ struct Model {
     /// None in a sequence without lease steps (which then draws exactly what it drew before
     /// there were any); else the leases etcd holds: granted, not revoked, not expired.
     leases: Option<BTreeSet<i64>>,
+}
+
+impl Model {
+    /// A fresh store at revision `rev`; `leases`: whether the sequence has lease steps.
+    fn new(rev: i64, leases: bool) -> Model {
+        Model {
+            rev,
+            compact: 0,
+            from_past: false,
+            leases: leases.then(BTreeSet::new),
+        }
+    }
 }
 
 /// Client-chosen lease ids: a few, so that grants meet existing ones ("lease already
@@ -1874,28 +1879,16 @@ impl Run {
     /// write, with prev_kv, on member 0 — stream 0. `leases`: whether the sequence has
     /// lease steps.
     async fn new(members: u16, leases: bool) -> Result<Run, String> {
-        let (etcd, raftkv) = tokio::join!(
-            Side::new(Kind::Etcd, members),
-            Side::new(Kind::Raftkv, members)
-        );
+        let (etcd, raftkv, e0) = sides(members).await;
         let mut r = Run {
             etcd,
             raftkv,
-            m: Model {
-                rev: 0,
-                compact: 0,
-                from_past: false,
-                leases: leases.then(BTreeSet::new),
-            },
+            m: Model::new(e0, leases),
             watchers: 0,
             lease_requests: 0,
             expired: 0,
             diffs: None,
         };
-        // Both fresh: raftkv's numbering against etcd's (see the file's header).
-        let (e0, r0) = tokio::join!(r.etcd.revision(), r.raftkv.revision());
-        r.raftkv.off = e0 - r0;
-        r.m.rev = e0;
         r.apply(0, &Action::Kv(put("a", "first"))).await?;
         let observer = WatchSpec {
             start: r.m.rev,
@@ -2510,9 +2503,7 @@ fn txn(when: Vec<Cmp>, then: Vec<TOp>, els: Vec<TOp>) -> Req {
 /// Fixed requests, each answered as etcd answers it; every difference is listed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_requests_answer_as_etcds_do() {
-    let (mut etcd, mut raftkv) = tokio::join!(Side::new(Kind::Etcd, 1), Side::new(Kind::Raftkv, 1));
-    let (e0, r0) = tokio::join!(etcd.revision(), raftkv.revision());
-    raftkv.off = e0 - r0;
+    let (mut etcd, mut raftkv, e0) = sides(1).await;
     let cmp = |span: Span, target: Target, op: u8| Cmp { span, target, op };
     let reqs = vec![
         put("a", "1"),
@@ -2653,12 +2644,7 @@ async fn fixed_requests_answer_as_etcds_do() {
         },
     ];
     let mut diffs = Vec::new();
-    let mut m = Model {
-        rev: e0,
-        compact: 0,
-        from_past: false,
-        leases: None,
-    };
+    let mut m = Model::new(e0, false);
     for (i, req) in reqs.iter().enumerate() {
         if let Err(d) = both_kv(&mut etcd, &mut raftkv, req, i, &mut m).await {
             diffs.push(d);
@@ -2700,9 +2686,7 @@ async fn fixed_requests_answer_as_etcds_do() {
 /// Lease requests near the edges of etcd's rules, each answered as etcd answers it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_lease_requests_answer_as_etcds_do() {
-    let (mut etcd, mut raftkv) = tokio::join!(Side::new(Kind::Etcd, 1), Side::new(Kind::Raftkv, 1));
-    let (e0, r0) = tokio::join!(etcd.revision(), raftkv.revision());
-    raftkv.off = e0 - r0;
+    let (mut etcd, mut raftkv, e0) = sides(1).await;
     let grant = |id, ttl| Req::LeaseGrant { m: 0, id, ttl };
     let revoke = |id| Req::LeaseRevoke { m: 0, id };
     let ttl = |id, keys| Req::LeaseTtl { m: 0, id, keys };
@@ -2790,12 +2774,7 @@ async fn fixed_lease_requests_answer_as_etcds_do() {
         all(),
     ];
     let mut diffs = Vec::new();
-    let mut m = Model {
-        rev: e0,
-        compact: 0,
-        from_past: false,
-        leases: None,
-    };
+    let mut m = Model::new(e0, false);
     for (i, req) in reqs.iter().enumerate() {
         if let Err(d) = both_kv(&mut etcd, &mut raftkv, req, i, &mut m).await {
             diffs.push(d);
