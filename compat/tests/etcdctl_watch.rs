@@ -8,7 +8,7 @@
 //!
 //! Normalized: cluster and member ids and raft terms (random); revisions, named by the
 //! scripted write that made them (`r1`, `r2`, …: raftkv's revisions run one behind etcd's,
-//! see watch_vs_etcd.rs). A watcher without `--rev` is known to be in place once it has
+//! see watch_vs_etcd/main.rs). A watcher without `--rev` is known to be in place once it has
 //! printed a write made for that purpose (repeated until it shows; the output up to it is
 //! cut, and the key deleted so that versions stay in step); an interactive one once it has
 //! printed its answer to `progress` (once every watcher is in place and caught up, both
