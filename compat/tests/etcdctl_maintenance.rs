@@ -148,6 +148,7 @@ async fn nospace_script(kind: Kind) -> Transcript {
 async fn nospace_and_alarms_answer_as_etcds_do() {
     let etcd = nospace_script(Kind::Etcd).await;
     let raftkv = nospace_script(Kind::Raftkv).await;
+    support::show_transcript("SHOW_NOSPACE_TRANSCRIPT", &etcd);
     support::assert_same(&etcd, &raftkv);
 }
 

@@ -172,5 +172,6 @@ fn transcript(c: &Cluster) -> Transcript {
 async fn etcdctl_membership_commands_answer_as_etcd_does() {
     let (etcd, raftkv) = support::start_both(1, ports::MEMBERSHIP, Timing::ETCD_DEFAULT).await;
     let (want, got) = support::script_on_both(etcd, raftkv, transcript).await;
+    support::show_transcript("SHOW_MEMBERSHIP_TRANSCRIPT", &want);
     support::assert_same(&want, &got);
 }
