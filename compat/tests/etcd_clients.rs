@@ -191,24 +191,11 @@ async fn etcdctl_replaces_a_failed_member_as_etcds_documentation_does() {
         words(&removed).contains(&format!("Member {n2} removed")),
         "{removed}"
     );
-    // The newcomer: ports of its own beside the cluster's.
-    let port = |from: u16| {
-        (from..from + 500)
-            .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
-            .unwrap()
-    };
-    let first = c.endpoints[2]
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse::<u16>()
-        .unwrap()
-        + 50;
-    let client = port(first);
-    let peer = port(client + 1);
+    // The newcomer: a block of ports of its own, from this file's range.
+    let block = support::port_block(ports::ETCD_CLIENTS, 1);
     let (client, peer) = (
-        format!("http://127.0.0.1:{client}"),
-        format!("http://127.0.0.1:{peer}"),
+        format!("http://127.0.0.1:{block}"),
+        format!("http://127.0.0.1:{}", block + 1),
     );
     let added = etcdctl(
         &e,
@@ -231,7 +218,7 @@ async fn etcdctl_replaces_a_failed_member_as_etcds_documentation_does() {
     assert_eq!(env.len(), 4, "{added}");
     assert!(env.contains(&("ETCD_INITIAL_CLUSTER_STATE".into(), "existing".into())));
     let data = c.dir.path().join("n3");
-    let _newcomer = spawn_logged(
+    let newcomer = spawn_logged(
         Command::new(support::raftkv_bin())
             .arg("serve")
             .envs(env)
@@ -272,4 +259,6 @@ async fn etcdctl_replaces_a_failed_member_as_etcds_documentation_does() {
     .unwrap_or_else(|list| panic!("{list}"));
     assert_eq!(list.lines().count(), 3, "{list}");
     assert!(!list.contains(", n2,"), "{list}");
+    drop(newcomer);
+    support::release_block(block);
 }

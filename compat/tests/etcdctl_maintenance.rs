@@ -207,20 +207,17 @@ async fn etcdctl_snapshot_save_then_raftkv_restore_serves_the_same_data() {
     let mut endpoints = Vec::new();
     for i in 0..3u16 {
         let dir = c.dir.path().join(format!("restored-{i}"));
-        let out = Command::new(support::raftkv_bin())
-            .args(["snapshot", "restore", &file_s])
-            .arg(format!("--name={}", name(i)))
-            .arg(format!("--initial-cluster={initial}"))
-            .arg("--initial-cluster-token=restored")
-            .arg(format!("--initial-advertise-peer-urls={}", peer(i)))
-            .arg(format!("--data-dir={}", dir.display()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let restore = support::run_to_end(
+            Command::new(support::raftkv_bin())
+                .args(["snapshot", "restore", &file_s])
+                .arg(format!("--name={}", name(i)))
+                .arg(format!("--initial-cluster={initial}"))
+                .arg("--initial-cluster-token=restored")
+                .arg(format!("--initial-advertise-peer-urls={}", peer(i)))
+                .arg(format!("--data-dir={}", dir.display())),
+            "",
         );
+        assert!(restore.ok(), "{}", restore.stderr);
         let client = format!("127.0.0.1:{}", base + 10 * i);
         // The founding flags, but no cluster state: the restored data directory has one.
         let flags = support::member_flags(
