@@ -202,6 +202,8 @@ pub fn spawn_logged(cmd: &mut Command, log: &Path) -> KillOnDrop {
     KillOnDrop(child)
 }
 
+/// A cluster of etcd or raftkv members started with the same etcd flags (see [`start`]),
+/// its data and each member's log (`<name>.log`) in a directory of its own.
 pub struct Cluster {
     pub kind: Kind,
     /// host:port of each member's client URL, in member order.
