@@ -46,7 +46,7 @@ fi
 if [ -n "${RAFTKV_BIN:-}" ]; then
   RAFTKV="$RAFTKV_BIN"
 else
-  cargo build -q --release -p server --bin raftkv
+  cargo build -q --release -p raftkv
   RAFTKV="$PWD/target/release/raftkv"
 fi
 WORK=$(mktemp -d)

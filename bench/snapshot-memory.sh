@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 if [ -n "${RAFTKV_BIN:-}" ]; then
   BIN="$RAFTKV_BIN"
 else
-  cargo build -q --release -p server --bin raftkv
+  cargo build -q --release -p raftkv
   BIN="$PWD/target/release/raftkv"
 fi
 PORT=${PORT:-26379}

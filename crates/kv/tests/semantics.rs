@@ -530,7 +530,7 @@ fn a_version_one_snapshot_restores() {
     assert_eq!(s.events_at(1, None).len(), 1);
 }
 
-/// Details etcd 3.4 shows that the differential test (compat/tests/watch_vs_etcd.rs) found
+/// Details etcd 3.4 shows that the differential test (compat/tests/watch_vs_etcd/) found
 /// raftkv answering otherwise: each now answered as etcd does.
 #[test]
 fn ranges_and_transactions_answer_in_etcds_detail() {

@@ -1,36 +1,27 @@
-//! # server — the raftkv node
+//! # server — a raftkv member as a library
 //!
-//! So far: the wire formats. `pb` holds the etcd v3 API (`etcdserverpb`, `mvccpb`) and
-//! raftkv's own messages (`raftkvpb`), compiled from `proto/` at build time by a pure-Rust
-//! protobuf compiler. `api` maps the etcd API onto the `kv` store (and `kv` errors onto
-//! etcd's gRPC codes and messages), `command` turns client writes into log entries and back,
-//! and `peer` carries raft messages between nodes. Everything that comes off the wire is
-//! validated.
+//! A member of an etcd-compatible cluster: etcd's v3 gRPC API served over the raft core
+//! (`raft`, run by `driver`), the write-ahead log (`storage`) and the MVCC store (`kv`).
+//! Four folders, by concern:
+//!
+//! - [`services`] — etcd's gRPC services, one file each, and the mapping of etcd's
+//!   messages and errors onto the store (`services::api`);
+//! - [`member`] — the running member: [`member::Member::start`] from a
+//!   [`member::Config`], who it is at start (`bootstrap`), the raft loop (`node`), the
+//!   apply path (`machine`), log entries (`command`), the member registry and the rules a
+//!   membership change must pass;
+//! - [`network`] — raft messages on the wire, the peer transport, TLS, and what the client
+//!   port accepts at all;
+//! - [`operations`] — metrics, health, and what a member shows the dashboard.
+//!
+//! `pb` holds the wire formats, compiled from `proto/` at build time by a pure-Rust protobuf
+//! compiler. Everything that comes off the wire is validated. The `raftkv` program (its
+//! flags, `raftkv cluster`, the client and the load generators) is the `raftkv` crate.
 
-pub mod api;
-pub mod bootstrap;
-pub mod command;
-pub mod corrupt;
-pub mod dashboard;
-pub mod election;
-pub mod grpc;
-pub mod grpc_metrics;
-pub mod guard;
-pub mod health;
-pub mod insight;
-pub mod lease;
-pub mod lock;
-pub mod machine;
-pub mod maintenance;
-pub mod members;
-pub mod metrics;
-pub mod node;
-pub mod peer;
-pub mod recipe;
-pub mod reconfig;
-pub mod tls;
-pub mod transport;
-pub mod watch;
+pub mod member;
+pub mod network;
+pub mod operations;
+pub mod services;
 
 /// Generated protobuf types and gRPC services.
 pub mod pb {

@@ -4,8 +4,8 @@
 //! snapshot, and a cut-off minority that can neither write nor serve stale reads.
 
 use bytes::Bytes;
-use server::command::Write;
-use server::node::{Node, NodeConfig, Transport};
+use server::member::command::Write;
+use server::member::node::{Node, NodeConfig, Transport};
 use server::pb::etcdserverpb as pb;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -61,7 +61,7 @@ fn config(dir: &Path, id: u64, snapshot_count: u64) -> NodeConfig {
     NodeConfig {
         id,
         voters: vec![1, 2, 3],
-        bootstrap: server::members::Registry::bootstrap(
+        bootstrap: server::member::members::Registry::bootstrap(
             (1..=3).map(|i| (i, format!("n{i}"), vec![format!("http://n{i}:2380")])),
         ),
         introduced: Default::default(),
@@ -70,9 +70,9 @@ fn config(dir: &Path, id: u64, snapshot_count: u64) -> NodeConfig {
         tick: Duration::from_millis(10),
         election_ticks: 10,
         snapshot_count,
-        watch_progress_interval: server::node::WATCH_PROGRESS_INTERVAL,
-        quota_bytes: server::node::DEFAULT_QUOTA_BYTES,
-        metrics: server::metrics::Metrics::new(),
+        watch_progress_interval: server::member::node::WATCH_PROGRESS_INTERVAL,
+        quota_bytes: server::member::node::DEFAULT_QUOTA_BYTES,
+        metrics: server::operations::metrics::Metrics::new(),
     }
 }
 
@@ -312,7 +312,7 @@ async fn a_flood_of_writes_is_refused_beyond_the_bounds_and_the_member_keeps_ser
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     const OVERFLOW: usize = 4_096;
-    const FLOOD: usize = server::node::INPUT_QUEUE + OVERFLOW;
+    const FLOOD: usize = server::member::node::INPUT_QUEUE + OVERFLOW;
     let mut set = tokio::task::JoinSet::new();
     for i in 0..FLOOD {
         let n = n.clone();

@@ -5,10 +5,10 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 use prost::Message as _;
-use server::api;
-use server::command::{self, Write};
+use server::member::command::{self, Write};
+use server::network::peer;
 use server::pb::etcdserverpb as pb;
-use server::peer;
+use server::services::api;
 use tonic::Code;
 
 fn header(rev: i64) -> pb::ResponseHeader {
