@@ -36,8 +36,13 @@ pub fn interrupt(child: &Child) {
 
 /// Each test file's loopback ports, `(from, to)`: below the ephemeral range (32768 and up),
 /// so that no outgoing connection holds one, and apart, so that two files never meet even
-/// when run at once. One table, so that a new file finds a free range at a glance.
+/// when run at once. All below 20,000: the workspace's process tests draw their ports from
+/// 20,000–32,000 (`crates/raftkv/tests/common`), so both suites can run at the same time
+/// on one machine. One table, so that a new file finds a free range at a glance.
 pub mod ports {
+    pub const ETCD_CLIENTS: (u16, u16) = (4_000, 5_000);
+    pub const MEMBERSHIP: (u16, u16) = (5_000, 6_000);
+    pub const REPLACEMENT: (u16, u16) = (6_000, 7_000);
     pub const DASHBOARD: (u16, u16) = (7_000, 8_000);
     pub const MAINTENANCE: (u16, u16) = (9_000, 10_000);
     pub const TLS: (u16, u16) = (10_000, 12_000);
@@ -46,9 +51,6 @@ pub mod ports {
     pub const ETCD_CLIENT_WATCH: (u16, u16) = (16_000, 18_000);
     pub const LEASE: (u16, u16) = (18_000, 19_000);
     pub const LOCK: (u16, u16) = (19_000, 20_000);
-    pub const ETCD_CLIENTS: (u16, u16) = (20_000, 21_000);
-    pub const MEMBERSHIP: (u16, u16) = (21_000, 22_000);
-    pub const REPLACEMENT: (u16, u16) = (22_000, 23_000);
 }
 
 /// A block of `2 * members` ports, `base + 10 * i` (client) and `+ 1` (peer) for member
