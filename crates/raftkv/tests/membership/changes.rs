@@ -365,3 +365,52 @@ async fn raftkvs_own_member_commands_add_list_promote_and_remove() {
     .await
     .unwrap();
 }
+
+/// A member added to a cluster that holds megabytes catches up — from a snapshot, the data
+/// being far past `--snapshot-count` — while the cluster keeps taking writes, and no peer
+/// stream breaks on the way. Before frames were cut to size, the leader sent a whole
+/// flow-control window (32 MiB of snapshot chunks or appends) as one gRPC message, the
+/// newcomer refused it as too large, the stream closed, and the transfer started over at
+/// the next heartbeat, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_added_to_a_cluster_holding_megabytes_catches_up_from_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut ms, _) = found(dir.path(), 3);
+    // 24 MiB in 96 values of 256 KiB: a few snapshots' worth, each snapshot ~24 MiB.
+    let value = "v".repeat(256 << 10);
+    for i in 0..96 {
+        put_retrying(&ms, &format!("big/{i:03}"), &value).await;
+    }
+    let started = Instant::now();
+    let id = add_and_start(&mut ms, dir.path(), "n3", true).await;
+    let newcomer = ms[3].client.clone();
+    // Writes go on while it catches up.
+    let mut i = 0;
+    let caught_up = loop {
+        put_retrying(&ms[..3], &format!("during/{i}"), "x").await;
+        i += 1;
+        let read = tokio::time::timeout(
+            Duration::from_secs(1),
+            first_local_read(&newcomer, "big/095"),
+        );
+        if let Ok(Some(v)) = read.await {
+            assert_eq!(v.len(), value.len());
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the newcomer never caught up; its log:\n{}",
+            std::fs::read_to_string(&ms[3].log).unwrap_or_default()
+        );
+    };
+    promote_when_in_sync(&ms, id).await;
+    for m in &ms {
+        let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+        assert!(
+            !log.contains("the stream to the peer ended"),
+            "{} lost a peer stream:\n{log}",
+            m.name
+        );
+    }
+    eprintln!("24 MiB caught up in {caught_up:?} with {i} writes meanwhile");
+}

@@ -11,7 +11,7 @@ use super::corrupt;
 use super::node::{self, Node, NodeConfig};
 use crate::network::guard::GuardLayer;
 use crate::network::tls;
-use crate::network::transport::{Heard, PeerTransport, RaftService};
+use crate::network::transport::{Heard, PeerTransport, RaftService, MAX_FRAME_DECODE};
 use crate::operations::dashboard;
 use crate::operations::grpc_metrics::GrpcMetricsLayer;
 use crate::operations::health;
@@ -182,7 +182,9 @@ impl Member {
             dashboard::collect::Collector::start(Arc::new(dashboard::MemberSource(node.clone())))
         });
         let peer_server = tls::serve(
-            tonic::transport::Server::builder().add_service(RaftServer::new(raft_service)),
+            tonic::transport::Server::builder().add_service(
+                RaftServer::new(raft_service).max_decoding_message_size(MAX_FRAME_DECODE),
+            ),
             peer_listener,
             peer_tls.acceptor,
             "peer",

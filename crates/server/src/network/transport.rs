@@ -17,6 +17,17 @@ use tonic::{Request, Response, Status, Streaming};
 const PEER_QUEUE: usize = 4096;
 /// Most messages in one frame.
 const MAX_BATCH: usize = 256;
+/// Most bytes of messages in one frame (a frame is one gRPC message). The core lets 32 MiB
+/// of appends or snapshot chunks be in flight to a follower, and the loop queues a whole
+/// window before the sender runs: sent as one frame, it was over what the peer accepts
+/// ([`MAX_FRAME_DECODE`]), the peer refused it and closed the stream, the window was lost,
+/// and a follower behind by megabytes caught up at one probe per heartbeat (a newcomer
+/// needing a snapshot, never). A message larger than this on its own goes alone.
+pub const MAX_FRAME_BYTES: usize = 2 << 20;
+/// The largest frame a member accepts from a peer: well above [`MAX_FRAME_BYTES`], so that a
+/// single message bigger than that (an entry near etcd's 1.5 MiB request limit with its
+/// framing) still passes; tonic's default, 4 MiB, left no room.
+pub const MAX_FRAME_DECODE: usize = 16 << 20;
 
 /// How long after its last frame a peer still counts as connected (etcd's health interval).
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -204,53 +215,95 @@ async fn stream_to(
         messages: Vec::new(),
         hello: Some(hello.clone()),
     };
+    // A message that did not fit in the last frame: it opens the next.
+    let mut held = None;
     loop {
         if frames_tx.send(frame).await.is_err() {
-            break;
+            // The call ended while this frame waited: say why, as below.
+            return match tokio::time::timeout(Duration::from_secs(1), &mut call).await {
+                Ok(Ok(Err(status))) => stream_failed(url, &status, node).await,
+                _ => {
+                    call.abort();
+                    true
+                }
+            };
         }
-        let first = tokio::select! {
-            m = rx.recv() => m,
-            ended = &mut call => {
-                if let Ok(Err(status)) = ended {
-                    if status.message() == REMOVED {
-                        tracing::error!(peer = %url, "{REMOVED}");
-                        if let Some(n) = node.get() {
-                            n.removed_by_peer();
-                        }
+        let first = match held.take() {
+            Some(m) => m,
+            None => tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => peer::to_pb(&m),
+                    None => {
+                        call.abort();
                         return false;
                     }
-                    if let Some(why) = crate::network::tls::tls_failure(&status) {
-                        // The peer refused our certificate (TLS 1.3 says so only once
-                        // the stream starts): retrying at once would not change its mind.
-                        crate::network::tls::warn_dial_refused(url, &why);
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    } else if status.code() == tonic::Code::FailedPrecondition {
-                        // Not a network hiccup: the peer will refuse us until someone fixes
-                        // the configuration. Say so, and do not hammer it.
-                        tracing::error!(peer = %url, "the peer refused us: {}", status.message());
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+                },
+                ended = &mut call => {
+                    if let Ok(Err(status)) = ended {
+                        return stream_failed(url, &status, node).await;
                     }
+                    return true;
                 }
-                return true;
-            }
+            },
         };
-        let Some(first) = first else {
-            call.abort();
-            return false;
-        };
-        let mut messages = vec![peer::to_pb(&first)];
-        while messages.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => messages.push(peer::to_pb(&m)),
-                Err(_) => break,
-            }
-        }
+        let messages;
+        (messages, held) = fill_frame(first, rx);
         frame = pb::MessageBatch {
             messages,
             hello: None,
         };
     }
-    call.abort();
+}
+
+/// A frame's messages: `first`, then whatever is queued, up to [`MAX_BATCH`] messages and
+/// [`MAX_FRAME_BYTES`] (`first` alone if it is larger). The message that would have taken
+/// the frame past its bytes is returned, to open the next frame: order is kept.
+fn fill_frame(
+    first: pb::Message,
+    rx: &mut mpsc::Receiver<Message>,
+) -> (Vec<pb::Message>, Option<pb::Message>) {
+    use prost::Message as _;
+    let mut bytes = first.encoded_len();
+    let mut messages = vec![first];
+    while messages.len() < MAX_BATCH {
+        let Ok(m) = rx.try_recv() else { break };
+        let m = peer::to_pb(&m);
+        let len = m.encoded_len();
+        if bytes + len > MAX_FRAME_BYTES {
+            return (messages, Some(m));
+        }
+        bytes += len;
+        messages.push(m);
+    }
+    (messages, None)
+}
+
+/// A stream to a peer ended with `status`: say why where it is not the network's ordinary
+/// coming and going, and wait where retrying at once would not help. Returns false when this
+/// member was removed (the sender stops), true when the stream should be opened again.
+async fn stream_failed(url: &str, status: &Status, node: &OnceLock<Node>) -> bool {
+    if status.message() == REMOVED {
+        tracing::error!(peer = %url, "{REMOVED}");
+        if let Some(n) = node.get() {
+            n.removed_by_peer();
+        }
+        return false;
+    }
+    if let Some(why) = crate::network::tls::tls_failure(status) {
+        // The peer refused our certificate (TLS 1.3 says so only once the stream starts):
+        // retrying at once would not change its mind.
+        crate::network::tls::warn_dial_refused(url, &why);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    } else if status.code() == tonic::Code::FailedPrecondition {
+        // Not a network hiccup: the peer will refuse us until someone fixes the
+        // configuration. Say so, and do not hammer it.
+        tracing::error!(peer = %url, "the peer refused us: {}", status.message());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    } else if status.code() != tonic::Code::Unavailable {
+        // A peer that is down or restarting is Unavailable; anything else ended a stream
+        // that worked, and lost the frames queued on it (raft resends them).
+        tracing::warn!(peer = %url, "the stream to the peer ended: {status}");
+    }
     true
 }
 
@@ -383,5 +436,97 @@ impl raft_server::Raft for RaftService {
             bootstrap: Some(self.bootstrap.to_pb()),
             current: Some(node.view().members().to_pb()),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message as _;
+    use raft::{Body, Entry, EntryKind};
+
+    /// An append of `entries` entries of `size` bytes each, numbered from `first`.
+    fn append(first: u64, entries: u64, size: usize) -> Message {
+        Message {
+            from: 1,
+            to: 2,
+            term: 1,
+            body: Body::Append {
+                prev_index: first - 1,
+                prev_term: 1,
+                entries: (first..first + entries)
+                    .map(|index| Entry {
+                        term: 1,
+                        index,
+                        kind: EntryKind::Normal,
+                        data: vec![7u8; size].into(),
+                    })
+                    .collect(),
+                commit: 0,
+            },
+        }
+    }
+
+    fn first_index(m: &pb::Message) -> u64 {
+        match peer::from_pb(m.clone()).unwrap().body {
+            Body::Append { prev_index, .. } => prev_index + 1,
+            _ => unreachable!(),
+        }
+    }
+
+    /// A full flow-control window of appends (32 MiB: 32 messages of 256 entries of 4 KiB,
+    /// what a follower behind by megabytes is sent at once) leaves in frames the peer
+    /// accepts, every message once and in order.
+    #[test]
+    fn a_full_window_is_cut_into_frames_the_peer_accepts() {
+        let (tx, mut rx) = mpsc::channel(PEER_QUEUE);
+        for i in 0..32 {
+            tx.try_send(append(1 + i * 256, 256, 4096)).unwrap();
+        }
+        let mut next = 1;
+        let mut frames = 0;
+        let mut held: Option<pb::Message> = None;
+        loop {
+            let first = match held.take() {
+                Some(m) => m,
+                None => match rx.try_recv() {
+                    Ok(m) => peer::to_pb(&m),
+                    Err(_) => break,
+                },
+            };
+            let (messages, rest) = fill_frame(first, &mut rx);
+            held = rest;
+            frames += 1;
+            let frame = pb::MessageBatch {
+                messages,
+                hello: None,
+            };
+            // One message of 1 MiB and a bit goes alone; otherwise the cap holds.
+            assert!(
+                frame.encoded_len() <= MAX_FRAME_BYTES + 64 || frame.messages.len() == 1,
+                "a frame of {} bytes",
+                frame.encoded_len()
+            );
+            assert!(frame.encoded_len() <= MAX_FRAME_DECODE);
+            for m in &frame.messages {
+                assert_eq!(first_index(m), next, "out of order or lost");
+                next += 256;
+            }
+        }
+        assert_eq!(next, 1 + 32 * 256, "every message sent");
+        assert!(frames >= 16, "{frames} frames for 32 MiB");
+    }
+
+    /// Small messages still go many to a frame.
+    #[test]
+    fn small_messages_share_a_frame() {
+        let (tx, mut rx) = mpsc::channel(PEER_QUEUE);
+        for i in 0..300 {
+            tx.try_send(append(1 + i, 1, 100)).unwrap();
+        }
+        let first = peer::to_pb(&rx.try_recv().unwrap());
+        let (messages, rest) = fill_frame(first, &mut rx);
+        assert_eq!(messages.len(), MAX_BATCH);
+        assert!(rest.is_none());
     }
 }
