@@ -299,9 +299,13 @@ async fn stream_failed(url: &str, status: &Status, node: &OnceLock<Node>) -> boo
         // configuration. Say so, and do not hammer it.
         tracing::error!(peer = %url, "the peer refused us: {}", status.message());
         tokio::time::sleep(Duration::from_secs(1)).await;
-    } else if status.code() != tonic::Code::Unavailable {
-        // A peer that is down or restarting is Unavailable; anything else ended a stream
-        // that worked, and lost the frames queued on it (raft resends them).
+    } else if !matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    ) {
+        // A peer that is down, dies or restarts shows as Unavailable, or as an Unknown
+        // transport error (a broken pipe); anything else is the peer refusing what we sent
+        // (a frame too large, say), which lost the frames queued on the stream: say so.
         tracing::warn!(peer = %url, "the stream to the peer ended: {status}");
     }
     true
