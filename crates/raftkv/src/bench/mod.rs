@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// Distinct keys written or read.
     #[arg(long, default_value_t = 100_000)]
     key_space: u64,
+    /// The number of the first key written: a load in rounds writes new keys each round
+    /// with `--first-key` advanced by `--key-space`.
+    #[arg(long, default_value_t = 0)]
+    first_key: u64,
     /// Gets are linearizable unless this is set.
     #[arg(long)]
     serializable: bool,
@@ -145,8 +149,14 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
     for c in 0..a.clients {
         let mut client = channels[c % channels.len()].clone();
         let (issued, bar, value) = (issued.clone(), bar.clone(), value.clone());
-        let (op, total, key_size, key_space, serializable) =
-            (a.op, a.total, a.key_size, a.key_space, a.serializable);
+        let (op, total, key_size, key_space, first_key, serializable) = (
+            a.op,
+            a.total,
+            a.key_size,
+            a.key_space,
+            a.first_key,
+            a.serializable,
+        );
         let get_space = key_space.min(1_000);
         let mut session = sessions.pop().flatten();
         tasks.push(tokio::spawn(async move {
@@ -161,7 +171,7 @@ pub async fn run(a: BenchArgs) -> Result<(), String> {
                 let ok = match op {
                     Op::Put => {
                         let req = PutRequest {
-                            key: key(n % key_space, key_size),
+                            key: key(first_key + n % key_space, key_size),
                             value: value.clone(),
                             ..Default::default()
                         };

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Data at scale, raftkv beside etcd 3.4 (Debian's etcd-server), the same flow for both: a
+# 3-member cluster on loopback (etcd's flags, an 8 GiB quota), ROUNDS rounds of ROUND_PUTS
+# puts of 4 KiB values by `raftkv bench` (64 clients over 8 connections), new keys each
+# round. Per round it prints puts/s, p99, failed puts, the leader changes the round caused,
+# every member's resident memory (now and peak) and the data directories' size. Then the
+# restarts: a follower killed -9 until its first linearizable read, and the whole cluster
+# killed -9 until its first write. (bench/catch-up.sh times a member replaced from empty.)
+#
+#   bench/scale.sh                                  # 4 × 75,000 puts: 1.2 GB written
+#   ROUNDS=2 ROUND_PUTS=50000 SNAPSHOT_COUNT=40000 bench/scale.sh   # smaller, past a snapshot
+#   SYSTEMS=raftkv RAFTKV_BIN=/path/to/raftkv bench/scale.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-4}
+ROUND_PUTS=${ROUND_PUTS:-75000}
+VAL_SIZE=${VAL_SIZE:-4096}
+SNAPSHOT_COUNT=${SNAPSHOT_COUNT:-100000}
+SYSTEMS=${SYSTEMS:-"etcd raftkv"}
+if [ -n "${RAFTKV_BIN:-}" ]; then
+  RAFTKV="$RAFTKV_BIN"
+else
+  cargo build -q --release -p raftkv
+  RAFTKV="$PWD/target/release/raftkv"
+fi
+for tool in etcdctl bc curl; do
+  command -v $tool >/dev/null || { echo "needs $tool (Debian: etcd-client, bc, curl)"; exit 1; }
+done
+[[ $SYSTEMS != *etcd* ]] || command -v etcd >/dev/null || { echo "needs etcd (Debian: etcd-server)"; exit 1; }
+
+WORK=${SCALE_DIR:-$(mktemp -d)}
+mkdir -p "$WORK"
+declare -A PID
+cleanup() { for p in "${PID[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+export ETCDCTL_API=3
+NAMES=(m0 m1 m2)
+declare -A PORT=([m0]=17379 [m1]=17389 [m2]=17399)
+EP=127.0.0.1:17379,127.0.0.1:17389,127.0.0.1:17399
+CLUSTER="m0=http://127.0.0.1:17380,m1=http://127.0.0.1:17390,m2=http://127.0.0.1:17400"
+# What etcdctl is asked right after a leader change may be refused: ask again.
+retry() { for _ in $(seq 1 300); do "$@" 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+secs_since() { printf '%.2f' "$(echo "$(date +%s.%N) - $1" | bc)"; }
+
+# start SYSTEM NAME STATE: one member (etcd's flags for both systems).
+start() {
+  local cmd=(etcd) port=${PORT[$2]}
+  [ "$1" = raftkv ] && cmd=("$RAFTKV" serve)
+  "${cmd[@]}" --name "$2" --data-dir "$WORK/$2" \
+    --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+    --listen-peer-urls "http://127.0.0.1:$((port + 1))" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$((port + 1))" \
+    --initial-cluster "$CLUSTER" --initial-cluster-state "$3" --initial-cluster-token scale \
+    --snapshot-count "$SNAPSHOT_COUNT" --quota-backend-bytes 8589934592 >>"$WORK/$2.log" 2>&1 &
+  PID[$2]=$!
+}
+
+# The most leader changes any member has seen.
+leader_changes() {
+  local most=0 n
+  for m in "${NAMES[@]}"; do
+    n=$(curl -s "http://127.0.0.1:${PORT[$m]}/metrics" |
+      sed -n 's/^etcd_server_leader_changes_seen_total \([0-9]*\).*/\1/p')
+    [ "${n:-0}" -gt "$most" ] && most=$n
+  done
+  echo "$most"
+}
+
+# Resident memory of every member, now/peak in MB.
+memory() {
+  for m in "${NAMES[@]}"; do
+    local s=/proc/${PID[$m]}/status
+    printf '%s/%s ' "$(($(awk '/^VmRSS/{print $2}' "$s") / 1024))" "$(($(awk '/^VmHWM/{print $2}' "$s") / 1024))"
+  done
+}
+
+# A member that is not the leader.
+follower() {
+  for m in "${NAMES[@]}"; do
+    local f
+    f=$(etcdctl --endpoints=127.0.0.1:${PORT[$m]} endpoint status -w fields 2>/dev/null)
+    local id leader
+    id=$(sed -n 's/^"MemberID" : //p' <<<"$f")
+    leader=$(sed -n 's/^"Leader" : //p' <<<"$f")
+    [ -n "$id" ] && [ "$id" != "$leader" ] && { echo "$m"; return; }
+  done
+}
+
+one_system() {
+  local sys=$1
+  rm -rf "${WORK:?}"/*
+  for m in "${NAMES[@]}"; do start "$sys" "$m" new; done
+  retry etcdctl --endpoints=$EP put warmup 1 >/dev/null
+  echo "$sys: $ROUNDS rounds of $ROUND_PUTS puts of $VAL_SIZE bytes, snapshot-count $SNAPSHOT_COUNT"
+  for r in $(seq 0 $((ROUNDS - 1))); do
+    local before out
+    before=$(leader_changes)
+    out=$("$RAFTKV" bench put --endpoints "$EP" --total "$ROUND_PUTS" --val-size "$VAL_SIZE" \
+      --key-space "$ROUND_PUTS" --first-key $((r * ROUND_PUTS)) --clients 64 --conns 8 --quiet |
+      grep '^RESULT')
+    local ops p99 errors
+    ops=$(sed -n 's/.*ops_per_sec=\([0-9]*\).*/\1/p' <<<"$out")
+    p99=$(sed -n 's/.*p99_ms=\([0-9.]*\).*/\1/p' <<<"$out")
+    errors=$(sed -n 's/.*errors=\([0-9]*\).*/\1/p' <<<"$out")
+    printf '  round %d: %6s puts/s  p99 %8s ms  failed %6s  leader changes %s  memory MB (now/peak) %s  data %s MB\n' \
+      $((r + 1)) "$ops" "$p99" "$errors" $(($(leader_changes) - before)) "$(memory)" \
+      "$(du -sm "$WORK" | cut -f1)"
+  done
+  retry etcdctl --endpoints=$EP put newest yes >/dev/null
+
+  local f t0
+  f=$(follower)
+  kill -9 "${PID[$f]}"
+  wait "${PID[$f]}" 2>/dev/null || true
+  t0=$(date +%s.%N)
+  start "$sys" "$f" existing
+  retry etcdctl --endpoints=127.0.0.1:${PORT[$f]} --command-timeout=1s get newest >/dev/null
+  echo "  follower killed -9 → its first linearizable read: $(secs_since "$t0") s"
+
+  for m in "${NAMES[@]}"; do kill -9 "${PID[$m]}"; done
+  wait 2>/dev/null || true
+  t0=$(date +%s.%N)
+  for m in "${NAMES[@]}"; do start "$sys" "$m" existing; done
+  retry etcdctl --endpoints=$EP --command-timeout=1s put after-restart 1 >/dev/null
+  echo "  whole cluster killed -9 → first write: $(secs_since "$t0") s"
+  for m in "${NAMES[@]}"; do kill -9 "${PID[$m]}" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+
+for sys in $SYSTEMS; do one_system "$sys"; done
