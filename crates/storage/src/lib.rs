@@ -124,6 +124,17 @@ impl SnapshotWriter {
     pub fn write(&self, s: &Snapshot) -> Result<()> {
         self.0.write(s)
     }
+
+    /// Write a snapshot of `len` bytes from its chunks, answered with its data mapped from
+    /// the file: the whole snapshot is never in memory, and it is flushed as it goes.
+    pub fn write_stream(
+        &self,
+        meta: raft::SnapshotMeta,
+        len: u64,
+        chunks: impl IntoIterator<Item = bytes::Bytes>,
+    ) -> Result<Snapshot> {
+        self.0.write_stream(meta, len, chunks)
+    }
 }
 
 /// Make a directory's entries (new, renamed or removed files) durable.

@@ -105,27 +105,62 @@ impl SnapStore {
     /// thread: recovery ignores a snapshot newer than the log's last snapshot mark (a crash
     /// before the mark), and `save` later finds the file already there.
     pub fn write(&self, s: &Snapshot) -> Result<()> {
-        let path = self.path_of(&s.meta);
+        let data = s.data.clone();
+        self.write_stream(s.meta.clone(), data.len() as u64, std::iter::once(data))
+            .map(drop)
+    }
+
+    /// Write a snapshot of `len` bytes given in chunks, durably under its final name, and
+    /// answer it with its data mapped from the file: the caller never holds the whole
+    /// snapshot in memory, and what it keeps (to send to followers) is the page cache's,
+    /// which the kernel can reclaim, not the heap's. (Flushing it in steps as it is written
+    /// was tried: at a gigabyte, puts' p99 while a snapshot was written went from 12–15 ms
+    /// to 70–80 ms, the steps' fsyncs queueing with the log's. One flush at the end, with
+    /// the kernel writing back meanwhile, is kinder to the log.) Chunks that do not add up
+    /// to `len` are an error (and leave no file).
+    pub fn write_stream(
+        &self,
+        meta: SnapshotMeta,
+        len: u64,
+        chunks: impl IntoIterator<Item = Bytes>,
+    ) -> Result<Snapshot> {
+        let path = self.path_of(&meta);
         let tmp = path.with_extension("tmp");
-        let meta = encode_meta(&s.meta);
+        let encoded = encode_meta(&meta);
+        let header = 8 + 4 + encoded.len() + 4 + 8;
         let write = || -> std::io::Result<()> {
             let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
             w.write_all(MAGIC)?;
-            w.write_all(&(meta.len() as u32).to_le_bytes())?;
-            w.write_all(&meta)?;
-            w.write_all(&crc32c::crc32c(&meta).to_le_bytes())?;
-            w.write_all(&(s.data.len() as u64).to_le_bytes())?;
-            let mut crc = 0;
-            for chunk in s.data.chunks(1 << 20) {
-                crc = crc32c::crc32c_append(crc, chunk);
-                w.write_all(chunk)?;
+            w.write_all(&(encoded.len() as u32).to_le_bytes())?;
+            w.write_all(&encoded)?;
+            w.write_all(&crc32c::crc32c(&encoded).to_le_bytes())?;
+            w.write_all(&len.to_le_bytes())?;
+            let (mut crc, mut written) = (0, 0u64);
+            for chunk in chunks {
+                crc = crc32c::crc32c_append(crc, &chunk);
+                w.write_all(&chunk)?;
+                written += chunk.len() as u64;
+            }
+            if written != len {
+                return Err(std::io::Error::other(format!(
+                    "the snapshot's chunks hold {written} bytes, not the {len} announced"
+                )));
             }
             w.write_all(&crc.to_le_bytes())?;
             w.into_inner()?.sync_all()
         };
-        write().map_err(|e| Error::io(&tmp, e))?;
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(&tmp, e));
+        }
         fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
-        crate::sync_dir(&self.dir)
+        crate::sync_dir(&self.dir)?;
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: as in `load`. Not verified again: its checksum was just computed from the
+        // very bytes written, and reading them back would only fill memory.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let data = Bytes::from_owner(map).slice(header..header + len as usize);
+        Ok(Snapshot { meta, data })
     }
 
     /// The newest snapshot, verified. A damaged newest snapshot is an error, not a reason

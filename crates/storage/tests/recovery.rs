@@ -459,3 +459,47 @@ fn a_snapshot_written_off_thread_counts_once_recorded_and_its_predecessor_goes_t
     assert_eq!(state.snapshot.unwrap().meta.index, 8);
     assert_eq!(state.entries, ents(9..=12, 1));
 }
+
+/// A snapshot written from chunks reads back whole, is answered with exactly its bytes (the
+/// file mapped, for the core to send followers), and chunks that fall short of or overrun
+/// the announced length are refused without leaving a file that recovery could pick up.
+#[test]
+fn a_snapshot_streamed_in_chunks_reads_back_whole_and_a_wrong_length_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = |index: u64| SnapshotMeta {
+        index,
+        term: 1,
+        membership: raft::Membership::new(vec![1]),
+    };
+    let chunks: Vec<bytes::Bytes> = (0..5u8)
+        .map(|i| vec![i; 1000 + i as usize].into())
+        .collect();
+    let whole: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+    let (mut s, _) = open(dir.path()).unwrap();
+    s.save(None, Some(hs(1, 12)), &ents(1..=12, 1)).unwrap();
+    s.sync().unwrap();
+    let writer = s.snapshot_writer();
+    let written = writer
+        .write_stream(meta(6), whole.len() as u64, chunks.clone())
+        .unwrap();
+    assert_eq!(&written.data[..], &whole[..]);
+    assert_eq!(written.meta, meta(6));
+    s.compact(&written).unwrap();
+    // Short by a byte, and one byte over: refused, and nothing of them stays on disk.
+    for len in [whole.len() as u64 + 1, whole.len() as u64 - 1] {
+        let e = writer
+            .write_stream(meta(10), len, chunks.clone())
+            .unwrap_err();
+        assert!(e.to_string().contains("bytes, not the"), "{e}");
+    }
+    let names: Vec<_> = fs::read_dir(dir.path().join("snap"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec![format!("{:016x}-{:016x}.snap", 6, 1)]);
+    drop(s);
+    let (_, state) = open(dir.path()).unwrap();
+    let snap = state.snapshot.unwrap();
+    assert_eq!((snap.meta.index, &snap.data[..]), (6, &whole[..]));
+    assert_eq!(state.entries, ents(7..=12, 1));
+}

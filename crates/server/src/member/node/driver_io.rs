@@ -101,6 +101,9 @@ impl driver::Transport for Peers {
     }
 }
 
+/// The size of the pieces a snapshot is serialized in on its way to the file.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
 /// The write-ahead log behind group commit, and snapshot files written off the loop.
 pub(super) struct Wal {
     pub(super) group: GroupCommit,
@@ -163,15 +166,16 @@ impl driver::Storage<KvMachine> for Wal {
     }
 
     /// Serialized and written on a blocking thread, so neither the loop nor the log's
-    /// appends wait for a large snapshot.
+    /// appends wait for a large snapshot; serialized in chunks straight into the file, so
+    /// the store is never in memory twice. What the core keeps to send followers is the
+    /// file mapped into memory, not a copy on the heap.
     fn snapshot(&mut self, meta: SnapshotMeta, (store, registry): (kv::Store, Registry)) {
         let (writer, done) = (self.writer.clone(), self.done.clone());
         tokio::task::spawn_blocking(move || {
-            let snapshot = Snapshot {
-                meta,
-                data: members::encode_snapshot(&registry, &store.snapshot()),
-            };
-            let result = writer.write(&snapshot).map(|_| snapshot);
+            let prefix = bytes::Bytes::from(members::snapshot_prefix(&registry));
+            let len = prefix.len() as u64 + store.snapshot_len();
+            let chunks = std::iter::once(prefix).chain(store.snapshot_chunks(SNAPSHOT_CHUNK));
+            let result = writer.write_stream(meta, len, chunks);
             let _ = done.send(Done::Snapshotted(result.map_err(|e| e.to_string())));
         });
     }
