@@ -13,7 +13,6 @@ use server::pb::etcdserverpb::{
     CompactionRequest, DefragmentRequest, DeleteRangeRequest, HashKvRequest, LeaseGrantRequest,
     MoveLeaderRequest, PutRequest, RangeRequest, RequestOp, StatusRequest, TxnRequest,
 };
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,46 +23,6 @@ const CORRUPT: i32 = 2;
 
 fn maintenance(url: &str) -> MaintenanceClient<Channel> {
     MaintenanceClient::new(channel(url))
-}
-
-/// A plain HTTP/1.1 GET on a member's client port: (status, body).
-fn http_get(client_url: &str, path: &str) -> (u16, String) {
-    let addr = client_url.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
-    (status, body)
-}
-
-/// The sum of a metric's samples (every label set) in a scrape, if it has any.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let (series, value) = line.rsplit_once(' ')?;
-        let metric_name = series.split('{').next().unwrap_or(series);
-        if metric_name == name {
-            *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
-        }
-    }
-    found
-}
-
-fn scrape(url: &str, name: &str) -> f64 {
-    let (code, body) = http_get(url, "/metrics");
-    assert_eq!(code, 200, "/metrics answered {code}");
-    metric(&body, name).unwrap_or_else(|| panic!("{name} missing from /metrics"))
 }
 
 async fn eventually(what: &str, secs: u64, mut ok: impl AsyncFnMut() -> bool) {

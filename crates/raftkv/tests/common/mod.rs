@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use server::pb::etcdserverpb::{kv_client::KvClient, PutRequest, RangeRequest};
+use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -62,7 +63,8 @@ pub fn start(dir: &std::path::Path) -> Vec<Proc> {
     start_with(dir, |_, _, url| url.to_string())
 }
 
-/// Start three members with extra flags.
+/// Start three members with extra flags (`--flag=value`; one named like a default replaces
+/// it).
 pub fn start_flags(dir: &std::path::Path, extra: &[&str]) -> Vec<Proc> {
     start_members(dir, |_, _, url| url.to_string(), extra)
 }
@@ -111,6 +113,12 @@ fn start_members(
                 "--election-timeout=200".into(),
                 "--snapshot-count=50".into(),
             ];
+            // An extra flag replaces the default of the same name.
+            args.retain(|a| {
+                !extra
+                    .iter()
+                    .any(|e| e.split('=').next() == a.split('=').next())
+            });
             args.extend(extra.iter().map(|s| s.to_string()));
             let mut p = Proc {
                 name: format!("n{i}"),
@@ -205,4 +213,45 @@ pub fn run(args: &[&str]) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A plain HTTP/1.1 GET on a member's client port: (status, body).
+pub fn http_get(client_url: &str, path: &str) -> (u16, String) {
+    let addr = client_url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |b| b.1).to_string();
+    (status, body)
+}
+
+/// The sum of a metric's samples (every label set) in a scrape, if it has any.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ')?;
+        let metric_name = series.split('{').next().unwrap_or(series);
+        if metric_name == name {
+            *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    found
+}
+
+/// A metric of a member, which must be there.
+pub fn scrape(url: &str, name: &str) -> f64 {
+    let (code, body) = http_get(url, "/metrics");
+    assert_eq!(code, 200, "/metrics answered {code}");
+    metric(&body, name).unwrap_or_else(|| panic!("{name} missing from /metrics"))
 }
