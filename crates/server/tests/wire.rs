@@ -29,12 +29,64 @@ fn rid(seq: u64) -> driver::RequestId {
     }
 }
 
-fn apply(store: &mut kv::Store, data: &[u8]) -> Result<kv::Response, tonic::Status> {
+fn apply(store: &mut kv::Store, data: &Bytes) -> Result<kv::Response, tonic::Status> {
     let (_, req) = command::decode(data).expect("decodes");
     match req? {
         command::Decoded::Kv(r) => store.apply(&r).map_err(|e| api::status(&e)),
         other => panic!("not a kv request: {other:?}"),
     }
+}
+
+/// What the store keeps may be a slice of the log entry only where it is most of the
+/// entry: a large value is not copied on apply (the log's entry and the store's value are
+/// one allocation), while keys and values small beside their entry are copies, which hold
+/// no entry in memory once the log lets it go.
+#[test]
+fn the_store_keeps_a_slice_of_an_entry_only_for_a_value_that_is_most_of_it() {
+    use pb::request_op::Request as Op;
+    let within = |b: &Bytes, entry: &Bytes| entry.as_ptr_range().contains(&b.as_ptr());
+    let put = |key: &'static [u8], size: usize| pb::PutRequest {
+        key: Bytes::from_static(key),
+        value: Bytes::from(vec![b'v'; size]),
+        ..Default::default()
+    };
+    let entry = command::encode(rid(1), Write::Put(put(b"big", 4096)));
+    let Ok(command::Decoded::Kv(kv::Request::Put(p))) = command::decode(&entry).unwrap().1 else {
+        panic!("a put decodes as a put")
+    };
+    assert!(
+        within(&p.value, &entry),
+        "a large value is the entry's own bytes"
+    );
+    assert!(!within(&p.key, &entry), "a key is a copy");
+    assert_eq!((&p.key[..], p.value.len()), (&b"big"[..], 4096));
+
+    let op = |p| pb::RequestOp {
+        request: Some(Op::RequestPut(p)),
+    };
+    let txn = pb::TxnRequest {
+        success: vec![op(put(b"large", 4096)), op(put(b"small", 16))],
+        ..Default::default()
+    };
+    let entry = command::encode(rid(2), Write::Txn(txn));
+    let Ok(command::Decoded::Kv(kv::Request::Txn(t))) = command::decode(&entry).unwrap().1 else {
+        panic!("a txn decodes as a txn")
+    };
+    let puts: Vec<_> = t
+        .success
+        .iter()
+        .map(|op| match op {
+            kv::RequestOp::Put(p) => p,
+            other => panic!("not a put: {other:?}"),
+        })
+        .collect();
+    assert!(within(&puts[0].value, &entry));
+    assert!(
+        !within(&puts[1].value, &entry),
+        "a small value beside a large one is a copy"
+    );
+    assert!(puts.iter().all(|p| !within(&p.key, &entry)));
+    assert_eq!(puts[1].value, Bytes::from(vec![b'v'; 16]));
 }
 
 #[test]
@@ -175,7 +227,7 @@ fn bad_requests_get_etcds_codes_and_messages() {
         "nothing written: still a new store's revision"
     );
     // Bytes that are not a command at all.
-    assert!(command::decode(&[0xff, 0xff, 0xff]).is_err());
+    assert!(command::decode(&Bytes::from_static(&[0xff, 0xff, 0xff])).is_err());
 }
 
 fn raft_message() -> impl Strategy<Value = raft::Message> {
@@ -303,7 +355,7 @@ proptest! {
         if let Ok(m) = server::pb::raftkvpb::Message::decode(&data[..]) {
             let _ = peer::from_pb(m);
         }
-        let _ = command::decode(&data);
+        let _ = command::decode(&Bytes::from(data));
     }
 }
 

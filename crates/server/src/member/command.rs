@@ -5,6 +5,7 @@
 use crate::pb::etcdserverpb as pb;
 use crate::pb::raftkvpb::{self as rpb, log_command::Command, LogCommand};
 use crate::services::api;
+use bytes::Bytes;
 use driver::RequestId;
 use prost::Message;
 use tonic::Status;
@@ -107,9 +108,16 @@ pub fn encode(id: RequestId, write: Write) -> bytes::Bytes {
 /// (say, an unknown enum value) is still deterministic: every node gets the same error, which
 /// the proposer returns to its client.
 #[allow(clippy::type_complexity)]
-pub fn decode(data: &[u8]) -> Result<(RequestId, Result<Decoded, Status>), prost::DecodeError> {
-    let cmd = LogCommand::decode(data)?;
-    let kv = |r: Result<kv::Request, Status>| r.map(Decoded::Kv);
+pub fn decode(data: &Bytes) -> Result<(RequestId, Result<Decoded, Status>), prost::DecodeError> {
+    // Decoded from `Bytes`, the command's byte fields are slices of the entry, not copies;
+    // `detach` then decides which of them the store may keep as such.
+    let cmd = LogCommand::decode(data.clone())?;
+    let kv = |r: Result<kv::Request, Status>| {
+        r.map(|mut r| {
+            detach(&mut r, data.len());
+            Decoded::Kv(r)
+        })
+    };
     let request = match cmd.command {
         Some(Command::Put(p)) => kv(api::put_request(&p).map(kv::Request::Put)),
         Some(Command::DeleteRange(d)) => kv(api::delete_request(&d).map(kv::Request::DeleteRange)),
@@ -147,4 +155,44 @@ pub fn decode(data: &[u8]) -> Result<(RequestId, Result<Decoded, Status>), prost
         seq: cmd.request_id,
     };
     Ok((id, request))
+}
+
+/// What the store keeps of a request may share the entry's buffer only where it is most of
+/// that buffer. A value of at least half the entry stays a slice of it: no copy when it is
+/// applied, and the log's entry and the store's value are one allocation until the log is
+/// compacted (with a copy each, a member held every value written since its last snapshot
+/// twice). Keys and smaller values are copied, so that something small and long-lived
+/// never holds a large entry in memory: an overwritten key's name kept by the key index, a
+/// small value written beside a large one in a transaction. Memory for stored bytes is
+/// therefore at most twice what the quota counts.
+fn detach(r: &mut kv::Request, entry_len: usize) {
+    match r {
+        kv::Request::Put(p) => detach_put(p, entry_len),
+        kv::Request::DeleteRange(d) => detach_range(&mut d.range),
+        kv::Request::Txn(t) => detach_txn(t, entry_len),
+        _ => {}
+    }
+}
+
+fn detach_txn(t: &mut kv::TxnRequest, entry_len: usize) {
+    for op in t.success.iter_mut().chain(t.failure.iter_mut()) {
+        match op {
+            kv::RequestOp::Put(p) => detach_put(p, entry_len),
+            kv::RequestOp::DeleteRange(d) => detach_range(&mut d.range),
+            kv::RequestOp::Txn(t) => detach_txn(t, entry_len),
+            kv::RequestOp::Range(_) => {} // read, never kept
+        }
+    }
+}
+
+fn detach_put(p: &mut kv::PutRequest, entry_len: usize) {
+    p.key = Bytes::copy_from_slice(&p.key);
+    if p.value.len() * 2 < entry_len {
+        p.value = Bytes::copy_from_slice(&p.value);
+    }
+}
+
+fn detach_range(r: &mut kv::KeyRange) {
+    r.key = Bytes::copy_from_slice(&r.key);
+    r.range_end = Bytes::copy_from_slice(&r.range_end);
 }
