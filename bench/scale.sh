@@ -123,6 +123,8 @@ one_system() {
   for m in "${NAMES[@]}"; do start "$sys" "$m" existing; done
   retry etcdctl --endpoints=$EP --command-timeout=1s put after-restart 1 >/dev/null
   echo "  whole cluster killed -9 → first write: $(secs_since "$t0") s"
+  retry etcdctl --endpoints=$EP --command-timeout=1s get newest >/dev/null
+  echo "  memory MB (now/peak) after the restart: $(memory)"
   for m in "${NAMES[@]}"; do kill -9 "${PID[$m]}" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
