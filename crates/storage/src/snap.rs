@@ -105,8 +105,13 @@ impl SnapStore {
     /// thread: recovery ignores a snapshot newer than the log's last snapshot mark (a crash
     /// before the mark), and `save` later finds the file already there.
     pub fn write(&self, s: &Snapshot) -> Result<()> {
-        let data = s.data.clone();
-        self.write_stream(s.meta.clone(), data.len() as u64, std::iter::once(data))
+        // In pieces, so that a leader's snapshot received whole goes to disk as it is
+        // written too (see `WriteBehind`).
+        let (data, piece) = (&s.data, 1 << 20);
+        let chunks = (0..data.len())
+            .step_by(piece)
+            .map(|at| data.slice(at..data.len().min(at + piece)));
+        self.write_stream(s.meta.clone(), data.len() as u64, chunks)
             .map(drop)
     }
 
@@ -159,7 +164,13 @@ impl SnapStore {
         // SAFETY: as in `load`. Not verified again: its checksum was just computed from the
         // very bytes written, and reading them back would only fill memory.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let data = Bytes::from_owner(map).slice(header..header + len as usize);
+        let end = header + len as usize;
+        if map.len() != end + 4 {
+            // Not what was just written and synced: something else changed the file.
+            let what = format!("{} bytes just after writing {}", map.len(), end + 4);
+            return Err(Error::corrupt(&path, 0, what));
+        }
+        let data = Bytes::from_owner(map).slice(header..end);
         Ok(Snapshot { meta, data })
     }
 
