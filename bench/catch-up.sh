@@ -17,26 +17,14 @@ PUTS=${PUTS:-20000}
 SNAPSHOT_COUNT=${SNAPSHOT_COUNT:-100000}
 RUNS=${RUNS:-3}
 SYSTEMS=${SYSTEMS:-"etcd raftkv"}
-if [ -n "${RAFTKV_BIN:-}" ]; then
-  RAFTKV="$RAFTKV_BIN"
-else
-  cargo build -q --release -p raftkv
-  RAFTKV="$PWD/target/release/raftkv"
-fi
-for tool in etcdctl bc; do
-  command -v $tool >/dev/null || { echo "needs $tool (Debian: etcd-client, bc)"; exit 1; }
-done
-[[ $SYSTEMS != *etcd* ]] || command -v etcd >/dev/null || { echo "needs etcd (Debian: etcd-server)"; exit 1; }
+source bench/lib.sh
 
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-export ETCDCTL_API=3
 EP=127.0.0.1:17379,127.0.0.1:17389
 FOUNDING="m0=http://127.0.0.1:17380,m1=http://127.0.0.1:17390,m2=http://127.0.0.1:17400"
-# What etcdctl is asked right after a leader change may be refused: ask again.
-retry() { for _ in $(seq 1 100); do "$@" 2>/dev/null && return 0; sleep 0.2; done; return 1; }
 
 # start SYSTEM NAME CLIENT_PORT STATE CLUSTER: one member (etcd's flags for both systems).
 start() {

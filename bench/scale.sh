@@ -17,29 +17,17 @@ ROUND_PUTS=${ROUND_PUTS:-75000}
 VAL_SIZE=${VAL_SIZE:-4096}
 SNAPSHOT_COUNT=${SNAPSHOT_COUNT:-100000}
 SYSTEMS=${SYSTEMS:-"etcd raftkv"}
-if [ -n "${RAFTKV_BIN:-}" ]; then
-  RAFTKV="$RAFTKV_BIN"
-else
-  cargo build -q --release -p raftkv
-  RAFTKV="$PWD/target/release/raftkv"
-fi
-for tool in etcdctl bc curl; do
-  command -v $tool >/dev/null || { echo "needs $tool (Debian: etcd-client, bc, curl)"; exit 1; }
-done
-[[ $SYSTEMS != *etcd* ]] || command -v etcd >/dev/null || { echo "needs etcd (Debian: etcd-server)"; exit 1; }
+source bench/lib.sh
 
 WORK=${SCALE_DIR:-$(mktemp -d)}
 mkdir -p "$WORK"
 declare -A PID
 cleanup() { for p in "${PID[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-export ETCDCTL_API=3
 NAMES=(m0 m1 m2)
 declare -A PORT=([m0]=17379 [m1]=17389 [m2]=17399)
 EP=127.0.0.1:17379,127.0.0.1:17389,127.0.0.1:17399
 CLUSTER="m0=http://127.0.0.1:17380,m1=http://127.0.0.1:17390,m2=http://127.0.0.1:17400"
-# What etcdctl is asked right after a leader change may be refused: ask again.
-retry() { for _ in $(seq 1 300); do "$@" 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 secs_since() { printf '%.2f' "$(echo "$(date +%s.%N) - $1" | bc)"; }
 
 # start SYSTEM NAME STATE: one member (etcd's flags for both systems).
