@@ -218,8 +218,24 @@ pub fn encode_snapshot(registry: &Registry, store: &[u8]) -> bytes::Bytes {
     b.into()
 }
 
-/// What comes before the store's bytes in [`encode_snapshot`] (for writing one in pieces).
-pub fn snapshot_prefix(registry: &Registry) -> Vec<u8> {
+/// [`encode_snapshot`] in pieces of about `chunk` bytes, produced one at a time from a
+/// frozen store (which is never serialized whole), with its total length: how snapshot
+/// files and backups are written.
+pub fn snapshot_chunks(
+    registry: &Registry,
+    store: kv::Store,
+    chunk: usize,
+) -> (u64, impl Iterator<Item = bytes::Bytes>) {
+    let prefix = bytes::Bytes::from(snapshot_prefix(registry));
+    let len = prefix.len() as u64 + store.snapshot_len();
+    (
+        len,
+        std::iter::once(prefix).chain(store.snapshot_chunks(chunk)),
+    )
+}
+
+/// What comes before the store's bytes in [`encode_snapshot`].
+fn snapshot_prefix(registry: &Registry) -> Vec<u8> {
     let reg = registry.encode();
     let mut b = Vec::with_capacity(12 + reg.len());
     b.extend_from_slice(SNAPSHOT_MAGIC);

@@ -105,18 +105,16 @@ pub fn backup_bytes(f: &Frozen) -> Vec<u8> {
 /// The backup of [`backup_bytes`] in chunks of about `chunk` bytes, produced one at a time
 /// from the frozen copy (the store is never serialized whole), with its total length.
 pub fn backup_chunks(f: &Frozen, chunk: usize) -> (u64, impl Iterator<Item = bytes::Bytes>) {
-    let prefix = members::snapshot_prefix(&f.registry);
-    let data_len = prefix.len() as u64 + f.store.snapshot_len();
+    let (data_len, data) = members::snapshot_chunks(&f.registry, f.store.clone(), chunk);
     let unpadded = (BACKUP_MAGIC.len() + 8) as u64 + data_len;
     let padded = unpadded.div_ceil(512) * 512;
-    let mut head = Vec::with_capacity(BACKUP_MAGIC.len() + 8 + prefix.len());
+    let mut head = Vec::with_capacity(BACKUP_MAGIC.len() + 8);
     head.extend_from_slice(BACKUP_MAGIC);
     head.extend_from_slice(&data_len.to_le_bytes());
-    head.extend_from_slice(&prefix);
     let padding = vec![0u8; (padded - unpadded) as usize];
     let mut hasher = Some(sha2::Sha256::new());
     let body = std::iter::once(bytes::Bytes::from(head))
-        .chain(f.store.clone().snapshot_chunks(chunk))
+        .chain(data)
         .chain((!padding.is_empty()).then(|| bytes::Bytes::from(padding)));
     // Every piece goes through the hash on its way out; the hash itself comes last.
     let pieces = body
@@ -256,12 +254,8 @@ impl maintenance_server::Maintenance for MaintenanceService {
         // The CRC of the state machine's snapshot, fed chunk by chunk.
         let hash = blocking(move || {
             let _permit = permit;
-            let prefix = members::snapshot_prefix(&f.registry);
-            f.store
-                .snapshot_chunks(SNAPSHOT_CHUNK)
-                .fold(crc32c::crc32c(&prefix), |crc, c| {
-                    crc32c::crc32c_append(crc, &c)
-                })
+            let (_, chunks) = members::snapshot_chunks(&f.registry, f.store, SNAPSHOT_CHUNK);
+            chunks.fold(0, |crc, c| crc32c::crc32c_append(crc, &c))
         })
         .await?;
         Ok(Response::new(pb::HashResponse {

@@ -172,9 +172,7 @@ impl driver::Storage<KvMachine> for Wal {
     fn snapshot(&mut self, meta: SnapshotMeta, (store, registry): (kv::Store, Registry)) {
         let (writer, done) = (self.writer.clone(), self.done.clone());
         tokio::task::spawn_blocking(move || {
-            let prefix = bytes::Bytes::from(members::snapshot_prefix(&registry));
-            let len = prefix.len() as u64 + store.snapshot_len();
-            let chunks = std::iter::once(prefix).chain(store.snapshot_chunks(SNAPSHOT_CHUNK));
+            let (len, chunks) = members::snapshot_chunks(&registry, store, SNAPSHOT_CHUNK);
             let result = writer.write_stream(meta, len, chunks);
             let _ = done.send(Done::Snapshotted(result.map_err(|e| e.to_string())));
         });
