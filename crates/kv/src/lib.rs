@@ -26,6 +26,7 @@ pub use events::{Event, EventKind};
 pub use hash::KvHash;
 pub use lease::{Lease, LeaseId, LeaseResponse, MAX_LEASE_TTL};
 pub use session::{Remembered, Session};
+pub use snapshot::SnapshotValues;
 pub use store::{Request, Response, Store, MAX_TXN_OPS};
 pub use types::*;
 

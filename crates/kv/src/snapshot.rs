@@ -280,6 +280,24 @@ impl Store {
         Ok(store)
     }
 
+    /// The values a snapshot in this build's format holds, as slices of `data`, in the
+    /// order [`Store::values`] gives those of the store it was taken from: what lets a
+    /// member point its values into the snapshot file it just wrote, instead of the heap.
+    /// Read as they are asked for, so a caller can release what it has read as it goes.
+    pub fn snapshot_values(data: &Bytes) -> Result<SnapshotValues> {
+        let mut r = Reader(data.clone());
+        if r.take(8)? != MAGIC[..] {
+            return Err(Error::BadSnapshot("not a current kv snapshot"));
+        }
+        r.take(16)?; // revision, compact revision
+        let keys = r.u64()?;
+        Ok(SnapshotValues {
+            r,
+            keys,
+            versions: 0,
+        })
+    }
+
     /// A version's place among its revision's writes (0 if the index no longer holds it).
     fn sub_of(&self, key: &Bytes, rev: Revision) -> u32 {
         let first = self.first_indexed();
@@ -290,6 +308,59 @@ impl Store {
             .get((rev - first) as usize)
             .and_then(|w| w.iter().position(|k| k == key))
             .map_or(0, |p| p as u32)
+    }
+}
+
+/// The values of a snapshot, read one at a time (see [`Store::snapshot_values`]). Each
+/// item is a value, or the error that ends the walk.
+pub struct SnapshotValues {
+    r: Reader,
+    /// Keys not yet started.
+    keys: u64,
+    /// Versions left in the current key's history.
+    versions: u32,
+}
+
+impl SnapshotValues {
+    /// How far into the snapshot the walk has read.
+    pub fn read(&self, data: &Bytes) -> usize {
+        data.len() - self.r.0.len()
+    }
+
+    fn next_value(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            while self.versions == 0 {
+                if self.keys == 0 {
+                    return Ok(None);
+                }
+                self.keys -= 1;
+                let len = self.r.u32()? as usize;
+                self.r.take(len)?;
+                self.versions = self.r.u32()?;
+            }
+            self.versions -= 1;
+            self.r.take(8 + 4)?; // revision, sub-revision
+            if self.r.bool()? {
+                self.r.take(8 + 8 + 8)?; // create revision, version, lease
+                let len = self.r.u32()? as usize;
+                return self.r.take(len).map(Some);
+            }
+        }
+    }
+}
+
+impl Iterator for SnapshotValues {
+    type Item = Result<Bytes>;
+
+    fn next(&mut self) -> Option<Result<Bytes>> {
+        match self.next_value() {
+            Ok(v) => v.map(Ok),
+            Err(e) => {
+                self.keys = 0;
+                self.versions = 0;
+                Some(Err(e))
+            }
+        }
     }
 }
 

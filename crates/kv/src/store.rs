@@ -431,6 +431,60 @@ impl Store {
         kvs.iter().all(|kv| compare_one(c, *kv))
     }
 
+    /// Every value the store holds, in every retained version.
+    pub fn values(&self) -> impl Iterator<Item = &Bytes> + '_ {
+        self.keys
+            .values()
+            .flat_map(|h| h.iter().filter_map(|v| v.kv.as_ref().map(|kv| &kv.value)))
+    }
+
+    /// Move values to other memory without changing them: every value for which `wants`
+    /// says yes is replaced by what `copy` makes of it, which must hold the same bytes (the
+    /// store's contents, answers and hash do not change). Only the histories that hold such
+    /// a value are touched, so a frozen clone shares the rest. Looks at `max_keys` keys at
+    /// most, those after `after` (from the first if `None`), so a large store is done in
+    /// steps; returns the bytes moved and, if keys may remain, the last key looked at (the
+    /// next step's `after`).
+    pub fn rehome_values(
+        &mut self,
+        after: Option<&Bytes>,
+        max_keys: usize,
+        wants: impl Fn(&Bytes) -> bool,
+        mut copy: impl FnMut(&Bytes) -> Bytes,
+    ) -> (u64, Option<Bytes>) {
+        let holds = |h: &Vec<Version>| {
+            h.iter()
+                .any(|v| v.kv.as_ref().is_some_and(|kv| wants(&kv.value)))
+        };
+        let start = after.map_or(Bound::Unbounded, |k| Bound::Excluded(k.clone()));
+        let (mut last, mut next, mut seen): (Option<&Bytes>, _, _) = (None, None, 0);
+        let mut keys: Vec<Bytes> = Vec::new();
+        for (k, h) in self.keys.range((start, Bound::Unbounded)) {
+            if seen == max_keys.max(1) {
+                next = last.cloned();
+                break;
+            }
+            seen += 1;
+            if holds(h) {
+                keys.push(k.clone());
+            }
+            last = Some(k);
+        }
+        let mut moved = 0;
+        for key in keys {
+            let history = self.keys.get_mut(&key).expect("a key just listed");
+            for kv in history.iter_mut().filter_map(|v| v.kv.as_mut()) {
+                if wants(&kv.value) {
+                    let new = copy(&kv.value);
+                    debug_assert_eq!(new, kv.value);
+                    moved += new.len() as u64;
+                    kv.value = new;
+                }
+            }
+        }
+        (moved, next)
+    }
+
     /// Forget history before `rev`: reads below it fail from now on.
     pub fn compact(&mut self, rev: Revision) -> Result<()> {
         if rev <= self.compact_revision {

@@ -69,6 +69,53 @@ proptest! {
             prop_assert_eq!(earlier.hash_kv(rev).unwrap(), last.hash_kv(rev).unwrap());
         }
     }
+
+    /// Values moved to other memory (as a member moves them into the snapshot file it
+    /// wrote), a few keys at a time, leave the store, its hash and its answers as they
+    /// were, and only the values asked for move.
+    #[test]
+    fn rehomed_values_change_nothing_but_where_they_live(ops in history(), step in 1..4usize) {
+        let before = apply_all(&ops).pop().unwrap();
+        let mut after = before.clone();
+        let arena: std::cell::RefCell<Vec<Bytes>> = Default::default();
+        let wants = |v: &Bytes| v.ends_with(b"1") || v.ends_with(b"3");
+        let (mut moved, mut at) = (0, None);
+        loop {
+            let (m, next) = after.rehome_values(at.as_ref(), step, wants, |v| {
+                let copy = Bytes::copy_from_slice(v);
+                arena.borrow_mut().push(copy.clone());
+                copy
+            });
+            moved += m;
+            match next {
+                Some(k) => at = Some(k),
+                None => break,
+            }
+        }
+        let expected: u64 = before.values().filter(|v| wants(v)).map(|v| v.len() as u64).sum();
+        prop_assert_eq!(moved, expected);
+        prop_assert_eq!(&after, &before);
+        prop_assert_eq!(after.hash_kv(0).unwrap(), before.hash_kv(0).unwrap());
+        let arena = arena.borrow();
+        for v in after.values() {
+            let in_arena = arena.iter().any(|a| a.as_ptr() == v.as_ptr());
+            prop_assert_eq!(in_arena, wants(v));
+        }
+    }
+
+    /// The values a snapshot holds come out as slices of it, in the store's order.
+    #[test]
+    fn snapshot_values_are_the_stores_values_in_order(ops in history()) {
+        let store = apply_all(&ops).pop().unwrap();
+        let snap = store.snapshot();
+        let values: Vec<Bytes> = Store::snapshot_values(&snap).unwrap().collect::<Result<_>>().unwrap();
+        let expected: Vec<&Bytes> = store.values().collect();
+        prop_assert_eq!(values.iter().collect::<Vec<_>>(), expected);
+        let range = snap.as_ptr() as usize..snap.as_ptr() as usize + snap.len();
+        for v in &values {
+            prop_assert!(v.is_empty() || range.contains(&(v.as_ptr() as usize)));
+        }
+    }
 }
 
 #[test]

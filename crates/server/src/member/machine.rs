@@ -5,8 +5,10 @@
 use crate::member::command::{self, Decoded};
 use crate::member::members::{self, Registry};
 use crate::services::api;
+use bytes::Bytes;
 use driver::{RequestId, StateMachine};
 use raft::{ConfEntry, Entry, EntryKind, Snapshot};
+use std::collections::HashMap;
 use tonic::Status;
 
 /// A write's outcome and the store revision right after it (the response header's). A
@@ -34,11 +36,106 @@ pub struct KvMachine {
     /// other than the one in the log, so its store silently diverges — what the consistency
     /// check must catch.
     pub corrupt_for_tests: bool,
+    /// Snapshots given to this machine are files mapped by storage (not bytes in the
+    /// heap), so the pages a restore read may be released (see [`storage::release_mapped`]).
+    pub snapshots_mapped: bool,
+    /// Values moving into the snapshot file last written, a step at a time.
+    pub rehome: Option<Rehome>,
 }
 
 /// The environment variable that makes a member corrupt its own store (for the tests of the
 /// consistency check; never set it on a real member).
 pub const TEST_CORRUPT_ENV: &str = "RAFTKV_TEST_ONLY_CORRUPT_PUTS";
+
+/// Values of at least this many bytes move into the snapshot file; a smaller one costs less
+/// in memory than the key index's entry for it does.
+const REHOME_MIN: usize = 128;
+
+/// Keys looked at per step of a [`Rehome`]: a step is a short pause of the loop (a few
+/// hundred microseconds), and a store of a million keys moves in a few hundred steps.
+pub const REHOME_STEP: usize = 2048;
+
+/// How much of a snapshot is read between releases of its pages while pairing values.
+const RELEASE_EVERY: usize = 32 << 20;
+
+/// The store's values, moving out of the heap into the snapshot file just written.
+///
+/// A value arrives as a slice of its log entry, which the log holds anyway until it is
+/// compacted; from then on the value alone would keep that memory. A snapshot writes every
+/// value to a file, mapped into memory: from there, the kernel keeps the pages that are
+/// read in memory and can drop the others (and does, under a memory limit), so the member's
+/// heap holds the key index and the log since the last snapshot — not its data. The values
+/// a snapshot holds are paired with the store's (same order), and each value of the live
+/// store that is one of them is pointed at its bytes in the file. The next snapshot moves
+/// them again, into its own file; the older file goes when its last value does.
+pub struct Rehome {
+    /// The store the snapshot was written from, held until the move is done: its values
+    /// keep their buffers, so no value written since can sit at an address in `to`.
+    _frozen: kv::Store,
+    /// Each value's (address, length) in the heap → the same bytes in the file.
+    to: HashMap<(usize, usize), Bytes>,
+    /// The last key done; `None` before the first step.
+    after: Option<Bytes>,
+    /// Bytes moved so far.
+    pub moved: u64,
+}
+
+fn place(v: &Bytes) -> (usize, usize) {
+    (v.as_ptr() as usize, v.len())
+}
+
+impl Rehome {
+    /// The move of `frozen`'s values into `data`, the snapshot written from it; `None` if
+    /// they do not pair up (a snapshot in another format): the values then stay put. The
+    /// pairing reads the whole snapshot; `release` is given each piece read, to release
+    /// its pages (the snapshot is a mapped file, and is not to stay counted in memory).
+    pub fn new(frozen: kv::Store, data: &Bytes, release: impl Fn(&[u8])) -> Option<Rehome> {
+        let (_, store) = members::decode_snapshot(data).ok()?;
+        let mut in_file = kv::Store::snapshot_values(&store).ok()?;
+        let mut to = HashMap::new();
+        let mut values = frozen.values();
+        let mut released = 0;
+        while let Some(new) = in_file.next() {
+            let (new, old) = (new.ok()?, values.next()?);
+            if old.len() != new.len() {
+                return None;
+            }
+            if old.len() >= REHOME_MIN {
+                to.insert(place(old), new);
+            }
+            let read = in_file.read(&store);
+            if read - released >= RELEASE_EVERY {
+                release(&store[released..read]);
+                released = read;
+            }
+        }
+        release(&store[released..]);
+        if values.next().is_some() {
+            return None;
+        }
+        drop(values);
+        Some(Rehome {
+            _frozen: frozen,
+            to,
+            after: None,
+            moved: 0,
+        })
+    }
+
+    /// Move the values of the next `REHOME_STEP` keys; true once every key is done.
+    pub fn step(&mut self, store: &mut kv::Store) -> bool {
+        let to = &self.to;
+        let (moved, next) = store.rehome_values(
+            self.after.as_ref(),
+            REHOME_STEP,
+            |v| to.contains_key(&place(v)),
+            |v| to[&place(v)].clone(),
+        );
+        self.moved += moved;
+        self.after = next;
+        self.after.is_none()
+    }
+}
 
 impl KvMachine {
     /// A machine at index 0 of a cluster bootstrapped with `registry`.
@@ -244,6 +341,15 @@ impl StateMachine for KvMachine {
     fn restore(&mut self, s: &Snapshot) -> Result<(), String> {
         let (registry, store) = members::decode_snapshot(&s.data)?;
         self.store = kv::Store::restore(&store).map_err(|e| e.to_string())?;
+        // A store restored from a snapshot is half-way through a move: its values are
+        // slices of the snapshot already, and a move of older values would only meet none.
+        self.rehome = None;
+        if self.snapshots_mapped {
+            // Decoding read every page of the file, which is where the values stay; the
+            // pages need not stay counted against the member.
+            // SAFETY: `snapshots_mapped` says the data is storage's mapping of the file.
+            unsafe { storage::release_mapped(&s.data) };
+        }
         // A snapshot from before the registry existed keeps the bootstrap one.
         if let Some(r) = registry {
             self.registry = r;

@@ -172,9 +172,18 @@ impl driver::Storage<KvMachine> for Wal {
     fn snapshot(&mut self, meta: SnapshotMeta, (store, registry): (kv::Store, Registry)) {
         let (writer, done) = (self.writer.clone(), self.done.clone());
         tokio::task::spawn_blocking(move || {
+            let frozen = store.clone();
             let (len, chunks) = members::snapshot_chunks(&registry, store, SNAPSHOT_CHUNK);
             let result = writer.write_stream(meta, len, chunks);
-            let _ = done.send(Done::Snapshotted(result.map_err(|e| e.to_string())));
+            // The file now holds every value: the store's values move there (see `Rehome`).
+            let rehome = result.as_ref().ok().and_then(|s| {
+                // SAFETY: `write_stream` answers with the file mapped.
+                Rehome::new(frozen, &s.data, |read| unsafe {
+                    storage::release_mapped(read)
+                })
+            });
+            let result = result.map_err(|e| e.to_string());
+            let _ = done.send(Done::Snapshotted(result, rehome.map(Box::new)));
         });
     }
 
@@ -191,6 +200,7 @@ impl driver::Storage<KvMachine> for Wal {
         let (done, bootstrap) = (self.done.clone(), self.bootstrap.clone());
         tokio::task::spawn_blocking(move || {
             let mut machine = KvMachine::new(bootstrap);
+            machine.snapshots_mapped = true; // storage wrote the leader's snapshot to a file
             let result =
                 driver::StateMachine::restore(&mut machine, &snapshot).map(|_| Box::new(machine));
             let _ = done.send(Done::Restored(result));

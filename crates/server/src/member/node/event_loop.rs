@@ -57,6 +57,7 @@ impl Loop {
                 _ = ticker.tick() => self.on_tick(),
                 _ = self.watchers.wake.notified() => {}
                 _ = tokio::time::sleep(CATCH_UP_PAUSE), if backlog => {}
+                _ = tokio::task::yield_now(), if self.d.machine().rehome.is_some() => {}
                 Some(first) = done.recv() => {
                     self.on_done(first);
                     while let Ok(next) = done.try_recv() {
@@ -87,10 +88,25 @@ impl Loop {
             }
             self.refresh_view();
             self.keep_leases();
+            self.rehome_step();
             backlog = self.sync_watchers();
         }
         self.d.shutdown("the member is stopping");
         Ok(())
+    }
+
+    /// A step of moving the store's values into the last snapshot's file, if one is
+    /// under way: a short pause per turn of the loop, between its other work.
+    fn rehome_step(&mut self) {
+        let m = self.d.machine_mut();
+        let Some(rehome) = m.rehome.as_mut() else {
+            return;
+        };
+        if rehome.step(&mut m.store) {
+            tracing::debug!(bytes = rehome.moved, "values moved into the snapshot file");
+            m.rehome = None;
+            give_back_freed_memory();
+        }
     }
 
     fn on_tick(&mut self) {
@@ -370,7 +386,12 @@ impl Loop {
     fn on_done(&mut self, done: Done) {
         match done {
             Done::Persisted(result) => self.d.on_persisted(result),
-            Done::Snapshotted(result) => self.d.on_snapshot(result),
+            Done::Snapshotted(result, rehome) => {
+                self.d.on_snapshot(result);
+                // A move still under way for an older snapshot gives way to this one, which
+                // holds every value the older one did.
+                self.d.machine_mut().rehome = rehome.map(|r| *r);
+            }
             Done::Restored(result) => {
                 self.d.on_restored(result.map(|m| *m));
                 let index = self.d.raft().snapshot_index();
@@ -628,4 +649,16 @@ fn chronicle_changes(c: &SharedChronicle, old: &View, new: &View) {
         );
         c.push("alarm", text);
     }
+}
+
+/// The values just moved out of the heap freed their log entries' buffers, scattered among
+/// live allocations: glibc's allocator keeps such memory for reuse and does not hand it back
+/// to the system by itself. Asking it to (on a blocking thread: it walks the whole heap)
+/// makes the member's resident memory what it uses.
+fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::task::spawn_blocking(|| {
+        // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+        unsafe { libc::malloc_trim(0) };
+    });
 }

@@ -6,7 +6,7 @@
 //! the group-commit log, background snapshot files, and etcd's response headers and errors.
 
 use crate::member::command::{self, Write};
-use crate::member::machine::{Applied, KvMachine, Output, Served};
+use crate::member::machine::{Applied, KvMachine, Output, Rehome, Served};
 use crate::member::members::{self, Registry};
 use crate::member::reconfig::{self, MemberOp};
 use crate::operations::insight::{self, Links, MemberState, SharedChronicle, SharedRequests};
@@ -227,7 +227,8 @@ enum Input {
 /// the writes in flight and must never be dropped.
 enum Done {
     Persisted(Result<(), String>),
-    Snapshotted(Result<Snapshot, String>),
+    /// A snapshot written, and the move of the store's values into it.
+    Snapshotted(Result<Snapshot, String>, Option<Box<Rehome>>),
     Restored(Result<Box<KvMachine>, String>),
 }
 

@@ -20,6 +20,7 @@ pub(super) fn recover(cfg: &NodeConfig) -> Result<(Storage, Raft, KvMachine, u64
     let mut machine = KvMachine::new(cfg.bootstrap.clone());
     machine.corrupt_for_tests =
         std::env::var_os(crate::member::machine::TEST_CORRUPT_ENV).is_some();
+    machine.snapshots_mapped = true; // `Storage::open` maps the latest snapshot's file
     let mut rc = raft::Config::new(cfg.id, cfg.voters.clone());
     if let Some(s) = &state.snapshot {
         machine.restore_at_start(s)?;
