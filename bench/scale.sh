@@ -11,6 +11,7 @@
 #   ROUNDS=2 ROUND_PUTS=50000 SNAPSHOT_COUNT=40000 bench/scale.sh   # smaller, past a snapshot
 #   SYSTEMS=raftkv RAFTKV_BIN=/path/to/raftkv bench/scale.sh
 #   MEMORY_LIMIT_MB=600 bench/scale.sh            # each member in a cgroup of 600 MB (root)
+#   KEEP_LOGS=/tmp/scale-logs bench/scale.sh      # the members' logs are kept there
 #
 # With MEMORY_LIMIT_MB, after the rounds every member must still answer a read of a key
 # from each round with the value written; the script says which members died or answered
@@ -27,7 +28,13 @@ source bench/lib.sh
 WORK=${SCALE_DIR:-$(mktemp -d)}
 mkdir -p "$WORK"
 declare -A PID
-cleanup() { for p in "${PID[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; unlimit_all; rm -rf "$WORK"; }
+cleanup() {
+  for p in "${PID[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  unlimit_all
+  [ -z "${KEEP_LOGS:-}" ] || { mkdir -p "$KEEP_LOGS" && cp "$WORK"/*.log "$KEEP_LOGS"/; }
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 NAMES=(m0 m1 m2)
 declare -A PORT=([m0]=17379 [m1]=17389 [m2]=17399)

@@ -22,7 +22,7 @@ mod wal;
 pub use error::{Error, Result};
 pub use group::{Batch, CommitRound, GroupCommit, GroupStats, Observer, OnDurable};
 pub use ident::{read_small_file, write_small_file, Identity, FORMAT_VERSION};
-pub use snap::release_mapped;
+pub use snap::{release_all_mapped, release_mapped};
 pub use wal::Replayed;
 
 use raft::{Entry, HardState, RestoreState, Snapshot};

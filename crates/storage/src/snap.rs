@@ -170,7 +170,7 @@ impl SnapStore {
             let what = format!("{} bytes just after writing {}", map.len(), end + 4);
             return Err(Error::corrupt(&path, 0, what));
         }
-        let data = Bytes::from_owner(map).slice(header..end);
+        let data = mapped(map).slice(header..end);
         Ok(Snapshot { meta, data })
     }
 
@@ -189,7 +189,7 @@ fn load(path: &Path) -> Result<Snapshot> {
     // SAFETY: the file is private to this process's data directory and never modified
     // after it is renamed into place; a snapshot file is replaced only by a new name.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let bytes = Bytes::from_owner(map);
+    let bytes = mapped(map);
     let bad = |offset: usize, what: &str| Error::corrupt(path, offset as u64, what.to_string());
     if bytes.get(..8) != Some(&MAGIC[..]) {
         return Err(bad(0, "not a snapshot file"));
@@ -279,34 +279,80 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
+/// The snapshot files mapped by this process, weakly: what [`release_mapped`] may act on.
+/// Dead entries are pruned as mappings are added; a process maps a handful of snapshots.
+static MAPPINGS: std::sync::Mutex<Vec<std::sync::Weak<memmap2::Mmap>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The owner of a snapshot's bytes: a mapping [`release_mapped`] knows of.
+struct Mapping(std::sync::Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for Mapping {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+fn mapped(map: memmap2::Mmap) -> Bytes {
+    let map = std::sync::Arc::new(map);
+    let mut all = MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
+    all.retain(|m| m.strong_count() > 0);
+    all.push(std::sync::Arc::downgrade(&map));
+    drop(all);
+    Bytes::from_owner(Mapping(map))
+}
+
 /// Drop the pages under `data` from this process's resident set, leaving them in the page
 /// cache: a later read maps them back without going to disk. For a snapshot's data that a
-/// member has just read through (decoding it, or finding its values): the file stays the
+/// member has just read through (decoding it, or pairing its values): the file stays the
 /// store of those values, and need not be counted against the member while no client reads
-/// them.
-///
-/// # Safety
-///
-/// `data` must lie within a snapshot's data as [`crate::SnapshotWriter::write_stream`] or
-/// [`crate::Storage::open`] returned it (a shared mapping of a file): on anonymous memory, this
-/// would zero it.
-pub unsafe fn release_mapped(data: &[u8]) {
+/// them. Acts only where `data` lies within a snapshot file this module mapped (as
+/// [`crate::SnapshotWriter::write_stream`] and [`crate::Storage::open`] answer them); on
+/// anything else — a snapshot received into the heap, say — it does nothing, since there it
+/// would zero the memory.
+pub fn release_mapped(data: &[u8]) {
+    release_within(data, |from, to, base, len| base <= from && to <= base + len);
+}
+
+/// [`release_mapped`] for every snapshot file this process has mapped: for a thread that
+/// reads values living in them (one writing a new snapshot), so that what it read does not
+/// pile up in the resident set.
+pub fn release_all_mapped() {
+    let all: Vec<_> = {
+        let all = MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter().filter_map(std::sync::Weak::upgrade).collect()
+    };
+    for m in all {
+        release_mapped(&m);
+    }
+}
+
+fn release_within(data: &[u8], inside: impl Fn(usize, usize, usize, usize) -> bool) {
+    let (from, to) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
+    let within = {
+        let all = MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
+        all.iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|m| inside(from, to, m.as_ptr() as usize, m.len()))
+    };
+    // Held until the call is done: the mapping cannot go away under it.
+    let Some(_map) = within else {
+        return;
+    };
     #[cfg(target_os = "linux")]
     {
         let page = 4096;
-        let start = (data.as_ptr() as usize).div_ceil(page) * page;
-        let end = (data.as_ptr() as usize + data.len()) / page * page;
+        let start = from.div_ceil(page) * page;
+        let end = to / page * page;
         if end > start {
-            // SAFETY: the range lies within `data`, a shared file mapping (the caller's
-            // promise), for which DONTNEED only unmaps: dirty pages stay dirty in the page
-            // cache and clean ones are read back from it.
+            // SAFETY: the range lies within a live shared mapping of a file (checked just
+            // above, and held), for which DONTNEED only unmaps: clean pages are read back
+            // from the page cache, and a read-only mapping has no dirty ones.
             unsafe {
                 libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
             }
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = data;
 }
 
 #[cfg(test)]
@@ -362,8 +408,7 @@ mod tests {
             |i: usize| Bytes::from((0..1 << 20).map(|j| (i * 7 + j) as u8).collect::<Vec<u8>>());
         let written: Vec<Bytes> = (0..8).map(piece).collect();
         let s = store.write_stream(meta, 8 << 20, written.clone()).unwrap();
-        // SAFETY: `write_stream` answers with the file mapped.
-        unsafe { release_mapped(&s.data) };
+        release_mapped(&s.data);
         assert_eq!(s.data, written.concat());
         // And again after asking the kernel to reclaim the file's pages (from its cache too).
         #[cfg(target_os = "linux")]
@@ -377,8 +422,17 @@ mod tests {
                 libc::MADV_PAGEOUT,
             );
         }
-        // SAFETY: as above; a range that starts and ends inside pages.
-        unsafe { release_mapped(&s.data[12345..len_minus(&s.data, 777)]) };
+        // A range that starts and ends inside pages.
+        release_mapped(&s.data[12345..len_minus(&s.data, 777)]);
+        assert_eq!(s.data, written.concat());
+        // Memory that is not a snapshot file's is left alone (there, DONTNEED would zero it).
+        let heap = written.concat();
+        release_mapped(&heap);
+        assert_eq!(heap, written.concat());
+        let straddling = &s.data[s.data.len() - 10..];
+        release_mapped(straddling);
+        assert_eq!(s.data, written.concat());
+        release_all_mapped();
         assert_eq!(s.data, written.concat());
     }
 }

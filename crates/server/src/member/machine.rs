@@ -36,9 +36,6 @@ pub struct KvMachine {
     /// other than the one in the log, so its store silently diverges — what the consistency
     /// check must catch.
     pub corrupt_for_tests: bool,
-    /// Snapshots given to this machine are files mapped by storage (not bytes in the
-    /// heap), so the pages a restore read may be released (see [`storage::release_mapped`]).
-    pub snapshots_mapped: bool,
     /// Values moving into the snapshot file last written, a step at a time.
     pub rehome: Option<Rehome>,
 }
@@ -76,20 +73,34 @@ pub struct Rehome {
     to: HashMap<(usize, usize), Bytes>,
     /// The last key done; `None` before the first step.
     after: Option<Bytes>,
-    /// Bytes moved so far.
+    /// Bytes moved so far, in how many steps, since when.
     pub moved: u64,
+    pub steps: u64,
+    pub started: std::time::Instant,
 }
 
 fn place(v: &Bytes) -> (usize, usize) {
     (v.as_ptr() as usize, v.len())
 }
 
+/// Values moved out of the heap (a store restored, values rehomed) freed buffers scattered
+/// among live allocations: glibc's allocator keeps such memory for reuse and does not hand
+/// it back to the system by itself. Asking it to makes the member's resident memory what it
+/// uses. It walks the whole heap: call it off the loop.
+pub fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 impl Rehome {
     /// The move of `frozen`'s values into `data`, the snapshot written from it; `None` if
     /// they do not pair up (a snapshot in another format): the values then stay put. The
-    /// pairing reads the whole snapshot; `release` is given each piece read, to release
-    /// its pages (the snapshot is a mapped file, and is not to stay counted in memory).
-    pub fn new(frozen: kv::Store, data: &Bytes, release: impl Fn(&[u8])) -> Option<Rehome> {
+    /// pairing reads the whole snapshot, releasing its pages as it goes (they need not stay
+    /// counted in memory: see [`storage::release_mapped`]).
+    pub fn new(frozen: kv::Store, data: &Bytes) -> Option<Rehome> {
         let (_, store) = members::decode_snapshot(data).ok()?;
         let mut in_file = kv::Store::snapshot_values(&store).ok()?;
         let mut to = HashMap::new();
@@ -105,11 +116,11 @@ impl Rehome {
             }
             let read = in_file.read(&store);
             if read - released >= RELEASE_EVERY {
-                release(&store[released..read]);
+                storage::release_mapped(&store[released..read]);
                 released = read;
             }
         }
-        release(&store[released..]);
+        storage::release_mapped(&store[released..]);
         if values.next().is_some() {
             return None;
         }
@@ -119,6 +130,8 @@ impl Rehome {
             to,
             after: None,
             moved: 0,
+            steps: 0,
+            started: std::time::Instant::now(),
         })
     }
 
@@ -132,6 +145,7 @@ impl Rehome {
             |v| to[&place(v)].clone(),
         );
         self.moved += moved;
+        self.steps += 1;
         self.after = next;
         self.after.is_none()
     }
@@ -344,12 +358,9 @@ impl StateMachine for KvMachine {
         // A store restored from a snapshot is half-way through a move: its values are
         // slices of the snapshot already, and a move of older values would only meet none.
         self.rehome = None;
-        if self.snapshots_mapped {
-            // Decoding read every page of the file, which is where the values stay; the
-            // pages need not stay counted against the member.
-            // SAFETY: `snapshots_mapped` says the data is storage's mapping of the file.
-            unsafe { storage::release_mapped(&s.data) };
-        }
+        // Decoding read every page; where the snapshot is a file (at start), the values stay
+        // there and its pages need not stay counted against the member.
+        storage::release_mapped(&s.data);
         // A snapshot from before the registry existed keeps the bootstrap one.
         if let Some(r) = registry {
             self.registry = r;

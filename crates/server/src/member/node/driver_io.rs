@@ -149,6 +149,9 @@ impl Wal {
     }
 }
 
+/// How much of a snapshot is written between releases of the pages it read.
+const RELEASE_EVERY: usize = 64 << 20;
+
 impl driver::Storage<KvMachine> for Wal {
     fn persist(&mut self, w: driver::Write) {
         self.learn_added_members(&w.entries);
@@ -174,14 +177,22 @@ impl driver::Storage<KvMachine> for Wal {
         tokio::task::spawn_blocking(move || {
             let frozen = store.clone();
             let (len, chunks) = members::snapshot_chunks(&registry, store, SNAPSHOT_CHUNK);
+            // Most values live in the last snapshot's file: reading them maps its pages in,
+            // which are released as the new file grows rather than piling up.
+            let mut read = 0;
+            let chunks = chunks.inspect(|c| {
+                read += c.len();
+                if read >= RELEASE_EVERY {
+                    read = 0;
+                    storage::release_all_mapped();
+                }
+            });
             let result = writer.write_stream(meta, len, chunks);
             // The file now holds every value: the store's values move there (see `Rehome`).
-            let rehome = result.as_ref().ok().and_then(|s| {
-                // SAFETY: `write_stream` answers with the file mapped.
-                Rehome::new(frozen, &s.data, |read| unsafe {
-                    storage::release_mapped(read)
-                })
-            });
+            let rehome = result
+                .as_ref()
+                .ok()
+                .and_then(|s| Rehome::new(frozen, &s.data));
             let result = result.map_err(|e| e.to_string());
             let _ = done.send(Done::Snapshotted(result, rehome.map(Box::new)));
         });
@@ -200,7 +211,6 @@ impl driver::Storage<KvMachine> for Wal {
         let (done, bootstrap) = (self.done.clone(), self.bootstrap.clone());
         tokio::task::spawn_blocking(move || {
             let mut machine = KvMachine::new(bootstrap);
-            machine.snapshots_mapped = true; // storage wrote the leader's snapshot to a file
             let result =
                 driver::StateMachine::restore(&mut machine, &snapshot).map(|_| Box::new(machine));
             let _ = done.send(Done::Restored(result));

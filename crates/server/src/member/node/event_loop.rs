@@ -103,9 +103,14 @@ impl Loop {
             return;
         };
         if rehome.step(&mut m.store) {
-            tracing::debug!(bytes = rehome.moved, "values moved into the snapshot file");
+            tracing::info!(
+                bytes = rehome.moved,
+                steps = rehome.steps,
+                ms = rehome.started.elapsed().as_millis() as u64,
+                "values moved into the snapshot file"
+            );
             m.rehome = None;
-            give_back_freed_memory();
+            tokio::task::spawn_blocking(crate::member::machine::give_back_freed_memory);
         }
     }
 
@@ -649,16 +654,4 @@ fn chronicle_changes(c: &SharedChronicle, old: &View, new: &View) {
         );
         c.push("alarm", text);
     }
-}
-
-/// The values just moved out of the heap freed their log entries' buffers, scattered among
-/// live allocations: glibc's allocator keeps such memory for reuse and does not hand it back
-/// to the system by itself. Asking it to (on a blocking thread: it walks the whole heap)
-/// makes the member's resident memory what it uses.
-fn give_back_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    tokio::task::spawn_blocking(|| {
-        // SAFETY: malloc_trim only releases free memory; it is thread-safe.
-        unsafe { libc::malloc_trim(0) };
-    });
 }

@@ -20,10 +20,10 @@ pub(super) fn recover(cfg: &NodeConfig) -> Result<(Storage, Raft, KvMachine, u64
     let mut machine = KvMachine::new(cfg.bootstrap.clone());
     machine.corrupt_for_tests =
         std::env::var_os(crate::member::machine::TEST_CORRUPT_ENV).is_some();
-    machine.snapshots_mapped = true; // `Storage::open` maps the latest snapshot's file
     let mut rc = raft::Config::new(cfg.id, cfg.voters.clone());
     if let Some(s) = &state.snapshot {
         machine.restore_at_start(s)?;
+        crate::member::machine::give_back_freed_memory();
         rc.applied = s.meta.index;
     }
     rc.heartbeat_tick = 1;
