@@ -9,6 +9,7 @@
 #   bench/catch-up.sh                          # 20,000 puts (80 MB), both systems, 3 runs
 #   PUTS=50000 SNAPSHOT_COUNT=10000 bench/catch-up.sh   # past a snapshot: catch-up by snapshot
 #   SYSTEMS=raftkv RAFTKV_BIN=/path/to/raftkv bench/catch-up.sh
+#   KEEP_LOGS=/tmp/catch-up-logs bench/catch-up.sh   # the last run's member logs are kept there
 #
 # A first seed of the data-at-scale benchmark: gigabyte loads, memory and restarts are to come.
 set -euo pipefail
@@ -21,7 +22,12 @@ source bench/lib.sh
 
 WORK=$(mktemp -d)
 PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() {
+  for p in "${PIDS[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -z "${KEEP_LOGS:-}" ] || { mkdir -p "$KEEP_LOGS" && cp "$WORK"/*.log "$KEEP_LOGS"/; }
+  rm -rf "$WORK"
+}
 trap cleanup EXIT
 EP=127.0.0.1:17379,127.0.0.1:17389
 FOUNDING="m0=http://127.0.0.1:17380,m1=http://127.0.0.1:17390,m2=http://127.0.0.1:17400"

@@ -43,12 +43,13 @@ fn snapshot_bytes(dir: &std::path::Path, name: &str) -> u64 {
 /// times each, all at once (they reach the same index together), while eight clients
 /// write 256 KiB values through one member without retrying. Not one put may fail and no
 /// member may see a second leader (etcd's timing: 100 ms heartbeats, 1 s elections). And a
-/// member's peak memory stays under 1.5 × the data plus 64 MiB: a snapshot built as a
-/// second copy of the store on the heap (and a third while it was being framed), or kept
-/// there afterwards to send to followers, needs 3× at its peak and breaks the bound. And
-/// the values written before the last snapshot are not in the heap: they were moved into
-/// its file, so the member's anonymous memory (its heap) stays under three quarters of the
-/// data (with the values in the heap it is over the data).
+/// member's peak resident memory — heap and mapped files together — stays under the data
+/// plus 16 MiB: the values written before the last snapshot live in its file, and the
+/// pages read from it (writing the next snapshot, pairing values) are released as they go.
+/// With the values kept on the heap the peak was 135–143 MiB here; with a snapshot built
+/// as a second copy of the store on the heap, 374. At the end, the member's anonymous
+/// memory (its heap) is under three quarters of the data (over the data with the values in
+/// the heap).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_of_a_loaded_store_fail_no_write_move_no_leader_and_keep_memory_bounded() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,7 +95,7 @@ async fn snapshots_of_a_loaded_store_fail_no_write_move_no_leader_and_keep_memor
     }
     assert_eq!(failed.load(Ordering::Relaxed), 0, "puts failed");
     let data = (PUTS * VALUE) as u64;
-    let bound = data * 3 / 2 + (64 << 20);
+    let bound = data + (16 << 20);
     for p in &procs {
         assert_eq!(
             scrape(&p.client, "etcd_server_leader_changes_seen_total"),

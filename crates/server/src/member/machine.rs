@@ -53,7 +53,7 @@ const REHOME_MIN: usize = 128;
 pub const REHOME_STEP: usize = 2048;
 
 /// How much of a snapshot is read between releases of its pages while pairing values.
-const RELEASE_EVERY: usize = 32 << 20;
+const RELEASE_EVERY: usize = 16 << 20;
 
 /// The store's values, moving out of the heap into the snapshot file just written.
 ///

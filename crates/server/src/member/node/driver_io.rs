@@ -150,7 +150,7 @@ impl Wal {
 }
 
 /// How much of a snapshot is written between releases of the pages it read.
-const RELEASE_EVERY: usize = 64 << 20;
+const RELEASE_EVERY: usize = 16 << 20;
 
 impl driver::Storage<KvMachine> for Wal {
     fn persist(&mut self, w: driver::Write) {
