@@ -325,6 +325,10 @@ async fn quiet_watchers_that_ask_get_periodic_progress_notifications() {
     let _ = leader(&procs).await;
     put_any(&procs, "p", "1").await;
     let url = procs[1].client.clone();
+    // The put is committed, but this member may not have applied it yet: a watch created
+    // before it does would start at the revision before and see the put as an event. A
+    // linearizable read here waits until it has.
+    get(&url, "p").await.unwrap();
     let mut asks = prefix("p");
     asks.progress_notify = true;
     let (mut stream, keep) = open(&url, asks, false).await.unwrap();
