@@ -394,7 +394,9 @@ impl Loop {
             Done::Snapshotted(result, rehome) => {
                 self.d.on_snapshot(result);
                 // A move still under way for an older snapshot gives way to this one, which
-                // holds every value the older one did.
+                // holds every value the older one did. If a leader's snapshot replaced the
+                // machine meanwhile, none of its values sits at a paired address (the frozen
+                // store keeps those buffers alive), so the move changes nothing.
                 self.d.machine_mut().rehome = rehome.map(|r| *r);
             }
             Done::Restored(result) => {
