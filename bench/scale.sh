@@ -3,7 +3,8 @@
 # 3-member cluster on loopback (etcd's flags, an 8 GiB quota), ROUNDS rounds of ROUND_PUTS
 # puts of 4 KiB values by `raftkv bench` (64 clients over 8 connections), new keys each
 # round. Per round it prints puts/s, p99, failed puts, the leader changes the round caused,
-# every member's resident memory (now and peak) and the data directories' size. Then the
+# every member's resident memory (now, peak, and the anonymous part of now: its heap) and
+# the data directories' size. Then the
 # restarts: a follower killed -9 until its first linearizable read, and the whole cluster
 # killed -9 until its first write. (bench/catch-up.sh times a member replaced from empty.)
 #
