@@ -5,7 +5,8 @@
 # round. Per round it prints puts/s, p99, failed puts, the leader changes the round caused,
 # every member's resident memory (now, peak, and the anonymous part of now: its heap) and
 # the data directories' size. Then the restarts: a follower killed -9 until its first
-# linearizable read, and the whole cluster killed -9 until its first write. (bench/catch-up.sh times a member replaced from empty.)
+# linearizable read, and the whole cluster killed -9 until its first write.
+# (bench/catch-up.sh times a member replaced from empty.)
 #
 #   bench/scale.sh                                  # 4 × 75,000 puts: 1.2 GB written
 #   ROUNDS=2 ROUND_PUTS=50000 SNAPSHOT_COUNT=40000 bench/scale.sh   # smaller, past a snapshot
