@@ -293,6 +293,7 @@ impl Store {
         let keys = r.u64()?;
         Ok(SnapshotValues {
             r,
+            len: data.len(),
             keys,
             versions: 0,
         })
@@ -315,6 +316,8 @@ impl Store {
 /// item is a value, or the error that ends the walk.
 pub struct SnapshotValues {
     r: Reader,
+    /// The whole snapshot's length.
+    len: usize,
     /// Keys not yet started.
     keys: u64,
     /// Versions left in the current key's history.
@@ -323,8 +326,8 @@ pub struct SnapshotValues {
 
 impl SnapshotValues {
     /// How far into the snapshot the walk has read.
-    pub fn read(&self, data: &Bytes) -> usize {
-        data.len() - self.r.0.len()
+    pub fn read(&self) -> usize {
+        self.len - self.r.0.len()
     }
 
     fn next_value(&mut self) -> Result<Option<Bytes>> {

@@ -311,48 +311,51 @@ fn mapped(map: memmap2::Mmap) -> Bytes {
 /// anything else — a snapshot received into the heap, say — it does nothing, since there it
 /// would zero the memory.
 pub fn release_mapped(data: &[u8]) {
-    release_within(data, |from, to, base, len| base <= from && to <= base + len);
+    let (from, to) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
+    let within = live_mappings().into_iter().find(|m| {
+        let base = m.as_ptr() as usize;
+        base <= from && to <= base + m.len()
+    });
+    // Held until the call is done: the mapping cannot go away under it.
+    if let Some(_map) = within {
+        dont_need(from, to);
+    }
 }
 
 /// [`release_mapped`] for every snapshot file this process has mapped: for a thread that
 /// reads values living in them (one writing a new snapshot), so that what it read does not
 /// pile up in the resident set.
 pub fn release_all_mapped() {
-    let all: Vec<_> = {
-        let all = MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
-        all.iter().filter_map(std::sync::Weak::upgrade).collect()
-    };
-    for m in all {
-        release_mapped(&m);
+    for m in live_mappings() {
+        let base = m.as_ptr() as usize;
+        dont_need(base, base + m.len());
     }
 }
 
-fn release_within(data: &[u8], inside: impl Fn(usize, usize, usize, usize) -> bool) {
-    let (from, to) = (data.as_ptr() as usize, data.as_ptr() as usize + data.len());
-    let within = {
-        let all = MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
-        all.iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .find(|m| inside(from, to, m.as_ptr() as usize, m.len()))
-    };
-    // Held until the call is done: the mapping cannot go away under it.
-    let Some(_map) = within else {
-        return;
-    };
+fn live_mappings() -> Vec<std::sync::Arc<memmap2::Mmap>> {
+    let all = MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
+    all.iter().filter_map(std::sync::Weak::upgrade).collect()
+}
+
+/// Unmap the whole pages between `from` and `to`. The caller holds the live file mapping
+/// they lie in.
+fn dont_need(from: usize, to: usize) {
     #[cfg(target_os = "linux")]
     {
         let page = 4096;
         let start = from.div_ceil(page) * page;
         let end = to / page * page;
         if end > start {
-            // SAFETY: the range lies within a live shared mapping of a file (checked just
-            // above, and held), for which DONTNEED only unmaps: clean pages are read back
-            // from the page cache, and a read-only mapping has no dirty ones.
+            // SAFETY: the range lies within a live shared mapping of a file (the caller's
+            // promise), for which DONTNEED only unmaps: clean pages are read back from the
+            // page cache, and a read-only mapping has no dirty ones.
             unsafe {
                 libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
             }
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (from, to);
 }
 
 #[cfg(test)]
@@ -389,10 +392,6 @@ mod tests {
         }
     }
 
-    fn len_minus(b: &[u8], n: usize) -> usize {
-        b.len() - n
-    }
-
     /// Released pages of a written snapshot read back as written: from the page cache, and
     /// from the disk once the cache has let them go too.
     #[test]
@@ -423,7 +422,7 @@ mod tests {
             );
         }
         // A range that starts and ends inside pages.
-        release_mapped(&s.data[12345..len_minus(&s.data, 777)]);
+        release_mapped(&s.data[12345..s.data.len() - 777]);
         assert_eq!(s.data, written.concat());
         // Memory that is not a snapshot file's is left alone (there, DONTNEED would zero it).
         let heap = written.concat();

@@ -115,7 +115,7 @@ impl Rehome {
             if old.len() >= REHOME_MIN {
                 to.insert(place(old), new);
             }
-            let read = in_file.read(&store);
+            let read = in_file.read();
             if read - released >= RELEASE_EVERY {
                 storage::release_mapped(&store[released..read]);
                 released = read;
